@@ -1,0 +1,121 @@
+"""Command line: `posttrain train|quickstart|recipes|rewards|tiny-model` (also `python -m posttrain`).
+
+Works unchanged under `accelerate launch -m posttrain train RECIPE`: the trainers take their process layout from
+accelerate's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import posttrain  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+from posttrain.errors import PosttrainError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except PosttrainError as err:
+        print(f"{type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run a recipe")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set training.learning_rate=1e-5 (repeatable)")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe and plan only")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("quickstart", help="SFT then GRPO on a tiny CPU model: RL fixing what imitation got wrong")
+    p.add_argument("--out", default="runs/quickstart", help="output dir (default runs/quickstart)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value in every stage's recipe (repeatable)")  # fmt: skip
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("recipes", help="list shipped recipes")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("rewards", help="list built-in reward functions")
+    p.set_defaults(func=cmd_rewards)
+
+    p = sub.add_parser("tiny-model", help="build a tiny local model + tokenizer dir (no hub)")
+    p.add_argument("--task", default="arithmetic", help="character set: arithmetic or text")
+    p.add_argument("--out", required=True)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from posttrain.recipe import load_recipe, to_yaml
+    from posttrain.train import dry_run_plan, train_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(to_yaml(recipe))
+        print("# plan")
+        for line in dry_run_plan(recipe):
+            print(f"- {line}")
+        return 0
+    result = train_recipe(recipe, resume=args.resume)
+    print(f"run dir: {result.run_dir}  (final model: {result.run_dir}/final, report: {result.run_dir}/report.md)")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from posttrain.quickstart import run_quickstart
+
+    summary = run_quickstart(Path(args.out), seed=args.seed, overrides=args.overrides)
+    print(summary.table())
+    print(f"report: {args.out}/report.md")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    import yaml
+
+    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+        if path.parent.name == "accelerate":
+            continue
+        data = yaml.safe_load(path.read_text()) or {}
+        print(f"{str(path.relative_to(RECIPES_DIR)):42s} {data.get('description', '')}")
+    return 0
+
+
+def cmd_rewards(args: argparse.Namespace) -> int:
+    from reward_models import resolve_reward, reward_names
+
+    for name in reward_names():
+        doc = (resolve_reward(name).__doc__ or "").strip().splitlines()
+        print(f"{name:20s} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from posttrain.tiny import TinySpec, save_tiny_model
+
+    spec = TinySpec(task=args.task, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
+                    seed=args.seed)  # fmt: skip
+    out = save_tiny_model(args.out, spec)
+    print(f"tiny {args.task} model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

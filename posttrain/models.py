@@ -1,0 +1,102 @@
+"""Load a policy and its tokenizer as a recipe's `model:` section says (dtype, LoRA, tiny models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ModelError
+from posttrain.recipe import ModelSection, Recipe
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def resolve_precision(setting: str = "auto") -> str:
+    """fp32 | bf16 | fp16. `auto` picks bf16 on a GPU that supports it and fp32 on CPU.
+
+    TRL defaults to bf16 autocast everywhere; on CPU that makes tiny-model steps ~8x slower (docs/performance.md).
+    """
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def model_source(recipe: Recipe) -> str:
+    """The path or hub id the policy loads from (tiny models are materialised into the run dir first)."""
+    if recipe.model.path is None:
+        raise ModelError(f"{recipe.where}: model.path is not set")
+    return recipe.resolve_path(recipe.model.path)
+
+
+def materialise_tiny(recipe: Recipe, into: Path) -> Path:
+    """Build the recipe's `model.tiny` spec as a model dir under `into` (once) and return its path."""
+    from posttrain.tiny import TinySpec, save_tiny_model
+
+    try:
+        spec = TinySpec(**(recipe.model.tiny or {}))
+    except TypeError as err:
+        raise ModelError(f"{recipe.where}: bad model.tiny spec: {err}") from err
+    target = into / "base_model"
+    if not (target / "config.json").exists():
+        save_tiny_model(target, spec)
+    return target
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelError(_load_error(path, "tokenizer", err)) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(path: str, section: ModelSection, precision: str = "fp32"):
+    """A causal LM from `path` with the section's dtype and attention implementation (LoRA is applied by TRL)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype: Any = section.dtype
+    if dtype == "auto":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    else:
+        dtype = getattr(torch, _DTYPES[dtype])
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": section.trust_remote_code}
+    if section.attn_implementation:
+        kwargs["attn_implementation"] = section.attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ModelError(_load_error(path, "model", err)) from err
+
+
+def peft_config(section: ModelSection):
+    """A peft LoraConfig for TRL trainers' `peft_config=`, or None to train all weights."""
+    if section.lora is None:
+        return None
+    from peft import LoraConfig
+
+    lora = section.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _load_error(path: str, what: str, err: Exception) -> str:
+    if Path(path).exists():
+        return f"could not load the {what} from '{path}': {err}"
+    if path.startswith((".", "/", "~")) or Path(path).suffix:
+        return f"{what} path '{path}' does not exist"
+    return (
+        f"could not load the {what} '{path}' (not a local dir; hub download failed or is disabled: {err}). "
+        "Pass a local model dir, or unset HF_HUB_OFFLINE where the hub is reachable."
+    )

@@ -1,0 +1,388 @@
+"""Recipe files: YAML → a typed, validated `Recipe`, before any model or dataset is loaded.
+
+A recipe is the whole experiment: trainer, model, data, rewards, rollout, algorithm and training options, eval and
+output dir. `extends:` pulls shared defaults from another file (deep-merged; lists are replaced), and
+`--set section.key=value` overrides are applied last. Sections and keys posttrain owns are dataclasses below;
+`algorithm` and `training` are checked against the trainer's TRL config class by `posttrain.registry`, so they
+accept exactly what TRL accepts (no re-declared copy to drift).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from posttrain.errors import RecipeError
+
+
+@dataclass
+class LoraOptions:
+    """peft LoRA adapter; `null` (the default) trains all weights."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class ModelSection:
+    """The policy (or reward model) to start from: a local dir / hub id, or a tiny model built on the fly."""
+
+    path: str | None = None
+    tiny: dict[str, Any] | None = None  # keyword args of posttrain.tiny.TinySpec, e.g. {task: arithmetic}
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    lora: LoraOptions | None = None
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataSection:
+    """Training and held-out data; each source is a dict understood by `posttrain.data.load_source`."""
+
+    train: dict[str, Any] | None = None
+    eval: dict[str, Any] | None = None
+    prompt_template: str | None = None  # Python format string over row columns, e.g. "Q: {prompt}\nA:"
+    system_prompt: str | None = None
+    chat_template: bool = False  # apply the tokenizer's chat template to prompts
+
+
+@dataclass
+class RewardSpec:
+    """One reward: a built-in name (see `posttrain rewards`) or `package.module:function`."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VLLMOptions:
+    """How TRL drives vLLM: `colocate` shares the training GPUs, `server` talks to `trl vllm-serve`."""
+
+    mode: Literal["colocate", "server"] = "colocate"
+    gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
+    server_host: str = "127.0.0.1"
+    server_port: int = 8000
+
+
+@dataclass
+class RolloutSection:
+    """Sampling of completions during RL (and for RFT / POLAR data building)."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    num_generations: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation run before/after training and every `every_steps` steps (greedy by default)."""
+
+    data: dict[str, Any] | None = None  # a data source; defaults to data.eval
+    name: str = "heldout"  # metrics are logged as eval/<name>/accuracy
+    grader: str = "numeric_match"  # a reward name whose value >= 0.5 counts as correct
+    every_steps: int | None = None
+    max_new_tokens: int | None = None  # defaults to rollout.max_new_tokens
+    batch_size: int = 256
+    slice_column: str | None = None  # boolean/categorical column for per-slice accuracy (e.g. carry)
+    limit: int | None = None
+
+
+@dataclass
+class Recipe:
+    """A validated experiment. `source` is the file it came from (for error messages and relative paths)."""
+
+    trainer: str
+    name: str = ""
+    description: str = ""
+    seed: int = 0
+    output_dir: str | None = None
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rewards: list[RewardSpec] = field(default_factory=list)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    eval: EvalSection = field(default_factory=EvalSection)
+    source: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the merged YAML, for recipe.resolved.yaml
+    overridden: set[str] = field(default_factory=set, repr=False)  # dotted keys set with --set (for errors)
+
+    @property
+    def where(self) -> str:
+        return str(self.source) if self.source else "<recipe>"
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def resolve_path(self, value: str) -> str:
+        """A path relative to the recipe file if it exists there, else unchanged (CWD-relative or a hub id)."""
+        if self.source is not None:
+            candidate = self.source.parent / value
+            if candidate.exists():
+                return str(candidate)
+        return value
+
+
+_INTERNAL = ("source", "raw", "overridden")
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read `path` (following `extends:`), apply `--set` overrides, validate everything posttrain owns.
+
+    Trainer-specific keys (`algorithm`, `training`) are validated by `registry.validate_recipe`, which this calls.
+    """
+    from posttrain import registry
+
+    path = Path(path)
+    raw = _read_with_extends(path, seen=())
+    overridden = apply_overrides(raw, overrides or [], where=str(path))
+    recipe = build_recipe(raw, source=path, overridden=overridden)
+    registry.validate_recipe(recipe)
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise RecipeError(f"{path}: 'extends' cycle: {chain}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: 'extends' must be a path to another recipe file")
+    base = _read_with_extends(path.parent / parent, seen=(*seen, resolved))
+    return deep_merge(base, data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `update` into a copy of `base`; mappings merge, everything else is replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> set[str]:
+    """Apply `section.key=value` strings in place (values parsed as YAML); return the dotted keys set."""
+    done = set()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(
+                f"{where}: bad --set '{item}': expected section.key=value, e.g. training.learning_rate=1e-5"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{where}: bad --set '{item}': value is not valid YAML ({err})") from err
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"{where}: bad --set '{item}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+        done.add(key)
+    return done
+
+
+# -------------------------------------------------------------------------------------------- validation
+
+
+def build_recipe(raw: dict[str, Any], source: Path | None = None, overridden: set[str] | None = None) -> Recipe:
+    """Validate a merged recipe mapping into a `Recipe` (types, unknown keys, required values)."""
+    where = str(source) if source else "<recipe>"
+    ctx = _Context(where, overridden or set())
+    data = dict(raw)
+    if "trainer" not in data or data["trainer"] in (None, ""):
+        raise RecipeError(f"{where}: missing required key 'trainer' (one of: {', '.join(_trainer_names())})")
+    recipe = _convert(Recipe, {k: v for k, v in data.items()}, "", ctx)
+    recipe.source = source
+    recipe.raw = copy.deepcopy(raw)
+    recipe.overridden = set(overridden or ())
+    if not recipe.name:
+        recipe.name = source.stem if source else recipe.trainer
+    if recipe.model.path is None and recipe.model.tiny is None:
+        raise RecipeError(f"{where}: model needs 'path' (a local dir or hub id) or 'tiny' (a tiny local model spec)")
+    if recipe.model.path is not None and recipe.model.tiny is not None:
+        raise RecipeError(f"{where}: model has both 'path' and 'tiny'; keep one")
+    return recipe
+
+
+def _trainer_names() -> list[str]:
+    from posttrain import registry
+
+    return registry.trainer_names()
+
+
+@dataclass
+class _Context:
+    where: str
+    overridden: set[str]
+
+    def error(self, dotted: str, message: str) -> RecipeError:
+        origin = (
+            " (set with --set)"
+            if any(dotted == o or dotted.startswith(o + ".") or o.startswith(dotted + ".") for o in self.overridden)
+            else ""
+        )
+        return RecipeError(f"{self.where}: {message}{origin}")
+
+
+def suggest(name: str, options: typing.Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest option, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_keys(keys: typing.Iterable[str], valid: typing.Iterable[str], section: str, recipe: Recipe) -> None:
+    """Raise for the first key not in `valid`, naming the file, section and the nearest valid key."""
+    valid = list(valid)
+    for key in keys:
+        if key not in valid:
+            place = f"in {section}" if section else "at the top level"
+            origin = " (set with --set)" if f"{section}.{key}" in recipe.overridden else ""
+            raise RecipeError(f"{recipe.where}: unknown key '{key}' {place}{suggest(key, valid)}{origin}")
+
+
+def _convert(tp: Any, value: Any, dotted: str, ctx: _Context) -> Any:
+    """Check/convert `value` against type annotation `tp`; `dotted` names the key for errors."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ctx.error(dotted, f"'{dotted}' must be a mapping, got {_describe(value)}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp) if f.name not in _INTERNAL]
+        for key in value:
+            if key not in names:
+                section = f"'{dotted}'" if dotted else ""
+                full = f"{dotted}.{key}" if dotted else key
+                place = f"in {section}" if section else "at the top level"
+                raise ctx.error(full, f"unknown key '{key}' {place}{suggest(key, names)}")
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _convert(hints[f.name], value[f.name], f"{dotted}.{f.name}" if dotted else f.name, ctx)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ctx.error(dotted, f"missing required key '{f.name}' in '{dotted or 'recipe'}'")
+        return tp(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, dotted, ctx)
+            except RecipeError as err:
+                errors.append(err)
+        raise (
+            errors[-1] if len(errors) == 1 else ctx.error(dotted, f"'{dotted}' has the wrong type: {_describe(value)}")
+        )
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            options = ", ".join(repr(c) for c in choices)
+            raise ctx.error(dotted, f"'{dotted}' must be one of {options}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ctx.error(dotted, f"'{dotted}' must be a list, got {_describe(value)}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_convert(item_tp, v, f"{dotted}[{i}]", ctx) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ctx.error(dotted, f"'{dotted}' must be a mapping, got {_describe(value)}")
+        return dict(value)
+    return coerce_scalar(tp, value, lambda msg: ctx.error(dotted, f"'{dotted}' {msg}"))
+
+
+def coerce_scalar(tp: Any, value: Any, fail: typing.Callable[[str], Exception]) -> Any:
+    """Accept `value` for a scalar type; YAML 1.1 reads `1e-5` as a string, so numeric strings become floats."""
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail(f"must be true or false, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail(f"must be an integer, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail(f"must be a number, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail(f"must be a string, got {_describe(value)}")
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise fail(f"must be {tp.__name__}, got {_describe(value)}")
+    return value
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (defaults filled in) as YAML, reproducible with `posttrain train`."""
+    data = dataclasses.asdict(recipe)
+    for key in _INTERNAL:
+        data.pop(key, None)
+    return yaml.safe_dump(data, sort_keys=False)

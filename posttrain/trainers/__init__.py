@@ -1,0 +1,1 @@
+"""One module per trainer, each thin over its TRL trainer; `posttrain.registry` lists them."""

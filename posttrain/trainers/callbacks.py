@@ -1,0 +1,122 @@
+"""Trainer callbacks shared by every posttrain trainer: metrics.jsonl, progress bar, time budget, held-out eval,
+checkpoint completion markers. They use transformers' callback hooks only, so they work under accelerate/DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from transformers import TrainerCallback
+
+from posttrain.runs import COMPLETE_MARKER, RunDir
+
+# Short names for the progress bar, first match wins.
+_PROGRESS_KEYS = (("loss", "loss"), ("reward", "reward"), ("mean_token_accuracy", "tok_acc"))
+
+
+class MetricsJsonl(TrainerCallback):
+    """Append every log record to metrics.jsonl with `step` and `stage` (main process only).
+
+    Also merges metrics that other posttrain callbacks queued (held-out eval) into the log dict before the
+    report_to integrations see it, which is why the trainer puts this callback first.
+    """
+
+    def __init__(self, run: RunDir, stage: str):
+        self.run = run
+        self.stage = stage
+        self.pending: dict[str, float] = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        logs.update(self.pending)
+        self.pending = {}
+        if state.is_world_process_zero:
+            self.run.append_metrics({"step": state.global_step, "stage": self.stage, **logs})
+
+
+class CheckpointMarker(TrainerCallback):
+    """Mark a checkpoint complete once the Trainer finished writing it; resume only trusts marked ones."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from pathlib import Path
+
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                (ckpt / COMPLETE_MARKER).write_text(str(time.time()))
+
+
+class TimeBudget(TrainerCallback):
+    """Stop training after `seconds` of wall time (counted from the first step, so model loading is excluded)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is not None and time.monotonic() - self.start >= self.seconds:
+            control.should_training_stop = True
+            control.should_log = True
+
+
+class Progress(TrainerCallback):
+    """One tqdm bar per stage showing step, loss/reward and the latest held-out accuracy."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.bar: Any = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.stage, dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        for key, short in _PROGRESS_KEYS:
+            if isinstance(logs.get(key), (int, float)):
+                self.postfix[short] = f"{logs[key]:.3g}"
+        for key, value in logs.items():
+            if key.startswith("eval/") and key.endswith("/accuracy"):
+                self.postfix["acc"] = f"{value:.3f}"
+        self.bar.set_postfix(self.postfix, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class HeldOutEval(TrainerCallback):
+    """Evaluate the held-out benchmark every `every_steps` steps with the model being trained."""
+
+    def __init__(self, benchmark, tokenizer, every_steps: int, metrics: MetricsJsonl, batch_size: int = 256):
+        self.benchmark = benchmark
+        self.tokenizer = tokenizer
+        self.every_steps = every_steps
+        self.metrics = metrics
+        self.batch_size = batch_size
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None or state.global_step % self.every_steps != 0:
+            return
+        from posttrain.evaluation import evaluate
+        from posttrain.rollout.hf import HFGenerator
+
+        unwrapped = getattr(model, "module", model)
+        result = evaluate(HFGenerator(unwrapped, self.tokenizer, self.batch_size), self.benchmark, self.tokenizer)
+        self.metrics.pending.update(result.metrics())
+        control.should_log = True

@@ -1,0 +1,104 @@
+"""`trainer: grpo`: group-relative policy optimisation over TRL's GRPOTrainer.
+
+The recipe's `rollout` section maps onto GRPOConfig's generation fields and `algorithm` onto its loss fields
+(`loss_type`, `beta`, `epsilon`, `scale_rewards`, ...); rewards come from `reward_models` by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.recipe import Recipe
+from posttrain.runs import RunDir
+from posttrain.trainers.base import RunResult, config_kwargs, load_model_and_tokenizer, load_train_data, run_training
+
+
+def rollout_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """GRPOConfig fields from the recipe's rollout section."""
+    r = recipe.rollout
+    kwargs: dict[str, Any] = {
+        "num_generations": r.num_generations,
+        "max_completion_length": r.max_new_tokens,
+        "temperature": r.temperature,
+        "top_p": r.top_p,
+        "top_k": r.top_k,
+    }
+    if r.backend == "vllm":
+        kwargs.update(
+            use_vllm=True,
+            vllm_mode=r.vllm.mode,
+            vllm_gpu_memory_utilization=r.vllm.gpu_memory_utilization,
+            vllm_tensor_parallel_size=r.vllm.tensor_parallel_size,
+            vllm_server_host=r.vllm.server_host,
+            vllm_server_port=r.vllm.server_port,
+        )
+    return kwargs
+
+
+def batch_geometry(recipe: Recipe, num_processes: int = 1) -> dict[str, int]:
+    """TRL's batch arithmetic, computed without importing TRL (for --dry-run)."""
+    t, a = recipe.training, recipe.algorithm
+    per_device = t.get("per_device_train_batch_size", 8)
+    accum = t.get("gradient_accumulation_steps", 1)
+    steps_per_gen = a.get("steps_per_generation") or accum
+    generation_batch = t.get("generation_batch_size") or per_device * num_processes * steps_per_gen
+    return {
+        "per_device": per_device,
+        "processes": num_processes,
+        "accumulation": accum,
+        "generation_batch": generation_batch,
+        "num_generations": recipe.rollout.num_generations,
+        "prompts_per_generation": generation_batch // max(recipe.rollout.num_generations, 1),
+    }
+
+
+def plan(recipe: Recipe) -> list[str]:
+    g = batch_geometry(recipe)
+    ok = g["generation_batch"] % g["num_generations"] == 0
+    lines = [
+        f"GRPO: each generation batch holds {g['generation_batch']} completions = "
+        f"{g['prompts_per_generation']} prompts x {g['num_generations']} samples "
+        f"(per_device_train_batch_size {g['per_device']} x {g['processes']} process(es) x "
+        f"{g['accumulation']} accumulation step(s)); TRL counts completions, not prompts, in the batch size",
+        "rule: the generation batch must be a multiple of num_generations so every prompt's group is whole"
+        + ("" if ok else "  <-- VIOLATED: change per_device_train_batch_size or num_generations"),
+        f"rollout backend: {recipe.rollout.backend}"
+        + (f" ({recipe.rollout.vllm.mode})" if recipe.rollout.backend == "vllm" else ""),
+        "rewards: " + ", ".join(f"{r.name} x{r.weight:g}" for r in recipe.rewards),
+    ]
+    return lines
+
+
+def reward_functions(recipe: Recipe):
+    from reward_models import build_rewards
+
+    specs = [{"name": r.name, "weight": r.weight, "kwargs": r.kwargs} for r in recipe.rewards]
+    return build_rewards(specs)
+
+
+def build_trainer(recipe: Recipe, run: RunDir, trainer_class: Any = None):
+    """The configured GRPOTrainer (or a subclass, e.g. NFT's) with model, data and rewards from the recipe."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from posttrain.models import peft_config
+
+    model, tokenizer = load_model_and_tokenizer(recipe, run)
+    needs_answer = any(r.name in ("numeric_match", "math_verify") for r in recipe.rewards)
+    rows = load_train_data(recipe, schema="prompt_answer" if needs_answer else None)
+    funcs, weights = reward_functions(recipe)
+    config = GRPOConfig(**config_kwargs(recipe, run), **rollout_kwargs(recipe), reward_weights=weights)
+    tokenizer.padding_side = "left"
+    trainer = (trainer_class or GRPOTrainer)(
+        model=model,
+        reward_funcs=funcs,
+        args=config,
+        train_dataset=rows,
+        processing_class=tokenizer,
+        peft_config=peft_config(recipe.model),
+    )
+    return trainer, tokenizer
+
+
+def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
+    trainer, tokenizer = build_trainer(recipe, run)
+    return run_training(recipe, trainer, tokenizer, run, resume)

@@ -1,0 +1,31 @@
+"""`trainer: sft`: supervised fine-tuning over TRL's SFTTrainer (prompt/completion rows, or chat messages)."""
+
+from __future__ import annotations
+
+from posttrain.recipe import Recipe
+from posttrain.runs import RunDir
+from posttrain.trainers.base import RunResult, config_kwargs, load_model_and_tokenizer, load_train_data, run_training
+
+
+def plan(recipe: Recipe) -> list[str]:
+    t = recipe.training
+    batch = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
+    return [
+        f"SFT on data.train, loss on completions only; {batch} sequences per optimizer step per process",
+    ]
+
+
+def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
+    from trl import SFTConfig, SFTTrainer
+
+    from posttrain.models import peft_config
+
+    model, tokenizer = load_model_and_tokenizer(recipe, run)
+    rows = load_train_data(recipe, schema="prompt_completion")
+    # SFTTrainer tokenises every column it's given; keep only what it trains on.
+    rows = rows.select_columns(["prompt", "completion"])
+    config = SFTConfig(**config_kwargs(recipe, run))
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config(recipe.model)
+    )
+    return run_training(recipe, trainer, tokenizer, run, resume)

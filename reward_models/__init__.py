@@ -1,0 +1,7 @@
+"""Reward functions and models usable with or without posttrain's trainers."""
+
+from reward_models import format as _format  # noqa: F401  (registers built-ins)
+from reward_models import math as _math  # noqa: F401
+from reward_models.registry import build_rewards, guarded, register, resolve_reward, reward_names
+
+__all__ = ["build_rewards", "guarded", "register", "resolve_reward", "reward_names"]

@@ -1,0 +1,69 @@
+"""Verifiable math rewards: exact numeric match, and math-verify's symbolic equivalence (gold first)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from posttrain.errors import RewardError
+from reward_models.registry import register, text_of
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in `text` with thousands separators and `$` removed ("$1,000." -> "1000")."""
+    matches = _NUMBER.findall(text.replace("$", ""))
+    if not matches:
+        return None
+    return matches[-1].replace(",", "").rstrip(".")
+
+
+def _as_decimal(text: str | None) -> Decimal | None:
+    if text is None:
+        return None
+    try:
+        return Decimal(text)
+    except InvalidOperation:
+        return None
+
+
+def _answers(answer: Any, n: int, name: str) -> list[Any]:
+    if answer is None:
+        raise RewardError(f"reward '{name}' needs an 'answer' column in the data (map one with data.train.columns)")
+    return list(answer) if isinstance(answer, (list, tuple)) else [answer] * n
+
+
+@register("numeric_match")
+def numeric_match_reward(prompts: list, completions: list, answer: Any = None, **kwargs: Any) -> list[float]:
+    """1.0 when the completion's last number equals the gold answer exactly (132 == 132.0, 132 != 1322)."""
+    golds = _answers(answer, len(completions), "numeric_match")
+    scores = []
+    for completion, gold in zip(completions, golds):
+        pred = _as_decimal(extract_last_number(text_of(completion)))
+        ref = _as_decimal(extract_last_number(str(gold)))
+        scores.append(1.0 if pred is not None and ref is not None and pred == ref else 0.0)
+    return scores
+
+
+@register("math_verify")
+def math_verify_reward(prompts: list, completions: list, answer: Any = None, **kwargs: Any) -> list[float]:
+    """1.0 when math-verify finds the completion's answer equivalent to the gold answer (LaTeX, \\boxed{}, numbers)."""
+    from math_verify import parse, verify
+
+    golds = _answers(answer, len(completions), "math_verify")
+    # math-verify's timeouts use signals, which only work in the main thread; elsewhere run without them.
+    main = threading.current_thread() is threading.main_thread()
+    parse_kw = {} if main else {"parsing_timeout": None}
+    verify_kw = {} if main else {"timeout_seconds": None}
+    scores = []
+    for completion, gold in zip(completions, golds):
+        gold_text = str(gold)
+        gold_parsed = parse(gold_text, **parse_kw) or parse(f"${gold_text}$", **parse_kw)
+        if not gold_parsed:
+            raise RewardError(f"reward 'math_verify': cannot parse the gold answer {gold_text!r}")
+        pred = parse(text_of(completion), **parse_kw)
+        scores.append(1.0 if pred and verify(gold_parsed, pred, **verify_kw) else 0.0)
+    return scores
