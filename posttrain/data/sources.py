@@ -39,7 +39,10 @@ def load_source(spec: Mapping[str, Any], *, base_dir: Path | None = None, origin
     if "synthetic" in spec:
         ds = _synthetic(spec, origin)
     else:
-        ds = _load_path(str(spec["path"]), spec, base_dir, origin)
+        local = _resolve(str(spec["path"]), base_dir)
+        ds = _load_path(str(spec["path"]), local, spec, origin)
+        if local is not None:
+            origin = f"{origin} ({local})"  # row errors below name the file too
 
     if spec.get("format"):
         ds = _apply_format(ds, spec["format"], origin)
@@ -78,8 +81,7 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.endswith(_SUFFIXES) or path.count("/") != 1
 
 
-def _load_path(path: str, spec: Mapping[str, Any], base_dir: Path | None, origin: str):
-    local = _resolve(path, base_dir)
+def _load_path(path: str, local: Path | None, spec: Mapping[str, Any], origin: str):
     split = spec.get("split", "train")
     if local is None:
         if _looks_local(path):

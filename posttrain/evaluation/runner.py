@@ -52,11 +52,13 @@ def evaluate(generator: Generator, benchmark: Benchmark, tokenizer: Any = None) 
     from posttrain.data import render_prompt
     from reward_models import guarded, resolve_reward
 
+    # datasets 5 returns lazy Column objects; reward functions get plain lists, as TRL gives them.
     rows = benchmark.rows
-    prompts = [render_prompt(p, tokenizer) if tokenizer is not None else p for p in rows["prompt"]]
+    columns = {col: list(rows[col]) for col in rows.column_names}
+    prompts = [render_prompt(p, tokenizer) if tokenizer is not None else p for p in columns["prompt"]]
     completions = [c[0] for c in generator.generate(prompts, benchmark.params)]
     grader = guarded(resolve_reward(benchmark.grader), benchmark.grader)
-    extra = {col: rows[col] for col in rows.column_names if col not in ("prompt", "completion")}
+    extra = {col: values for col, values in columns.items() if col not in ("prompt", "completion")}
     scores = grader(prompts=prompts, completions=completions, **extra)
     correct = [s is not None and s >= 0.5 for s in scores]
     n = len(correct)
@@ -68,11 +70,11 @@ def evaluate(generator: Generator, benchmark: Benchmark, tokenizer: Any = None) 
         stderr=math.sqrt(acc * (1 - acc) / n) if n else float("nan"),
         samples=[
             {"prompt": p, "completion": c, "answer": a, "correct": ok}
-            for p, c, a, ok in zip(prompts, completions, rows["answer"], correct)
+            for p, c, a, ok in zip(prompts, completions, columns["answer"], correct)
         ],
     )
     if benchmark.slice_column:
-        values = rows[benchmark.slice_column]
+        values = columns[benchmark.slice_column]
         for value in sorted(set(values), key=str):
             hits = [ok for ok, v in zip(correct, values) if v == value]
             key = f"{benchmark.slice_column}={value}"

@@ -1,0 +1,66 @@
+"""The transformers rollout backend and the held-out evaluation runner."""
+
+import pytest
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.evaluation import Benchmark, evaluate
+from posttrain.rollout import SamplingParams, truncate_at_stop
+from posttrain.rollout.hf import HFGenerator
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return HFGenerator(model, tokenizer, batch_size=8)
+
+
+PROMPTS = ["1+1=", "47+85=", "9+9=", "123+4=", "5="]
+
+
+def test_batched_greedy_equals_one_at_a_time(generator):
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    batched = generator.generate(PROMPTS, params)
+    single = [generator.generate([p], params)[0] for p in PROMPTS]
+    assert batched == single  # left padding must not change what a prompt generates
+
+
+def test_n_samples_per_prompt_and_seeding(generator):
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=6, seed=7)
+    first = generator.generate(PROMPTS, params)
+    assert [len(s) for s in first] == [4] * len(PROMPTS)
+    assert first == generator.generate(PROMPTS, params)  # same seed, same samples
+    other = generator.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_new_tokens=6, seed=8))
+    assert other != first
+    assert len({s for group in first for s in group}) > len(PROMPTS)  # sampling, not greedy
+
+
+def test_truncate_at_stop():
+    assert truncate_at_stop("12\nQ: next", ("\n", "Q:")) == "12"
+    assert truncate_at_stop("12", ("\n",)) == "12"
+
+
+class Oracle:
+    """A generator that answers from a lookup table (to test grading without a trained model)."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def generate(self, prompts, params):
+        return [[self.answers[p]] * params.n for p in prompts]
+
+
+def test_evaluate_grades_and_slices():
+    rows = Dataset.from_list(
+        [{"prompt": "47+85=", "answer": "132", "carry": True}, {"prompt": "12+34=", "answer": "46", "carry": False},
+         {"prompt": "19+19=", "answer": "38", "carry": True}, {"prompt": "11+11=", "answer": "22", "carry": False}]
+    )  # fmt: skip
+    oracle = Oracle({"47+85=": "122", "12+34=": "46", "19+19=": "38", "11+11=": "22"})
+    result = evaluate(oracle, Benchmark("arith", rows, slice_column="carry"))
+    assert result.accuracy == 0.75 and result.n == 4
+    assert result.slices == {"carry=False": {"accuracy": 1.0, "n": 2}, "carry=True": {"accuracy": 0.5, "n": 2}}
+    assert result.metrics()["eval/arith/accuracy[carry=True]"] == 0.5
+    assert result.stderr == pytest.approx((0.75 * 0.25 / 4) ** 0.5)
+    wrong = [s for s in result.samples if not s["correct"]]
+    assert wrong == [{"prompt": "47+85=", "completion": "122", "answer": "132", "correct": False}]
