@@ -76,14 +76,14 @@ def run_quickstart(out: Path, seed: int = 0, overrides: list[str] | None = None)
 
 def write_quickstart_report(out: Path, summary: QuickstartSummary) -> None:
     write_atomic(out / "summary.json", json.dumps(asdict(summary), indent=1))
-    rows = [(model, metrics) for model, metrics in summary.accuracy.items()]
+    rows = [(model, metrics) for model, metrics in summary.accuracy.items() if "untrained" not in model]
     plot_accuracy_bars(
         [(m, {LABELS[k]: v for k, v in metrics.items() if k in LABELS}) for m, metrics in rows],
         [LABELS[k] for k in SLICES],
         out / "accuracy.png",
         f"held-out 2-digit addition, seed {summary.seed}",
     )
-    grpo_records = [r for r in RunDir(out / "grpo").read_metrics() if r.get("stage") == "grpo-arithmetic"]
+    grpo_records = RunDir(out / "grpo").read_metrics()
     plot_curves(grpo_records, out / "grpo_curves.png", "GRPO: training reward and held-out accuracy")
     lines = [
         "# posttrain quickstart",

@@ -22,22 +22,36 @@ def _plt():
 
 
 def plot_curves(records: list[dict[str, Any]], out: Path, title: str) -> list[str]:
-    """Plot each training curve and held-out accuracy against step; return the metric names drawn."""
-    series: dict[str, list[tuple[int, float]]] = {}
+    """One panel per training curve (reward, loss) and one with every held-out accuracy, all against step.
+
+    Returns the metric names drawn (empty when there was nothing to plot, and then no file is written).
+    """
+    series: dict[str, dict[int, float]] = {}
     for rec in records:
         for key, value in rec.items():
             if isinstance(value, (int, float)) and (key in CURVE_KEYS or key.startswith("eval/")):
-                series.setdefault(key, []).append((rec.get("step", 0), float(value)))
+                series.setdefault(key, {})[int(rec.get("step", 0))] = float(value)
     if not series:
         return []
+    panels = [[k] for k in CURVE_KEYS if k in series]
+    evals = sorted(k for k in series if k.startswith("eval/"))
+    if evals:
+        panels.append(evals)
     plt = _plt()
-    fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
-    for ax, (key, points) in zip(axes[0], sorted(series.items())):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
-        ax.set_title(key, fontsize=9)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.3), squeeze=False)
+    for ax, keys in zip(axes[0], panels):
+        for key in keys:
+            points = sorted(series[key].items())
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None,
+                    label=key.removeprefix("eval/"))  # fmt: skip
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
+        if keys is evals:
+            ax.set_title("held-out accuracy", fontsize=9)
+            ax.set_ylim(0, 1.02)
+            ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.set_title(f"training {keys[0]}", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -46,7 +60,8 @@ def plot_curves(records: list[dict[str, Any]], out: Path, title: str) -> list[st
 
 
 def write_run_report(run: RunDir, recipe: Recipe, result: Any) -> Path:
-    records = [r for r in run.read_metrics() if r.get("stage") == recipe.name]
+    # The stage's own log lines plus its "<name>:before"/":after" evaluations.
+    records = [r for r in run.read_metrics() if str(r.get("stage", "")).split(":")[0] == recipe.name]
     drawn = plot_curves(records, run.path / "curves.png", f"{recipe.name} ({recipe.trainer})")
     lines = [
         f"# {recipe.name}",
@@ -75,7 +90,7 @@ def _fmt(value: float | None) -> str:
 def plot_accuracy_bars(rows: list[tuple[str, dict[str, float]]], keys: list[str], out: Path, title: str) -> None:
     """Grouped bars: one group per metric key, one bar per labelled model."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(9, 3.4))
     width = 0.8 / max(len(rows), 1)
     for i, (label, metrics) in enumerate(rows):
         xs = [k + i * width for k in range(len(keys))]
@@ -86,7 +101,7 @@ def plot_accuracy_bars(rows: list[tuple[str, dict[str, float]]], keys: list[str]
     ax.set_xticklabels(keys, fontsize=8)
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("held-out accuracy")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
