@@ -45,6 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a value in every stage's recipe (repeatable)")  # fmt: skip
     p.set_defaults(func=cmd_quickstart)
 
+    p = sub.add_parser("eval", help="evaluate a model on a benchmark suite; results go to the results store")
+    p.add_argument("--model", required=True, help="model dir (e.g. runs/x/final) or hub id")
+    p.add_argument("--suite", required=True, help="suite YAML, e.g. eval/suites/arithmetic.yaml")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--store", default="eval/results.db", help="SQLite results store (default eval/results.db)")
+    p.add_argument("--samples-dir", default="eval/samples", help="per-sample outputs (jsonl per benchmark)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N rows per benchmark")
+    p.add_argument("--label", default=None, help="display name in the leaderboard (default: derived from --model)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("leaderboard", help="write leaderboard.md and leaderboard.html from the results store")
+    p.add_argument("--out", default="eval/reports", help="output dir (default eval/reports)")
+    p.add_argument("--store", default="eval/results.db")
+    p.add_argument("--runs", default="runs", help="run dirs whose training curves to include")
+    p.set_defaults(func=cmd_leaderboard)
+
     p = sub.add_parser("recipes", help="list shipped recipes")
     p.set_defaults(func=cmd_recipes)
 
@@ -84,6 +101,31 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     summary = run_quickstart(Path(args.out), seed=args.seed, overrides=args.overrides)
     print(summary.table())
     print(f"report: {args.out}/report.md")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from posttrain.evaluation.store import ResultsStore
+    from posttrain.evaluation.suite_runner import format_outcomes, run_suite
+
+    store = ResultsStore(args.store)
+    outcomes = run_suite(
+        args.model, args.suite, backend=args.backend, store=store, samples_dir=Path(args.samples_dir),
+        limit=args.limit, label=args.label, batch_size=args.batch_size,
+    )  # fmt: skip
+    print(format_outcomes(outcomes))
+    print(f"stored in {args.store}; per-sample outputs under {args.samples_dir}/")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from posttrain.evaluation.leaderboard import write_leaderboard
+    from posttrain.evaluation.store import ResultsStore
+
+    if not Path(args.store).exists():
+        raise PosttrainError(f"{args.store}: no results store yet; run `posttrain eval` first")
+    md, html = write_leaderboard(ResultsStore(args.store), Path(args.out), Path(args.runs))
+    print(f"wrote {md} and {html}")
     return 0
 
 

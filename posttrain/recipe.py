@@ -96,12 +96,13 @@ class EvalSection:
 
     data: dict[str, Any] | None = None  # a data source; defaults to data.eval
     name: str = "heldout"  # metrics are logged as eval/<name>/accuracy
-    grader: str = "numeric_match"  # a reward name whose value >= 0.5 counts as correct
+    grader: str = "numeric_match"  # see posttrain.evaluation.graders: math_verify, numeric_match, gsm8k_strict, ...
+    suite: str | None = None  # an eval/suites/*.yaml file run alongside the held-out set
     every_steps: int | None = None
     max_new_tokens: int | None = None  # defaults to rollout.max_new_tokens
     batch_size: int = 256
     slice_column: str | None = None  # boolean/categorical column for per-slice accuracy (e.g. carry)
-    limit: int | None = None
+    limit: int | None = None  # cap on rows per benchmark (held-out set and suite)
 
 
 @dataclass

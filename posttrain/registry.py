@@ -153,19 +153,23 @@ def validate_recipe(recipe: Recipe) -> None:
 
 def _validate_rewards(recipe: Recipe) -> None:
     from posttrain.errors import RewardError
+    from posttrain.evaluation.suite import GRADER_NAMES, load_suite
     from reward_models import resolve_reward
-    from reward_models.registry import reward_names
 
-    names = [spec.name for spec in recipe.rewards]
-    if recipe.eval.data is not None or recipe.data.eval is not None:
-        names.append(recipe.eval.grader)
-    for name in names:
+    if recipe.eval.grader not in GRADER_NAMES:
+        raise RecipeError(
+            f"{recipe.where}: unknown eval.grader '{recipe.eval.grader}'{suggest(recipe.eval.grader, GRADER_NAMES)} "
+            f"(graders: {', '.join(GRADER_NAMES)})"
+        )
+    if recipe.eval.suite is not None:
+        load_suite(recipe.resolve_path(recipe.eval.suite))  # fails early on a bad suite
+    for name in [spec.name for spec in recipe.rewards]:
         if ":" in name:
             continue  # user code is imported when training starts; importing it here could be slow or side-effecting
         try:
             resolve_reward(name)
         except RewardError as err:
-            raise RecipeError(f"{recipe.where}: {err} (built-in rewards: {', '.join(reward_names())})") from err
+            raise RecipeError(f"{recipe.where}: {err}") from err
 
 
 def _coerce(tp: Any, value: Any, dotted: str, where: str) -> Any:

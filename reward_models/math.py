@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -32,10 +33,16 @@ def _as_decimal(text: str | None) -> Decimal | None:
 
 def _answers(answer: Any, n: int, name: str) -> list[Any]:
     if answer is None:
-        raise RewardError(f"reward '{name}' needs an 'answer' column in the data (map one with data.train.columns)")
+        raise RewardError(
+            f"reward '{name}' needs an 'answer' column in the data (map one with data.train.columns, "
+            "e.g. columns: {answer: <column>})"
+        )
     if isinstance(answer, (str, bytes, int, float)):
-        return [answer] * n  # one gold answer for every completion
-    return list(answer)
+        return [answer] * n  # one gold answer bound for every completion (rewards[].kwargs.answer)
+    golds = list(answer)
+    if len(golds) != n:
+        raise RewardError(f"reward '{name}': got {len(golds)} answers for {n} completions")
+    return golds
 
 
 @register("numeric_match")
@@ -44,9 +51,11 @@ def numeric_match_reward(prompts: list, completions: list, answer: Any = None, *
     golds = _answers(answer, len(completions), "numeric_match")
     scores = []
     for completion, gold in zip(completions, golds):
-        pred = _as_decimal(extract_last_number(text_of(completion)))
         ref = _as_decimal(extract_last_number(str(gold)))
-        scores.append(1.0 if pred is not None and ref is not None and pred == ref else 0.0)
+        if ref is None:  # a data problem, not a wrong completion: scoring it 0.0 would hide it
+            raise RewardError(f"reward 'numeric_match': the gold answer {str(gold)[:200]!r} has no number")
+        pred = _as_decimal(extract_last_number(text_of(completion)))
+        scores.append(1.0 if pred is not None and pred == ref else 0.0)
     return scores
 
 
@@ -60,14 +69,23 @@ def math_verify_reward(prompts: list, completions: list, answer: Any = None, **k
     main = threading.current_thread() is threading.main_thread()
     parse_kw = {} if main else {"parsing_timeout": None}
     verify_kw = {} if main else {"timeout_seconds": None}
+    parsed_golds: dict[str, list] = {}  # GRPO repeats each gold num_generations times; parse it once
     scores = []
     for completion, gold in zip(completions, golds):
         gold_text = str(gold)
-        # A bare gold answer ("\\left( 3, \\frac{\\pi}{2} \\right)", "p - q") parses reliably only as a boxed LaTeX
-        # expression: as plain text math-verify misreads 57 of the 500 MATH-500 answers.
-        gold_parsed = parse(f"$\\boxed{{{gold_text}}}$", **parse_kw) or parse(gold_text, **parse_kw)
-        if not gold_parsed:
-            raise RewardError(f"reward 'math_verify': cannot parse the gold answer {gold_text!r}")
+        if gold_text not in parsed_golds:
+            parsed_golds[gold_text] = _parse_gold(gold_text, parse, parse_kw)
         pred = parse(text_of(completion), **parse_kw)
-        scores.append(1.0 if pred and verify(gold_parsed, pred, **verify_kw) else 0.0)
+        # Gold first: verify() is not symmetric (math-verify's README: "Order here is important!").
+        scores.append(1.0 if pred and verify(parsed_golds[gold_text], pred, **verify_kw) else 0.0)
     return scores
+
+
+def _parse_gold(gold_text: str, parse: Callable, parse_kw: dict[str, Any]) -> list:
+    # A bare gold answer ("\\left( 3, \\frac{\\pi}{2} \\right)", "p - q") parses reliably only inside a LaTeX
+    # environment: as plain text math-verify parses 51 of the 500 MATH-500 answers to nothing and 57 to the wrong
+    # value. Boxed, all 500 verify against "$\\boxed{answer}$" completions. Plain text stays as a fallback.
+    gold_parsed = parse(f"$\\boxed{{{gold_text}}}$", **parse_kw) or parse(gold_text, **parse_kw)
+    if not gold_parsed:  # every completion would score 0.0: a data problem, so say so
+        raise RewardError(f"reward 'math_verify': math-verify cannot parse the gold answer {gold_text[:200]!r}")
+    return gold_parsed

@@ -61,6 +61,26 @@ def test_evaluate_grades_and_slices():
     assert result.accuracy == 0.75 and result.n == 4
     assert result.slices == {"carry=False": {"accuracy": 1.0, "n": 2}, "carry=True": {"accuracy": 0.5, "n": 2}}
     assert result.metrics()["eval/arith/accuracy[carry=True]"] == 0.5
-    assert result.stderr == pytest.approx((0.75 * 0.25 / 4) ** 0.5)
+    assert result.stderr == pytest.approx((0.75 * 0.25 / 3) ** 0.5)  # sample std (ddof=1) / sqrt(n), as lm-eval
     wrong = [s for s in result.samples if not s["correct"]]
-    assert wrong == [{"prompt": "47+85=", "completion": "122", "answer": "132", "correct": False}]
+    assert wrong == [{"prompt": "47+85=", "completion": "122", "extracted": "122", "answer": "132", "correct": False}]
+
+
+def test_evaluate_pass_at_k_and_majority():
+    rows = Dataset.from_list([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}])
+
+    class Fixed:
+        def generate(self, prompts, params):
+            table = {"a": ["1", "1", "3", "1"], "b": ["5", "2", "5", "7"]}
+            return [table[p][: params.n] for p in prompts]
+
+    from posttrain.evaluation.suite import BenchmarkSpec
+
+    spec = BenchmarkSpec(name="t", data={}, metrics=["pass@2", "maj@4"], grader="numeric_match")
+    bench = Benchmark("t", rows, "numeric_match", SamplingParams(n=4, temperature=1.0), spec=spec)
+    result = evaluate(Fixed(), bench)
+    assert result.accuracy == pytest.approx((3 / 4 + 1 / 4) / 2)
+    # pass@2 = 1 - C(n-c, 2) / C(n, 2): prompt a 1 - 0/6 = 1, prompt b 1 - 3/6 = 0.5
+    assert result.extra["pass@2"] == pytest.approx(0.75)
+    assert result.extra["maj@4"] == pytest.approx(0.5)  # a: majority "1" right; b: majority "5" wrong
+    assert len(result.samples[0]["completions"]) == 4

@@ -2,28 +2,77 @@
 
 A source is a mapping from a recipe, e.g. `{path: data/train.jsonl, columns: {prompt: question}}`,
 `{path: openai/gsm8k, config: main, split: test, format: gsm8k}` or `{synthetic: arithmetic, split: eval}`.
+Steps run in this order: load, `format`, `columns`, `shuffle_seed`, `limit`, `schema`.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.errors import DataError
 
-SOURCE_KEYS = ("path", "synthetic", "split", "config", "format", "columns", "limit", "shuffle_seed", "schema",
-               "n", "seed", "digits", "carry_drop", "eval_fraction")  # fmt: skip
-SYNTHETIC_KEYS = ("n", "seed", "digits", "carry_drop", "eval_fraction")
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+PATH_KEYS = ("path", "config", "data_dir")
+SYNTHETIC_OPTIONS = ("n", "seed", "digits", "carry_drop", "eval_fraction")  # keyword args of arithmetic_split
+SYNTHETIC_KEYS = ("synthetic", *SYNTHETIC_OPTIONS)
+COMMON_KEYS = ("split", "format", "columns", "limit", "shuffle_seed", "schema")
+SOURCE_KEYS = PATH_KEYS + SYNTHETIC_KEYS + COMMON_KEYS
+SYNTHETIC_TASKS = ("arithmetic",)
 FORMATS = ("gsm8k",)
-_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
+SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
+# Hub ids are "owner/name" (or a bare legacy name) and have no file extension; "Llama-3.1-8B" is not one.
+_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")
+# What save_to_disk writes; a directory without these is read as a folder of data files instead.
+_SAVED_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 
 
-def load_source(spec: Mapping[str, Any], *, base_dir: Path | None = None, origin: str = "data"):
-    """Load, reformat, rename, subset and (optionally) validate one data source."""
+def load_source(spec: Mapping[str, Any], *, base_dir: Path | None = None, origin: str = "data") -> Dataset:
+    """Load, reformat, rename, subset and (optionally) validate one data source.
+
+    `origin` (e.g. "recipes/grpo/x.yaml: data.train") starts every error message; errors about a local file's
+    rows also name the file.
+    """
     from posttrain.data.schemas import validate
+
+    _check_spec(spec, origin)
+    lines: list[int] | None = None  # each row's line in a jsonl file; None when row i is simply number i + 1
+    if "synthetic" in spec:
+        ds = _synthetic(spec, origin)
+    else:
+        local = _resolve(str(spec["path"]), base_dir)
+        ds, lines = _load_path(str(spec["path"]), local, base_dir, spec, origin)
+        if local is not None:
+            origin = f"{origin} ({local})"
+
+    if spec.get("format") is not None:
+        ds = _apply_format(ds, spec["format"], origin, lines)
+    if spec.get("columns") is not None:
+        ds = _map_columns(ds, spec["columns"], origin)
+    order = None
+    if spec.get("shuffle_seed") is not None:
+        import numpy as np
+
+        # The permutation Dataset.shuffle draws, kept so row errors below still give the row's place in the file.
+        order = np.random.default_rng(_int_option(spec, "shuffle_seed", origin)).permutation(len(ds)).tolist()
+    if spec.get("limit") is not None:
+        limit = _int_option(spec, "limit", origin)
+        order = order[:limit] if order is not None else list(range(min(limit, len(ds))))
+    if order is not None:
+        ds = ds.select(order)
+    if spec.get("schema") is not None:
+        numbers = lines if order is None else [lines[i] if lines else i + 1 for i in order]
+        validate(ds, spec["schema"], origin, row_numbers=numbers)
+    return ds
+
+
+def _check_spec(spec: Any, origin: str) -> None:
     from posttrain.recipe import suggest
 
     if not isinstance(spec, Mapping):
@@ -31,39 +80,35 @@ def load_source(spec: Mapping[str, Any], *, base_dir: Path | None = None, origin
     for key in spec:
         if key not in SOURCE_KEYS:
             raise DataError(
-                f"{origin}: unknown key '{key}'{suggest(key, SOURCE_KEYS)} (valid: {', '.join(SOURCE_KEYS)})"
+                f"{origin}: unknown key '{key}'{suggest(str(key), SOURCE_KEYS)} (valid: {', '.join(SOURCE_KEYS)})"
             )
     if ("path" in spec) == ("synthetic" in spec):
         raise DataError(f"{origin}: give exactly one of 'path' (file, dir or hub id) or 'synthetic'")
-
-    if "synthetic" in spec:
-        ds = _synthetic(spec, origin)
-    else:
-        local = _resolve(str(spec["path"]), base_dir)
-        ds = _load_path(str(spec["path"]), local, spec, origin)
-        if local is not None:
-            origin = f"{origin} ({local})"  # row errors below name the file too
-
-    if spec.get("format"):
-        ds = _apply_format(ds, spec["format"], origin)
-    if spec.get("columns"):
-        ds = _map_columns(ds, spec["columns"], origin)
-    if spec.get("shuffle_seed") is not None:
-        ds = ds.shuffle(seed=int(spec["shuffle_seed"]))
-    if spec.get("limit") is not None:
-        ds = ds.select(range(min(int(spec["limit"]), len(ds))))
-    if spec.get("schema"):
-        validate(ds, spec["schema"], origin)
-    return ds
+    # A key of the other kind of source would be silently ignored, so say so instead.
+    kind, other = ("path", SYNTHETIC_KEYS) if "path" in spec else ("synthetic", PATH_KEYS)
+    for key in other:
+        if key in spec:
+            raise DataError(f"{origin}: '{key}' does not apply to a {kind} source")
 
 
-def _synthetic(spec: Mapping[str, Any], origin: str):
+def _int_option(spec: Mapping[str, Any], key: str, origin: str) -> int:
+    value = spec[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"{origin}: {key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _synthetic(spec: Mapping[str, Any], origin: str) -> Dataset:
     from posttrain.data.arithmetic import arithmetic_split
+    from posttrain.recipe import suggest
 
     name = spec["synthetic"]
-    if name != "arithmetic":
-        raise DataError(f"{origin}: unknown synthetic task '{name}' (known: arithmetic)")
-    kwargs = {k: spec[k] for k in SYNTHETIC_KEYS if k in spec}
+    if name not in SYNTHETIC_TASKS:
+        raise DataError(
+            f"{origin}: unknown synthetic task '{name}'{suggest(str(name), SYNTHETIC_TASKS)} "
+            f"(known: {', '.join(SYNTHETIC_TASKS)})"
+        )
+    kwargs = {k: spec[k] for k in SYNTHETIC_OPTIONS if k in spec}
     try:
         return arithmetic_split(spec.get("split", "train"), **kwargs)
     except DataError as err:
@@ -73,24 +118,32 @@ def _synthetic(spec: Mapping[str, Any], origin: str):
 def _resolve(path: str, base_dir: Path | None) -> Path | None:
     candidates = [Path(path).expanduser()]
     if base_dir is not None and not Path(path).is_absolute():
-        candidates.insert(0, base_dir / path)
+        candidates.insert(0, Path(base_dir) / path)
     return next((c for c in candidates if c.exists()), None)
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or path.endswith(_SUFFIXES) or path.count("/") != 1
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or bool(_EXTENSION.search(path))
 
 
-def _load_path(path: str, local: Path | None, spec: Mapping[str, Any], origin: str):
+def _load_path(
+    path: str, local: Path | None, base_dir: Path | None, spec: Mapping[str, Any], origin: str
+) -> tuple[Dataset, list[int] | None]:
     split = spec.get("split", "train")
     if local is None:
         if _looks_local(path):
-            raise DataError(f"{origin}: file not found: {path}")
-        return _load_hub(path, spec.get("config"), split, origin)
+            dirs = (
+                []
+                if Path(path).expanduser().is_absolute()
+                else [*([str(base_dir)] if base_dir else []), str(Path.cwd())]
+            )
+            looked = f" (looked in {' and '.join(dirs)})" if dirs else ""
+            raise DataError(f"{origin}: file not found: {path}{looked}")
+        return _load_hub(path, spec.get("config"), spec.get("data_dir"), split, origin), None
     where = f"{origin} ({local})"
     if local.is_dir():
-        return _load_saved(local, split, where)
-    name = local.name
+        return _load_dir(local, spec, split, where), None
+    name = local.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
         return _read_jsonl(local, where)
     if name.endswith(".json"):
@@ -99,38 +152,44 @@ def _load_path(path: str, local: Path | None, spec: Mapping[str, Any], origin: s
 
     try:
         if name.endswith(".parquet"):
-            return Dataset.from_parquet(str(local))
+            return Dataset.from_parquet(str(local)), None
         if name.endswith(".csv"):
-            return Dataset.from_csv(str(local))
-    except Exception as err:  # pyarrow raises several types for unreadable files
-        raise DataError(f"{where}: cannot read: {err}") from err
-    raise DataError(f"{where}: unsupported file type (use {', '.join(_SUFFIXES)} or a saved dataset dir)")
+            return Dataset.from_csv(str(local)), None
+    except Exception as err:  # pyarrow and pandas raise many types for unreadable files
+        raise DataError(f"{where}: cannot read: {_first_line(err)}") from err
+    raise DataError(f"{where}: unsupported file type (use {', '.join(SUFFIXES)} or a saved dataset dir)")
 
 
-def _read_jsonl(path: Path, where: str):
-
+def _read_jsonl(path: Path, where: str) -> tuple[Dataset, list[int] | None]:
+    """The rows, and their line numbers when blank lines make those differ from the row numbers."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: line {lineno} is not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: line {lineno} is not a JSON object")
-            rows.append(row)
+    rows, lines = [], []
+    try:
+        with opener(path, "rt", encoding="utf-8-sig") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: line {lineno} is not valid JSON ({err.msg})") from err
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: line {lineno} is not a JSON object")
+                rows.append(row)
+                lines.append(lineno)
+    except (OSError, UnicodeDecodeError, EOFError) as err:  # bad gzip stream, not UTF-8 text
+        raise DataError(f"{where}: cannot read: {_first_line(err)}") from err
     if not rows:
         raise DataError(f"{where}: has no rows")
-    return _from_rows(rows, where)
+    return _from_rows(rows, where), (None if lines[-1] == len(lines) else lines)
 
 
-def _read_json(path: Path, where: str):
+def _read_json(path: Path, where: str) -> tuple[Dataset, list[int] | None]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # JSON Lines under a .json name, which is what Dataset.to_json writes
+            return _read_jsonl(path, where)
         raise DataError(f"{where}: not valid JSON (line {err.lineno}: {err.msg})") from err
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} layouts
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -139,10 +198,12 @@ def _read_json(path: Path, where: str):
         data = lists[0]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{where}: expected a list of JSON objects")
-    return _from_rows(data, where)
+    if not data:
+        raise DataError(f"{where}: has no rows")
+    return _from_rows(data, where), None
 
 
-def _from_rows(rows: list[dict[str, Any]], where: str):
+def _from_rows(rows: list[dict[str, Any]], where: str) -> Dataset:
     from datasets import Dataset
 
     # Keys missing from some rows become None (validate() reports them with their row number).
@@ -150,63 +211,107 @@ def _from_rows(rows: list[dict[str, Any]], where: str):
     try:
         return Dataset.from_list([{k: row.get(k) for k in keys} for row in rows])
     except Exception as err:  # pyarrow type clashes between rows
-        raise DataError(f"{where}: rows have inconsistent types: {err}") from err
+        raise DataError(f"{where}: {_type_clash(rows) or 'rows have inconsistent types: ' + _first_line(err)}") from err
 
 
-def _load_saved(path: Path, split: str, where: str):
-    from datasets import DatasetDict, load_from_disk
+def _type_clash(rows: list[dict[str, Any]]) -> str | None:
+    """'column 'x' is a string in row 1 but a number in row 7', or None when the clash is deeper than that."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    first: dict[str, tuple[str, int]] = {}
+    for i, row in enumerate(rows, start=1):
+        for key, value in row.items():
+            if value is None:
+                continue
+            kind = names.get(type(value), type(value).__name__)
+            seen_kind, seen_row = first.setdefault(key, (kind, i))
+            if kind != seen_kind:
+                return f"column '{key}' is {seen_kind} in row {seen_row} but {kind} in row {i}; make it one type"
+    return None
 
+
+def _load_dir(path: Path, spec: Mapping[str, Any], split: str, where: str) -> Dataset:
+    import datasets
+
+    if not any((path / marker).exists() for marker in _SAVED_MARKERS):
+        # A folder of data files, e.g. a hub dataset downloaded with `hf download --local-dir`.
+        try:
+            return datasets.load_dataset(str(path), name=spec.get("config"), data_dir=spec.get("data_dir"), split=split)
+        except Exception as err:
+            raise DataError(
+                f"{where}: a directory that is neither a dataset saved with save_to_disk nor a folder of data files "
+                f"that datasets can read ({_first_line(err)})"
+            ) from err
     try:
-        ds = load_from_disk(str(path))
+        ds = datasets.load_from_disk(str(path))
     except Exception as err:
-        raise DataError(f"{where}: not a dataset saved with save_to_disk: {err}") from err
-    if isinstance(ds, DatasetDict):
+        raise DataError(f"{where}: cannot read the saved dataset: {_first_line(err)}") from err
+    if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{where}: no split '{split}' (splits: {', '.join(ds)})")
         return ds[split]
     return ds
 
 
-def _load_hub(name: str, config: str | None, split: str, origin: str):
+def _load_hub(name: str, config: str | None, data_dir: str | None, split: str, origin: str) -> Dataset:
     import datasets
 
     try:
-        return datasets.load_dataset(name, name=config, split=split)
+        return datasets.load_dataset(name, name=config, data_dir=data_dir, split=split)
     except Exception as err:
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise DataError(
-            f"{origin}: could not load '{name}' from the Hugging Face hub ({reason}); it is not a local file either "
-            "— pass a local path (jsonl/json/parquet/csv or a saved dataset dir)"
+            f"{origin}: could not load '{name}' from the Hugging Face hub ({_first_line(err)}); it is not a local file "
+            "either — pass a local path (jsonl/json/parquet/csv or a saved dataset dir)"
         ) from err
 
 
-def _apply_format(ds, fmt: str, origin: str):
-    if fmt != "gsm8k":
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _apply_format(ds: Dataset, fmt: str, origin: str, lines: list[int] | None) -> Dataset:
+    if fmt not in FORMATS:
         raise DataError(f"{origin}: unknown format '{fmt}' (known: {', '.join(FORMATS)})")
     for col in ("question", "answer"):
         if col not in ds.column_names:
             raise DataError(f"{origin}: format gsm8k needs a '{col}' column (columns: {', '.join(ds.column_names)})")
     for i, text in enumerate(ds["answer"]):
         if not isinstance(text, str) or "####" not in text:
-            raise DataError(f"{origin}: row {i + 1}: gsm8k answer has no '#### <number>' line")
+            raise DataError(f"{origin}: row {lines[i] if lines else i + 1}: gsm8k answer has no '#### <number>' line")
 
-    def convert(row):
-        return {"prompt": row["question"], "answer": row["answer"].split("####")[-1].strip().replace(",", ""),
-                "solution": row["answer"]}  # fmt: skip
+    def convert(question: str, answer: str) -> dict[str, str]:
+        # GSM8K's final line is "#### 1,000"; graders compare the bare number.
+        final = answer.rsplit("####", 1)[1].strip().replace(",", "")
+        return {"prompt": question, "answer": final, "solution": answer}
 
-    return ds.map(convert, remove_columns=["question"], desc="gsm8k format")
+    return ds.map(convert, input_columns=["question", "answer"], remove_columns=["question"], desc="gsm8k format")
 
 
-def _map_columns(ds, columns: Mapping[str, str], origin: str):
-    if not isinstance(columns, Mapping):
+def _map_columns(ds: Dataset, columns: Any, origin: str) -> Dataset:
+    """Rename source columns to target names; a source named by two targets is copied."""
+    if not isinstance(columns, Mapping) or not all(isinstance(v, str) for v in columns.values()):
         raise DataError(f"{origin}: 'columns' must map target names to source columns, e.g. {{prompt: question}}")
+    available = ds.column_names
     for target, source in columns.items():
-        if source not in ds.column_names:
+        if source not in available:
             raise DataError(
-                f"{origin}: columns.{target}: no column '{source}' in the data (columns: {', '.join(ds.column_names)})"
+                f"{origin}: columns.{target}: no column '{source}' in the data (columns: {', '.join(available)})"
             )
-    # Rename in one go; a target that already exists (and isn't itself renamed away) is replaced.
-    clash = [t for t in columns if t in ds.column_names and t not in columns.values()]
-    if clash:
-        ds = ds.remove_columns(clash)
-    return ds.rename_columns({s: t for t, s in columns.items() if s != t})
+    first_target: dict[str, str] = {}
+    copies: list[tuple[str, str]] = []
+    for target, source in columns.items():
+        if source in first_target:
+            copies.append((str(target), source))
+        else:
+            first_target[source] = str(target)
+    # A target that already exists and isn't itself a source is replaced by the mapped column.
+    replaced = [t for t in columns if t in available and t not in first_target]
+    if replaced:
+        ds = ds.remove_columns(replaced)
+    renames = {s: t for s, t in first_target.items() if s != t}
+    for i, (target, source) in enumerate(copies):
+        # Copy under a temporary name, so the renames below (which may swap names) can't collide with it.
+        temp = f"__posttrain_copy_{i}"
+        ds = ds.add_column(temp, ds.with_format("arrow")[source], feature=ds.features[source])
+        renames[temp] = target
+    return ds.rename_columns(renames) if renames else ds

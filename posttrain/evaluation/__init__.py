@@ -1,5 +1,5 @@
-"""Benchmark evaluation: a `Benchmark` (rows + grader + generation settings) run through any rollout backend."""
+"""Benchmark evaluation: suites of benchmarks run through any rollout backend, graded, stored, reported."""
 
-from posttrain.evaluation.runner import Benchmark, EvalResult, evaluate, heldout_benchmark
+from posttrain.evaluation.runner import Benchmark, EvalResult, evaluate, evaluate_preference, recipe_benchmarks
 
-__all__ = ["Benchmark", "EvalResult", "evaluate", "heldout_benchmark"]
+__all__ = ["Benchmark", "EvalResult", "evaluate", "evaluate_preference", "recipe_benchmarks"]

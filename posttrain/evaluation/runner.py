@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +13,19 @@ from posttrain.rollout import Generator, SamplingParams
 
 @dataclass
 class Benchmark:
-    """Rows with `prompt` and `answer`, graded by a reward function name; a score >= 0.5 counts as correct."""
+    """Rows ready to run. `generate`: `prompt` + `answer`, graded by `grader` (posttrain.evaluation.graders).
+    `preference`: `chosen_text` / `rejected_text`, scored by a reward model."""
 
     name: str
     rows: Any  # datasets.Dataset
     grader: str = "numeric_match"
     params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
     slice_column: str | None = None
+    kind: str = "generate"
+    spec: Any = None  # the BenchmarkSpec it came from, when it came from a suite
+
+    def extra_metrics(self) -> list[str]:
+        return list(self.spec.metrics) if self.spec is not None else []
 
 
 @dataclass
@@ -30,13 +35,23 @@ class EvalResult:
     n: int
     stderr: float
     slices: dict[str, dict[str, float]] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)  # pass@k, maj@k, mean scores
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def metrics(self) -> dict[str, float]:
-        """Flat metrics as logged to metrics.jsonl: eval/<name>/accuracy and one entry per slice."""
+        """Flat metrics as logged to metrics.jsonl: eval/<name>/accuracy, one entry per slice and extra metric."""
         out = {f"eval/{self.name}/accuracy": self.accuracy}
+        for key, value in self.extra.items():
+            out[f"eval/{self.name}/{key}"] = value
         for key, value in self.slices.items():
             out[f"eval/{self.name}/accuracy[{key}]"] = value["accuracy"]
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """Metrics for the results store: accuracy, its standard error, extras and slices."""
+        out = {"accuracy": self.accuracy, "accuracy_stderr": self.stderr, **self.extra}
+        for key, value in self.slices.items():
+            out[f"accuracy[{key}]"] = value["accuracy"]
         return out
 
     def save(self, path: Path) -> None:
@@ -48,66 +63,108 @@ class EvalResult:
 
 
 def evaluate(generator: Generator, benchmark: Benchmark, tokenizer: Any = None) -> EvalResult:
-    """Generate one completion per prompt (pass@1) and grade it; per-sample records are kept for reading failures."""
+    """Sample `params.n` completions per prompt, grade each, aggregate accuracy (mean per-prompt success rate),
+    its standard error, pass@k / maj@k when asked, and per-slice accuracy; per-sample records are kept."""
     from posttrain.data import render_prompt
-    from reward_models import guarded, resolve_reward
+    from posttrain.evaluation.graders import grade_batch
+    from posttrain.evaluation.metrics import aggregate
 
-    # datasets 5 returns lazy Column objects; reward functions get plain lists, as TRL gives them.
+    # datasets 5 returns lazy Column objects; work on plain lists.
     rows = benchmark.rows
     columns = {col: list(rows[col]) for col in rows.column_names}
     prompts = [render_prompt(p, tokenizer) if tokenizer is not None else p for p in columns["prompt"]]
-    completions = [c[0] for c in generator.generate(prompts, benchmark.params)]
-    grader = guarded(resolve_reward(benchmark.grader), benchmark.grader)
-    extra = {col: values for col, values in columns.items() if col not in ("prompt", "completion")}
-    scores = grader(prompts=prompts, completions=completions, **extra)
-    correct = [s is not None and s >= 0.5 for s in scores]
-    n = len(correct)
-    acc = sum(correct) / n if n else float("nan")
+    golds = [str(a) for a in columns["answer"]]
+    samples = generator.generate(prompts, benchmark.params)
+    n = benchmark.params.n
+    verdicts = grade_batch(
+        benchmark.grader, [c for group in samples for c in group], [g for g in golds for _ in range(n)]
+    )
+    correct = [[v.correct for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
+    answers = [[v.extracted for v in verdicts[i * n : (i + 1) * n]] for i in range(len(prompts))]
+
+    ks = tuple(int(m.split("@")[1]) for m in benchmark.extra_metrics() if m.startswith("pass@"))
+    wants_maj = any(m.startswith("maj@") for m in benchmark.extra_metrics())
+
+    # maj@n takes the verdict of the samples that gave the majority answer (graders are deterministic); re-grading
+    # the extracted answer as a completion would fail for gsm8k_strict (no '####') and some math-verify printouts.
+    agg = aggregate(correct, answers if wants_maj else None, None, ks=ks)
     result = EvalResult(
         name=benchmark.name,
-        accuracy=acc,
-        n=n,
-        stderr=math.sqrt(acc * (1 - acc) / n) if n else float("nan"),
+        accuracy=agg.pop("accuracy"),
+        n=len(prompts),
+        stderr=agg.pop("accuracy_stderr"),
+        extra=agg,
         samples=[
-            {"prompt": p, "completion": c, "answer": a, "correct": ok}
-            for p, c, a, ok in zip(prompts, completions, columns["answer"], correct)
+            {"prompt": p, "answer": g, "completions": group, "extracted": ans, "correct": ok,
+             **({"completion": group[0]} if n == 1 else {})}
+            for p, g, group, ans, ok in zip(prompts, golds, samples, answers, correct)
         ],
-    )
+    )  # fmt: skip
+    if n == 1:
+        for s in result.samples:
+            s["correct"] = s["correct"][0]
+            s["extracted"] = s["extracted"][0]
+            del s["completions"]
     if benchmark.slice_column:
         values = columns[benchmark.slice_column]
+        rates = [sum(c) / n for c in correct]
         for value in sorted(set(values), key=str):
-            hits = [ok for ok, v in zip(correct, values) if v == value]
-            key = f"{benchmark.slice_column}={value}"
-            result.slices[key] = {"accuracy": sum(hits) / len(hits), "n": len(hits)}
+            hits = [r for r, v in zip(rates, values) if v == value]
+            result.slices[f"{benchmark.slice_column}={value}"] = {"accuracy": sum(hits) / len(hits), "n": len(hits)}
     return result
 
 
-def heldout_benchmark(recipe: Recipe) -> Benchmark | None:
-    """The recipe's held-out set (eval.data, else data.eval) as a Benchmark, or None when it has none."""
-    from posttrain.data import format_prompts, load_source
+def evaluate_preference(score: Any, benchmark: Benchmark) -> EvalResult:
+    """Reward-model accuracy on pairs: the share where score(chosen) > score(rejected) (ties count as wrong)."""
+    from posttrain.evaluation.metrics import mean_stderr
 
+    rows = benchmark.rows
+    chosen = score(list(rows["chosen_text"]))
+    rejected = score(list(rows["rejected_text"]))
+    wins = [1.0 if c > r else 0.0 for c, r in zip(chosen, rejected)]
+    acc, stderr = mean_stderr(wins)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return EvalResult(
+        name=benchmark.name,
+        accuracy=acc,
+        n=len(wins),
+        stderr=stderr,
+        extra={"mean_margin": sum(margins) / len(margins)},
+        samples=[
+            {"prompt": p, "chosen_score": c, "rejected_score": r, "correct": bool(w)}
+            for p, c, r, w in zip(rows["prompt"], chosen, rejected, wins)
+        ],  # fmt: skip
+    )
+
+
+def recipe_benchmarks(recipe: Recipe) -> list[Benchmark]:
+    """What a training run evaluates: its held-out set (eval.data, else data.eval) and eval.suite's benchmarks."""
+    from posttrain.data import format_prompts, load_source
+    from posttrain.evaluation.benchmarks import build_benchmark
+    from posttrain.evaluation.suite import load_suite
+
+    benchmarks = []
     spec = recipe.eval.data or recipe.data.eval
-    if spec is None:
-        return None
-    origin = f"{recipe.where}: {'eval.data' if recipe.eval.data else 'data.eval'}"
-    rows = load_source(spec, base_dir=recipe.source.parent if recipe.source else None, origin=origin)
-    if recipe.eval.limit:
-        rows = rows.select(range(min(recipe.eval.limit, len(rows))))
-    rows = format_prompts(
-        rows,
-        template=recipe.data.prompt_template,
-        system_prompt=recipe.data.system_prompt,
-        chat=recipe.data.chat_template,
-    )
-    params = SamplingParams(
-        temperature=0.0,
-        max_new_tokens=recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
-        seed=recipe.seed,
-    )
-    return Benchmark(
-        name=recipe.eval.name,
-        rows=rows,
-        grader=recipe.eval.grader,
-        params=params,
-        slice_column=recipe.eval.slice_column,
-    )
+    if spec is not None:
+        origin = f"{recipe.where}: {'eval.data' if recipe.eval.data else 'data.eval'}"
+        rows = load_source(spec, base_dir=recipe.source.parent if recipe.source else None, origin=origin)
+        if recipe.eval.limit:
+            rows = rows.select(range(min(recipe.eval.limit, len(rows))))
+        rows = format_prompts(
+            rows, template=recipe.data.prompt_template, system_prompt=recipe.data.system_prompt,
+            chat=recipe.data.chat_template,
+        )  # fmt: skip
+        params = SamplingParams(
+            temperature=0.0,
+            max_new_tokens=recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
+            seed=recipe.seed,
+        )
+        benchmarks.append(
+            Benchmark(recipe.eval.name, rows, recipe.eval.grader, params, slice_column=recipe.eval.slice_column)
+        )
+    if recipe.eval.suite:
+        suite = load_suite(recipe.resolve_path(recipe.eval.suite))
+        for bench in suite.benchmarks:
+            if bench.kind == "generate":  # preference benchmarks score reward models, not the policy
+                benchmarks.append(build_benchmark(bench, limit=recipe.eval.limit))
+    return benchmarks

@@ -69,12 +69,12 @@ def load_model_and_tokenizer(recipe: Recipe, run: RunDir):
 
 
 def load_train_data(recipe: Recipe, schema: str | None):
-    from posttrain.data import format_prompts, load_source, validate
+    from posttrain.data import format_prompts, load_source
 
     origin = f"{recipe.where}: data.train"
-    rows = load_source(recipe.data.train, base_dir=recipe.source.parent if recipe.source else None, origin=origin)
-    if schema:
-        validate(rows, schema, origin)
+    # Validated inside load_source, so a bad row is named by its line in the file even after shuffle/limit.
+    spec = {**recipe.data.train, "schema": schema} if schema else recipe.data.train
+    rows = load_source(spec, base_dir=recipe.source.parent if recipe.source else None, origin=origin)
     return format_prompts(
         rows,
         template=recipe.data.prompt_template,
@@ -87,7 +87,7 @@ def run_training(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, resu
     """Train with posttrain's callbacks, save the final model atomically, evaluate before and after."""
     from transformers import PrinterCallback
 
-    from posttrain.evaluation import evaluate, heldout_benchmark
+    from posttrain.evaluation import evaluate, recipe_benchmarks
     from posttrain.rollout.hf import HFGenerator
     from posttrain.trainers.callbacks import CheckpointMarker, HeldOutEval, MetricsJsonl, Progress, TimeBudget
 
@@ -100,11 +100,10 @@ def run_training(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, resu
     trainer.add_callback(Progress(stage))
     if "time_budget_s" in recipe.training:
         trainer.add_callback(TimeBudget(recipe.training["time_budget_s"]))
-    benchmark = heldout_benchmark(recipe)
-    if benchmark is not None and recipe.eval.every_steps:
-        trainer.add_callback(
-            HeldOutEval(benchmark, tokenizer, recipe.eval.every_steps, metrics, recipe.eval.batch_size)
-        )
+    benchmarks = recipe_benchmarks(recipe)
+    if benchmarks and recipe.eval.every_steps:
+        every = recipe.eval.every_steps
+        trainer.add_callback(HeldOutEval(benchmarks, tokenizer, every, metrics, recipe.eval.batch_size))
 
     checkpoint = None
     if resume:
@@ -116,14 +115,17 @@ def run_training(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, resu
     result = RunResult(run_dir=str(run.path), stage=stage, train_seconds=0.0, global_step=0)
 
     def held_out(tag: str) -> dict[str, float]:
-        if benchmark is None:
-            return {}
         model = trainer.accelerator.unwrap_model(trainer.model)
-        res = evaluate(HFGenerator(model, tokenizer, recipe.eval.batch_size), benchmark, tokenizer)
-        if is_main:
-            res.save(run.eval_dir / f"{benchmark.name}.{tag}.json")
-            run.append_metrics({"step": trainer.state.global_step, "stage": f"{stage}:{tag}", **res.metrics()})
-        return res.metrics()
+        generator = HFGenerator(model, tokenizer, recipe.eval.batch_size)
+        found: dict[str, float] = {}
+        for benchmark in benchmarks:
+            res = evaluate(generator, benchmark, tokenizer)
+            if is_main:
+                res.save(run.eval_dir / f"{benchmark.name}.{tag}.json")
+            found.update(res.metrics())
+        if is_main and found:
+            run.append_metrics({"step": trainer.state.global_step, "stage": f"{stage}:{tag}", **found})
+        return found
 
     if checkpoint is None:
         result.before = held_out("before")

@@ -101,10 +101,13 @@ class Progress(TrainerCallback):
 
 
 class HeldOutEval(TrainerCallback):
-    """Evaluate the held-out benchmark every `every_steps` steps with the model being trained."""
+    """Evaluate the recipe's benchmarks every `every_steps` steps with the model being trained.
 
-    def __init__(self, benchmark, tokenizer, every_steps: int, metrics: MetricsJsonl, batch_size: int = 256):
-        self.benchmark = benchmark
+    Every process evaluates (generation under ZeRO-3 needs all ranks); only the main one writes.
+    """
+
+    def __init__(self, benchmarks, tokenizer, every_steps: int, metrics: MetricsJsonl, batch_size: int = 256):
+        self.benchmarks = benchmarks
         self.tokenizer = tokenizer
         self.every_steps = every_steps
         self.metrics = metrics
@@ -116,7 +119,7 @@ class HeldOutEval(TrainerCallback):
         from posttrain.evaluation import evaluate
         from posttrain.rollout.hf import HFGenerator
 
-        unwrapped = getattr(model, "module", model)
-        result = evaluate(HFGenerator(unwrapped, self.tokenizer, self.batch_size), self.benchmark, self.tokenizer)
-        self.metrics.pending.update(result.metrics())
+        generator = HFGenerator(getattr(model, "module", model), self.tokenizer, self.batch_size)
+        for benchmark in self.benchmarks:
+            self.metrics.pending.update(evaluate(generator, benchmark, self.tokenizer).metrics())
         control.should_log = True

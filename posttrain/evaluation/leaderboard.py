@@ -1,0 +1,389 @@
+"""The leaderboard: every model × benchmark in the results store, as markdown and as one self-contained HTML page.
+
+`write_leaderboard` shows the newest result per (model, benchmark) (`ResultsStore.latest`), accuracy ± its standard
+error, the best value per benchmark marked, one bar panel per benchmark, and the training curves of every run dir
+under `runs/`. The HTML embeds its images as base64 PNGs and its CSS inline, so the one file can be mailed, attached
+to a CI job or opened from anywhere without the PNGs beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+import struct
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.evaluation.store import ResultRecord, ResultsStore
+from posttrain.report import CURVE_KEYS, _plt, plot_curves
+from posttrain.runs import RunDir, write_atomic
+
+MISSING = "–"
+ACCURACY_PNG = "leaderboard_accuracy.png"
+# Run dirs are `runs/<name>/` or, for multi-stage runs such as the quickstart, `runs/<name>/<stage>/`.
+RUN_DEPTH = 2
+
+
+@dataclass
+class Row:
+    """One model's line of the table."""
+
+    label: str
+    model: str
+    cells: dict[str, ResultRecord] = field(default_factory=dict)  # benchmark -> newest record with an accuracy
+
+    @property
+    def mean(self) -> float:
+        return sum(_accuracy(r) for r in self.cells.values()) / len(self.cells)
+
+
+@dataclass
+class Board:
+    benchmarks: list[str]
+    rows: list[Row]  # best mean accuracy first
+    best: dict[str, float]  # benchmark -> best accuracy in that column
+
+
+@dataclass
+class RunCurves:
+    name: str  # the run dir relative to runs_dir, e.g. "quickstart/grpo"
+    png: Path
+    metrics: list[str]
+
+
+def write_leaderboard(
+    store: ResultsStore, out_dir: Path, runs_dir: Path | None = Path("runs")
+) -> tuple[Path, Path]:  # fmt: skip
+    """Write `out_dir/leaderboard.md` and a self-contained `out_dir/leaderboard.html` (plus the PNGs the markdown
+    links to) from the newest result per model × benchmark in `store` and the curves of the runs under `runs_dir`.
+
+    Returns (markdown path, html path). An empty store and no runs still give two valid pages that say so.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    board = build_board(store.latest())
+    accuracy_png = out_dir / ACCURACY_PNG
+    if board.rows:
+        plot_accuracy_panels(board, accuracy_png)
+    curves = plot_run_curves(runs_dir, out_dir) if runs_dir is not None else []
+    header = _Header(
+        generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        store=str(store.path),
+        n_latest=sum(len(r.cells) for r in board.rows),
+        n_stored=len(store.query()),
+        reproduce=f"posttrain leaderboard --store {store.path} --out {out_dir}"
+        + (f" --runs {runs_dir}" if runs_dir is not None else ""),
+        runs_dir=str(runs_dir) if runs_dir is not None else None,
+    )
+    md_path, html_path = out_dir / "leaderboard.md", out_dir / "leaderboard.html"
+    write_atomic(md_path, render_markdown(board, curves, header, accuracy_png if board.rows else None))
+    write_atomic(html_path, render_html(board, curves, header, accuracy_png if board.rows else None))
+    return md_path, html_path
+
+
+def build_board(records: list[ResultRecord]) -> Board:
+    """Group the newest records into rows by model; a record without an accuracy leaves its cell empty."""
+    by_model: dict[str, Row] = {}
+    for rec in records:
+        if not _has_accuracy(rec):
+            continue
+        row = by_model.setdefault(rec.model, Row(label=rec.model_label or rec.model, model=rec.model))
+        row.cells[rec.benchmark] = rec
+    rows = list(by_model.values())
+    _disambiguate_labels(rows)
+    # Mean over the benchmarks a model has: the table shows how many that is, so a partial row isn't mistaken for
+    # a full one.
+    rows.sort(key=lambda r: (-r.mean, r.label))
+    benchmarks = sorted({b for r in rows for b in r.cells})
+    best = {b: max(_accuracy(r.cells[b]) for r in rows if b in r.cells) for b in benchmarks}
+    return Board(benchmarks=benchmarks, rows=rows, best=best)
+
+
+def _has_accuracy(rec: ResultRecord) -> bool:
+    value = rec.metrics.get("accuracy")
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def _accuracy(rec: ResultRecord) -> float:
+    return float(rec.metrics["accuracy"])
+
+
+def _stderr(rec: ResultRecord) -> float | None:
+    value = rec.metrics.get("accuracy_stderr")
+    return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
+
+
+def _disambiguate_labels(rows: list[Row]) -> None:
+    # Two checkpoints of one base model are easily given the same --label; two rows that read alike would be
+    # worse than a long label, so those fall back to the model path.
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.label] = counts.get(row.label, 0) + 1
+    for row in rows:
+        if counts[row.label] > 1:
+            row.label = f"{row.label} ({row.model})"
+
+
+def _is_best(board: Board, benchmark: str, rec: ResultRecord) -> bool:
+    # Ties are all marked: at the precision shown they're indistinguishable anyway.
+    return _accuracy(rec) >= board.best[benchmark] - 1e-12
+
+
+def _cell_text(rec: ResultRecord) -> str:
+    err = _stderr(rec)
+    return f"{_accuracy(rec):.3f}" + (f" ± {err:.3f}" if err is not None else "")
+
+
+def _mean_text(board: Board, row: Row) -> str:
+    partial = len(row.cells) < len(board.benchmarks)
+    return f"{row.mean:.3f}" + (f" ({len(row.cells)}/{len(board.benchmarks)})" if partial else "")
+
+
+# ---------------------------------------------------------------------------------------------------------- plots
+
+
+def plot_accuracy_panels(board: Board, out: Path) -> None:
+    """One horizontal-bar panel per benchmark (models top to bottom in table order, error bars = stderr).
+
+    Horizontal bars keep long model names readable; sharing the y axis puts the names once per panel row.
+    """
+    plt = _plt()
+    n_bench = len(board.benchmarks)
+    # At most 3 panels a row, spread evenly (4 benchmarks read better as 2 × 2 than as 3 + 1).
+    grid_rows = math.ceil(n_bench / 3)
+    cols = math.ceil(n_bench / grid_rows)
+    labels = [textwrap.fill(r.label, 28, break_on_hyphens=True) for r in board.rows]
+    label_lines = max(lab.count("\n") + 1 for lab in labels)
+    row_height = 0.28 + 0.16 * label_lines
+    fig, axes = plt.subplots(
+        grid_rows, cols, figsize=(2.0 + 3.6 * cols, grid_rows * (0.9 + row_height * len(board.rows))),
+        sharey=True, squeeze=False,
+    )  # fmt: skip
+    ys = list(range(len(board.rows)))
+    for i, bench in enumerate(board.benchmarks):
+        ax = axes[i // cols][i % cols]
+        values, errors, colors = [], [], []
+        for row in board.rows:
+            rec = row.cells.get(bench)
+            values.append(_accuracy(rec) if rec else 0.0)
+            errors.append((_stderr(rec) or 0.0) if rec else 0.0)
+            colors.append("#2b6cb0" if rec and _is_best(board, bench, rec) else "#9bb8d8")
+        bars = ax.barh(ys, values, xerr=errors, color=colors, error_kw={"elinewidth": 1, "capsize": 2})
+        texts = [f"{_accuracy(row.cells[bench]):.3f}" if bench in row.cells else f"{MISSING} not run"
+                 for row in board.rows]  # fmt: skip
+        ax.bar_label(bars, labels=texts, fontsize=8, padding=3 + 40 * max(errors))
+        ax.set_xlim(0, 1.18)  # room for the value labels past 1.0
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.set_title(bench, fontsize=11)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel("accuracy", fontsize=9)
+        ax.tick_params(labelsize=9)
+    axes[0][0].set_yticks(ys, labels)
+    axes[0][0].invert_yaxis()  # best model on top, as in the table
+    for j in range(n_bench, grid_rows * cols):
+        axes[j // cols][j % cols].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)  # the dpi plot_curves uses, so both kinds of figure show text at one size
+    plt.close(fig)
+
+
+def find_run_dirs(runs_dir: Path) -> list[Path]:
+    """Dirs at most RUN_DEPTH levels under `runs_dir` that hold a metrics.jsonl, sorted by path."""
+    if not runs_dir.is_dir():
+        return []
+    found = []
+    for depth in range(1, RUN_DEPTH + 1):
+        pattern = "/".join(["*"] * depth) + "/metrics.jsonl"
+        found += [p.parent for p in runs_dir.glob(pattern) if p.is_file()]
+    return sorted(set(found))
+
+
+def plot_run_curves(runs_dir: Path, out_dir: Path) -> list[RunCurves]:
+    """Plot each run's reward/loss and held-out accuracies (one PNG per run); runs with none of those are skipped."""
+    curves = []
+    for run_path in find_run_dirs(Path(runs_dir)):
+        name = run_path.relative_to(runs_dir).as_posix()
+        records = [r for r in RunDir(run_path).read_metrics() if _plottable(r)]
+        png = out_dir / f"curves_{_slug(name)}.png"
+        drawn = plot_curves(records, png, name)
+        if drawn:
+            curves.append(RunCurves(name=name, png=png, metrics=drawn))
+    return curves
+
+
+def _plottable(record: dict) -> bool:
+    # plot_curves puts every point at int(step); a record without a numeric step (a hand-written note, a line
+    # from another tool) has no place on the x axis.
+    step = record.get("step")
+    return isinstance(step, (int, float)) and not isinstance(step, bool) and any(
+        k in CURVE_KEYS or k.startswith("eval/") for k in record
+    )  # fmt: skip
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
+
+
+# ------------------------------------------------------------------------------------------------------ rendering
+
+
+@dataclass
+class _Header:
+    generated: str
+    store: str
+    n_latest: int
+    n_stored: int
+    reproduce: str
+    runs_dir: str | None
+
+
+def _summary(header: _Header) -> str:
+    return (
+        f"{header.n_latest} results (newest per model × benchmark, of {header.n_stored} stored) "
+        f"from `{header.store}`, generated {header.generated}."
+    )
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(board: Board, curves: list[RunCurves], header: _Header, accuracy_png: Path | None) -> str:
+    lines = ["# Leaderboard", "", _summary(header), ""]
+    if not board.rows:
+        lines += ["No results yet: run `posttrain eval --model ... --suite ...` to add some.", ""]
+    else:
+        lines += [
+            "Accuracy ± standard error; **bold** is the best per benchmark; – means not evaluated. Rows are sorted "
+            "by mean accuracy over the benchmarks each model has (how many, when not all, in brackets).",
+            "",
+            "| model | " + " | ".join(_md_escape(b) for b in board.benchmarks) + " | mean |",
+            "|---|" + "---|" * (len(board.benchmarks) + 1),
+        ]
+        for row in board.rows:
+            cells = []
+            for bench in board.benchmarks:
+                rec = row.cells.get(bench)
+                if rec is None:
+                    cells.append(MISSING)
+                else:
+                    text = _cell_text(rec)
+                    cells.append(f"**{text}**" if _is_best(board, bench, rec) else text)
+            lines.append(f"| {_md_escape(row.label)} | " + " | ".join(cells) + f" | {_mean_text(board, row)} |")
+        lines.append("")
+        if accuracy_png is not None:
+            lines += [f"![accuracy per benchmark]({accuracy_png.name})", ""]
+    lines += ["## Training curves", ""]
+    if curves:
+        for run in curves:
+            lines += [f"### {run.name}", "", f"![{run.name}]({run.png.name}) ({', '.join(run.metrics)})", ""]
+    else:
+        lines += [_no_curves_text(header), ""]
+    lines += ["---", "", f"Reproduce: `{header.reproduce}`", ""]
+    return "\n".join(lines)
+
+
+def _no_curves_text(header: _Header) -> str:
+    if header.runs_dir is None:
+        return "No run dirs given."
+    return f"No run under `{header.runs_dir}` has reward, loss or held-out accuracy in its metrics.jsonl."
+
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: #1a202c;
+       max-width: 1200px; margin: 24px auto; padding: 0 20px; line-height: 1.45; }
+h1 { margin-bottom: 4px; } h2 { margin-top: 32px; border-bottom: 1px solid #e2e8f0; padding-bottom: 4px; }
+h3 { margin: 20px 0 6px; font-size: 15px; }
+.meta, .note, footer { color: #4a5568; font-size: 13px; }
+code { background: #edf2f7; padding: 1px 4px; border-radius: 3px; font-size: 12px; }
+table { border-collapse: collapse; margin: 12px 0; font-size: 14px; }
+th, td { border: 1px solid #e2e8f0; padding: 6px 12px; text-align: right; white-space: nowrap; }
+th { background: #f7fafc; } th:first-child, td:first-child { text-align: left; }
+td.model { font-weight: 600; white-space: normal; max-width: 360px; overflow-wrap: anywhere; }
+td.best { background: #c6f6d5; font-weight: 700; }
+td.missing { color: #a0aec0; text-align: center; }
+td.mean { color: #2d3748; background: #fafafa; }
+tbody tr:hover td { filter: brightness(0.97); }
+img { max-width: 100%; height: auto; border: 1px solid #edf2f7; }
+.empty { padding: 16px; background: #fffaf0; border: 1px solid #feebc8; border-radius: 4px; }
+footer { margin-top: 36px; border-top: 1px solid #e2e8f0; padding-top: 8px; }
+"""
+
+
+# Figures are drawn at 110 dpi; shown at 3/4 of their pixel width every figure's text has the same size on the page
+# (a two-panel curve figure is not blown up to the width of a three-panel one) and stays sharp on HiDPI screens.
+_IMG_SCALE = 0.75
+
+
+def _img(path: Path, alt: str) -> str:
+    raw = path.read_bytes()
+    width = int(struct.unpack(">I", raw[16:20])[0] * _IMG_SCALE)  # IHDR width, the first field after the signature
+    data = base64.b64encode(raw).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" width="{width}" src="data:image/png;base64,{data}">'
+
+
+def _code(text: str) -> str:
+    # The summary and notes mark paths with markdown backticks; HTML shows them as <code>.
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
+def render_html(board: Board, curves: list[RunCurves], header: _Header, accuracy_png: Path | None) -> str:
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>posttrain leaderboard</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Leaderboard</h1>",
+        f'<p class="meta">{_code(_summary(header))}</p>',
+    ]
+    if not board.rows:
+        parts.append(
+            '<p class="empty">No results yet: run <code>posttrain eval --model ... --suite ...</code> to add some.</p>'
+        )
+    else:
+        parts.append(
+            '<p class="note">Accuracy ± standard error (hover a cell for n, suite and settings); the highlighted cell '
+            "is the best per benchmark; – means not evaluated. Rows are sorted by mean accuracy over the benchmarks "
+            "each model has (how many, when not all, in brackets).</p>"
+        )
+        parts.append("<table><thead><tr><th>model</th>")
+        parts += [f"<th>{esc(b)}</th>" for b in board.benchmarks]
+        parts.append("<th>mean</th></tr></thead><tbody>")
+        for row in board.rows:
+            parts.append(f'<tr><td class="model" title="{esc(row.model)}">{esc(row.label)}</td>')
+            for bench in board.benchmarks:
+                rec = row.cells.get(bench)
+                if rec is None:
+                    parts.append(f'<td class="missing" title="{esc(bench)} not evaluated">{MISSING}</td>')
+                    continue
+                cls = ' class="best"' if _is_best(board, bench, rec) else ""
+                parts.append(f'<td{cls} title="{esc(_cell_title(rec))}">{esc(_cell_text(rec))}</td>')
+            parts.append(f'<td class="mean">{esc(_mean_text(board, row))}</td></tr>')
+        parts.append("</tbody></table>")
+        if accuracy_png is not None:
+            parts.append(_img(accuracy_png, "accuracy per benchmark"))
+    parts.append("<h2>Training curves</h2>")
+    if curves:
+        for run in curves:
+            parts.append(f"<h3>{esc(run.name)}</h3>")
+            parts.append(_img(run.png, f"training curves of {run.name}"))
+    else:
+        parts.append(f'<p class="note">{_code(_no_curves_text(header))}</p>')
+    parts.append(f"<footer>Reproduce: <code>{esc(header.reproduce)}</code></footer>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _cell_title(rec: ResultRecord) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.created))
+    bits = [f"n={rec.n}"]
+    if rec.suite:
+        bits.append(f"suite {rec.suite}" + (f" v{rec.suite_version}" if rec.suite_version else ""))
+    bits += [f"settings {rec.settings_hash}", f"evaluated {when}"]
+    return ", ".join(bits)

@@ -1,0 +1,97 @@
+"""Benchmark metrics from per-sample correctness: accuracy with its standard error, pass@k, majority vote."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean: sample standard deviation (ddof=1) / sqrt(n); 0.0 for a single value.
+
+    The same estimator as lm-evaluation-harness (`lm_eval/api/metrics.py: mean_stderr`), so the error bars compare.
+    """
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_stderr of an empty list")
+    mean = math.fsum(values) / n
+    if n == 1:
+        return mean, 0.0
+    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `n` samples of which `c` are correct (Chen et al. 2021, "Evaluating Large Language
+    Models Trained on Code", eq. 1): 1 - C(n-c, k) / C(n, k), the chance that k samples drawn without replacement
+    include a correct one.
+
+    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), the paper's numerically stable form: the binomials overflow
+    floats for n in the hundreds.
+    """
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0  # every k-subset contains a correct sample
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_answer(answers: list[str | None]) -> str | None:
+    """The most common answer, ignoring None (nothing extracted); ties go to the answer seen first."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    # Counter keeps insertion order and max() returns the first maximum, hence first occurrence wins ties.
+    return max(counts, key=counts.__getitem__)
+
+
+def aggregate(
+    per_prompt_correct: list[list[bool]],
+    per_prompt_answers: list[list[str | None]] | None = None,
+    gold_correct_fn: Callable[[int, str | None], bool] | None = None,
+    ks: tuple[int, ...] = (1,),
+) -> dict[str, float]:
+    """Benchmark metrics from the correctness of `n` samples for each of `P` prompts.
+
+    - `accuracy`: pass@1 estimated from all samples, mean over prompts of (correct samples / n). With n = 1 it is
+      plain accuracy; with n > 1 it has lower variance than grading one sample per prompt.
+    - `accuracy_stderr`: standard error over prompts of that per-prompt fraction (`mean_stderr`).
+    - `pass@k` for each k in `ks` with 1 < k <= n: mean over prompts of the unbiased `pass_at_k(n, c, k)`.
+      k = 1 is `accuracy`; k > n cannot be estimated and is left out.
+    - `maj@n` when `per_prompt_answers` is given: share of prompts whose majority answer (`majority_answer`) is
+      correct; a prompt with no extracted answer counts as wrong. Correct means `gold_correct_fn(prompt_index,
+      answer)` when given, else the verdict of the samples that gave that answer (graders are deterministic, so
+      samples with the same extracted answer share a verdict; this needs no re-grading, which an extracted answer
+      does not always survive: `gsm8k_strict` needs `#### `, math-verify cannot re-read sympy's printout).
+    """
+    if not per_prompt_correct:
+        raise ValueError("aggregate: no prompts")
+    sizes = {len(c) for c in per_prompt_correct}
+    if len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"aggregate: every prompt needs the same number (>= 1) of samples, got {sorted(sizes)}")
+    n = sizes.pop()
+
+    rates = [sum(c) / n for c in per_prompt_correct]
+    accuracy, stderr = mean_stderr(rates)
+    out = {"accuracy": accuracy, "accuracy_stderr": stderr}
+    for k in sorted(set(ks)):
+        if 1 < k <= n:
+            out[f"pass@{k}"] = math.fsum(pass_at_k(n, sum(c), k) for c in per_prompt_correct) / len(rates)
+
+    if per_prompt_answers is not None:
+        if len(per_prompt_answers) != len(per_prompt_correct) or any(len(a) != n for a in per_prompt_answers):
+            raise ValueError("aggregate: per_prompt_answers must have the shape of per_prompt_correct")
+        hits = 0
+        for i, (answers, correct) in enumerate(zip(per_prompt_answers, per_prompt_correct)):
+            majority = majority_answer(answers)
+            if majority is None:
+                continue
+            if gold_correct_fn is not None:
+                hits += bool(gold_correct_fn(i, majority))
+            else:
+                hits += correct[answers.index(majority)]
+        out[f"maj@{n}"] = hits / len(per_prompt_answers)
+    return out

@@ -1,0 +1,185 @@
+"""Benchmark suites: `eval/suites/*.yaml` list benchmarks, by built-in name or inline, with overrides.
+
+```yaml
+name: math
+version: 1
+benchmarks:
+  - gsm8k                                   # a built-in, as defined in BUILTIN_BENCHMARKS
+  - {use: math500, limit: 200}              # a built-in with overrides (deep-merged)
+  - name: my_set                            # inline: a data source, prompt, generation, grader
+    data: {path: data/my.jsonl, columns: {prompt: question}}
+    grader: math_verify
+```
+
+A benchmark definition is validated when the suite loads, before any model does.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from posttrain.errors import RecipeError
+from posttrain.recipe import deep_merge, suggest
+
+GRADER_NAMES = ("math_verify", "numeric_match", "gsm8k_strict", "gsm8k_flexible")
+BENCHMARK_KEYS = ("name", "use", "kind", "data", "prompt", "generation", "grader", "metrics", "slice_column", "limit",
+                  "reward_model")  # fmt: skip
+PROMPT_KEYS = ("template", "chat_template", "system_prompt", "few_shot", "few_shot_data", "shot_template")
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed")
+KINDS = ("generate", "preference")
+
+# lm-eval-harness's GSM8K prompt ("Question: ...\nAnswer:", 5 shots from the train split), so numbers compare.
+_GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "\n\n\n"]
+BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
+    "gsm8k": {
+        "kind": "generate",
+        "data": {"path": "openai/gsm8k", "config": "main", "split": "test", "format": "gsm8k"},
+        "prompt": {"template": "Question: {prompt}\nAnswer:", "few_shot": 5, "shot_template": "Question: {prompt}\nAnswer: {solution}",
+                   "few_shot_data": {"path": "openai/gsm8k", "config": "main", "split": "train", "format": "gsm8k"}},
+        "generation": {"max_new_tokens": 256, "temperature": 0.0, "stop": _GSM8K_STOP},
+        "grader": "math_verify",
+    },
+    "math500": {
+        "kind": "generate",
+        "data": {"path": "HuggingFaceH4/MATH-500", "split": "test", "columns": {"prompt": "problem"}},
+        "prompt": {"chat_template": True,
+                   "system_prompt": "Please reason step by step, and put your final answer within \\boxed{}."},
+        "generation": {"max_new_tokens": 2048, "temperature": 0.0},
+        "grader": "math_verify",
+    },
+    "arithmetic": {
+        "kind": "generate",
+        "data": {"synthetic": "arithmetic", "split": "eval", "n": 1000},
+        "generation": {"max_new_tokens": 5, "temperature": 0.0},
+        "grader": "numeric_match",
+        "slice_column": "carry",
+    },
+    "preference_accuracy": {
+        "kind": "preference",
+        "data": {"path": "Anthropic/hh-rlhf", "split": "test"},
+    },
+}  # fmt: skip
+
+
+@dataclass
+class BenchmarkSpec:
+    """One validated benchmark definition (data is loaded later, by `posttrain.evaluation.benchmarks`)."""
+
+    name: str
+    kind: str = "generate"
+    data: dict[str, Any] = field(default_factory=dict)
+    prompt: dict[str, Any] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)
+    grader: str = "math_verify"
+    metrics: list[str] = field(default_factory=list)  # extra metrics, e.g. ["pass@4", "maj@8"]; accuracy always
+    slice_column: str | None = None
+    limit: int | None = None
+    reward_model: str | None = None  # preference benchmarks: the RM to score with (defaults to --model)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that determines this benchmark's numbers, for the results store's settings hash."""
+        return {"kind": self.kind, "data": self.data, "prompt": self.prompt, "generation": self.generation,
+                "grader": self.grader, "limit": self.limit}  # fmt: skip
+
+
+@dataclass
+class Suite:
+    name: str
+    version: str
+    benchmarks: list[BenchmarkSpec]
+    source: Path | None = None
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file; paths in it are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: suite file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a suite must be a mapping with 'benchmarks'")
+    for key in raw:
+        if key not in ("name", "version", "description", "benchmarks"):
+            raise RecipeError(
+                f"{path}: unknown key '{key}'{suggest(key, ['name', 'version', 'description', 'benchmarks'])}"
+            )
+    entries = raw.get("benchmarks")
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError(f"{path}: 'benchmarks' must be a non-empty list")
+    specs = [
+        resolve_benchmark(entry, f"{path}: benchmarks[{i}]", base_dir=path.parent) for i, entry in enumerate(entries)
+    ]
+    names = [s.name for s in specs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise RecipeError(f"{path}: benchmark names must be unique; repeated: {', '.join(sorted(dupes))}")
+    return Suite(
+        name=str(raw.get("name", path.stem)), version=str(raw.get("version", "1")), benchmarks=specs, source=path
+    )
+
+
+def resolve_benchmark(entry: Any, where: str, base_dir: Path | None = None) -> BenchmarkSpec:
+    """A suite entry (built-in name, `{use: name, ...overrides}` or an inline definition) → BenchmarkSpec."""
+    if isinstance(entry, str):
+        entry = {"use": entry}
+    if not isinstance(entry, dict):
+        raise RecipeError(f"{where}: a benchmark is a built-in name or a mapping, got {entry!r}")
+    for key in entry:
+        if key not in BENCHMARK_KEYS:
+            raise RecipeError(f"{where}: unknown key '{key}'{suggest(key, BENCHMARK_KEYS)}")
+    definition = copy.deepcopy(entry)
+    use = definition.pop("use", None)
+    if use is not None:
+        if use not in BUILTIN_BENCHMARKS:
+            raise RecipeError(
+                f"{where}: unknown benchmark '{use}'{suggest(use, BUILTIN_BENCHMARKS)} "
+                f"(built-in: {', '.join(BUILTIN_BENCHMARKS)})"
+            )
+        definition = deep_merge(BUILTIN_BENCHMARKS[use], definition)
+        definition.setdefault("name", use)
+    if "name" not in definition:
+        raise RecipeError(f"{where}: an inline benchmark needs a 'name' (or 'use: <built-in>')")
+    if "data" not in definition:
+        raise RecipeError(f"{where} ({definition['name']}): missing 'data' (a data source)")
+    _check_section(definition.get("prompt", {}), PROMPT_KEYS, f"{where}.prompt")
+    _check_section(definition.get("generation", {}), GENERATION_KEYS, f"{where}.generation")
+    kind = definition.get("kind", "generate")
+    if kind not in KINDS:
+        raise RecipeError(f"{where}: kind must be one of {', '.join(KINDS)}, got '{kind}'")
+    grader = definition.get("grader", "math_verify")
+    if kind == "generate" and grader not in GRADER_NAMES:
+        raise RecipeError(
+            f"{where}: unknown grader '{grader}'{suggest(grader, GRADER_NAMES)} (graders: {', '.join(GRADER_NAMES)})"
+        )
+    for metric in definition.get("metrics", []):
+        if not (metric == "accuracy" or metric.startswith(("pass@", "maj@")) and metric.split("@")[1].isdigit()):
+            raise RecipeError(f"{where}: unknown metric '{metric}' (accuracy, pass@K, maj@K)")
+    if base_dir is not None:
+        for section in ("data",):
+            _anchor_path(definition[section], base_dir)
+        if isinstance(definition.get("prompt", {}).get("few_shot_data"), dict):
+            _anchor_path(definition["prompt"]["few_shot_data"], base_dir)
+    return BenchmarkSpec(**definition)
+
+
+def _check_section(section: Any, valid: tuple[str, ...], where: str) -> None:
+    if not isinstance(section, dict):
+        raise RecipeError(f"{where} must be a mapping")
+    for key in section:
+        if key not in valid:
+            raise RecipeError(f"{where}: unknown key '{key}'{suggest(key, valid)}")
+
+
+def _anchor_path(source: dict[str, Any], base_dir: Path) -> None:
+    """Make a relative local path in a suite file relative to the file (hub ids are left alone)."""
+    value = source.get("path")
+    if isinstance(value, str) and (base_dir / value).exists():
+        source["path"] = str(base_dir / value)

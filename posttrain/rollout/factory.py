@@ -1,0 +1,47 @@
+"""Pick a rollout backend by name: `hf` (transformers, CPU or GPU) or `vllm` (offline vLLM, GPU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.errors import RecipeError
+from posttrain.rollout import Generator
+
+BACKENDS = ("hf", "vllm")
+
+
+def make_generator(
+    backend: str,
+    *,
+    model_path: str,
+    model: Any = None,
+    tokenizer: Any = None,
+    batch_size: int = 64,
+    **vllm_kwargs: Any,
+) -> Generator:
+    """A `Generator` for `backend`. `hf` reuses `model`/`tokenizer` when given (e.g. the policy being trained)
+    and loads them from `model_path` otherwise; `vllm` builds its own engine from `model_path` with
+    `vllm_kwargs` (see `VLLMGenerator`)."""
+    if backend == "hf":
+        from posttrain.models import load_policy, load_tokenizer
+        from posttrain.recipe import ModelSection
+        from posttrain.rollout.hf import HFGenerator
+
+        if tokenizer is None:
+            tokenizer = load_tokenizer(model_path)
+        if tokenizer.pad_token is None:
+            # batched generation left-pads; many causal-LM tokenizers ship without a pad token
+            tokenizer.pad_token = tokenizer.eos_token
+        if model is None:
+            from posttrain.models import resolve_precision
+
+            precision = resolve_precision("auto")  # bf16 on a bf16 GPU, fp32 on CPU
+            model = load_policy(model_path, ModelSection(path=model_path), precision)
+            if precision != "fp32":
+                model.to("cuda")
+        return HFGenerator(model, tokenizer, batch_size=batch_size)
+    if backend == "vllm":
+        from posttrain.rollout.vllm import VLLMGenerator
+
+        return VLLMGenerator(model_path, **vllm_kwargs)
+    raise RecipeError(f"unknown rollout backend '{backend}' (valid: {', '.join(BACKENDS)})")

@@ -1,0 +1,84 @@
+"""vLLM backend: the `Generator` protocol over offline `vllm.LLM` (GPU only).
+
+API shape followed (vLLM 0.22-0.31, the window TRL 1.16 supports):
+- `LLM(model, *, tensor_parallel_size, dtype, seed, gpu_memory_utilization, **EngineArgs)`:
+  https://docs.vllm.ai/en/v0.22.1/api/vllm/entrypoints/llm/
+- `LLM.generate(prompts, sampling_params, *, lora_request=...) -> list[RequestOutput]`, sorted back into input
+  order by request id; `RequestOutput.outputs[j].text` is sample j.
+- `SamplingParams` fields and conventions: vllm/sampling_params.py ("top_k: Set to 0 (or -1) to consider all
+  tokens"; "The returned output will not contain the stop strings").
+- `LoRARequest(lora_name, lora_int_id, lora_path)` with `enable_lora=True`:
+  https://docs.vllm.ai/en/latest/examples/features/lora/
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.errors import ModelError
+from posttrain.rollout import SamplingParams
+
+_MISSING_VLLM = (
+    'the vllm rollout backend needs the `vllm` package: pip install -e ".[vllm]" '
+    "(vLLM needs a CUDA GPU; TRL 1.16 supports vLLM 0.22-0.31). On CPU use the hf backend instead."
+)
+
+
+class VLLMGenerator:
+    """Generate with an offline `vllm.LLM` built from a model dir or hub id (optionally with one LoRA adapter)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        lora_path: str | None = None,
+        seed: int = 0,
+        enable_prefix_caching: bool = True,
+    ):
+        try:
+            import vllm
+        except ImportError as err:
+            raise ModelError(_MISSING_VLLM) from err
+        self._vllm = vllm
+        self.lora_request: Any = None
+        if lora_path is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest("adapter", 1, lora_path)
+        self.llm = vllm.LLM(
+            model=model,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_lora=lora_path is not None,
+        )
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
+        greedy = params.temperature == 0
+        # vLLM rejects n > 1 with greedy decoding ("n must be 1 when using greedy sampling"); the n greedy samples
+        # are identical anyway, so ask for one and repeat it, as the hf backend returns.
+        n = 1 if greedy else params.n
+        sampling = self._vllm.SamplingParams(
+            n=n,
+            max_tokens=params.max_new_tokens,
+            temperature=0.0 if greedy else params.temperature,
+            top_p=params.top_p,
+            # Our 0 already means "disabled", which is vLLM's default and documented preference in this window
+            # ("Set to 0 (or -1)"); only much older vLLM (<= 0.8, default -1) rejected 0.
+            top_k=params.top_k,
+            # vLLM derives child seeds seed+j for the n samples of a request, so samples still differ.
+            seed=params.seed,
+            # vLLM drops the stop string from the text by default (include_stop_str_in_output=False), as
+            # `truncate_at_stop` does for the hf backend.
+            stop=list(params.stop),
+        )
+        outputs = self.llm.generate(prompts, sampling, lora_request=self.lora_request)
+        texts = [[completion.text for completion in request.outputs] for request in outputs]
+        return [samples * params.n if greedy else samples for samples in texts]

@@ -1,0 +1,120 @@
+"""The leaderboard report: newest result per model × benchmark, best marked, self-contained HTML, curves per run."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from posttrain.evaluation.leaderboard import find_run_dirs, write_leaderboard
+from posttrain.evaluation.store import ResultRecord, ResultsStore
+
+
+def _record(label: str, benchmark: str, accuracy: float, stderr: float, created: float, n: int = 500) -> ResultRecord:
+    return ResultRecord(
+        model=f"runs/{label}/final", model_label=label, benchmark=benchmark, settings={"temperature": 0.0},
+        metrics={"accuracy": accuracy, "accuracy_stderr": stderr}, n=n, suite="arithmetic", created=created,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ResultsStore:
+    """3 models × 2 benchmarks; `sft` never ran `carry`; `grpo`/`arith` has an older and a newer result."""
+    s = ResultsStore(tmp_path / "r.db")
+    s.add(_record("grpo", "arith", 0.500, 0.020, created=1000.0))  # stale: superseded by the next one
+    s.add(_record("grpo", "arith", 0.944, 0.007, created=2000.0, n=1000))
+    s.add(_record("grpo", "carry", 0.900, 0.010, created=2000.0))
+    s.add(_record("sft", "arith", 0.720, 0.014, created=2000.0))
+    s.add(_record("continued-sft", "arith", 0.752, 0.014, created=2000.0))
+    s.add(_record("continued-sft", "carry", 0.950, 0.012, created=2000.0))
+    return s
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    runs = tmp_path / "runs"
+    grpo = runs / "quickstart" / "grpo"  # two levels deep, as the quickstart lays its stages out
+    grpo.mkdir(parents=True)
+    rows = [{"step": s, "stage": "grpo", "reward": 0.5 + 0.1 * s, "loss": 0.01} for s in range(4)]
+    rows.append({"step": 3, "stage": "grpo:after", "eval/arith/accuracy": 0.94})
+    grpo.joinpath("metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    nothing = runs / "lr-only"  # logs no reward, loss or eval: no figure
+    nothing.mkdir()
+    nothing.joinpath("metrics.jsonl").write_text(json.dumps({"step": 1, "learning_rate": 1e-5}) + "\n")
+    return runs
+
+
+def _table_rows(md: str) -> list[list[str]]:
+    lines = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_markdown_table_uses_newest_result_marks_best_and_missing(store, runs_dir, tmp_path):
+    md_path, _ = write_leaderboard(store, tmp_path / "out", runs_dir)
+    md = md_path.read_text()
+    assert "| model | arith | carry | mean |" in md
+    rows = {r[0]: r[1:] for r in _table_rows(md)}
+    assert rows["grpo"][0] == "**0.944 ± 0.007**"  # newer 0.944 wins over the older 0.500, and is best in arith
+    assert "0.500" not in md
+    assert rows["continued-sft"][1] == "**0.950 ± 0.012**"
+    assert rows["grpo"][1] == "0.900 ± 0.010"
+    assert rows["sft"][1] == "–"
+    assert rows["sft"][2] == "0.720 (1/2)"  # a mean over fewer benchmarks says so
+    assert "5 results (newest per model × benchmark, of 6 stored)" in md
+    assert "posttrain leaderboard" in md and "--out" in md
+
+
+def test_rows_sorted_by_mean_accuracy_best_first(store, runs_dir, tmp_path):
+    md_path, _ = write_leaderboard(store, tmp_path / "out", runs_dir)
+    # means: grpo (0.944+0.900)/2 = 0.922, continued-sft (0.752+0.950)/2 = 0.851, sft 0.720
+    assert [r[0] for r in _table_rows(md_path.read_text())] == ["grpo", "continued-sft", "sft"]
+
+
+def test_html_is_self_contained_with_embedded_images(store, runs_dir, tmp_path):
+    _, html_path = write_leaderboard(store, tmp_path / "out", runs_dir)
+    html = html_path.read_text()
+    for external in ('src="http', "<script src", "<link"):
+        assert external not in html
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(images) == 2  # the accuracy panels and the one run with curves
+    assert 'class="best"' in html
+    assert 'title="n=1000, suite arithmetic' in html  # n is in the cell's tooltip
+
+
+def test_training_curves_one_figure_per_run_with_curves(store, runs_dir, tmp_path):
+    out = tmp_path / "out"
+    md_path, _ = write_leaderboard(store, out, runs_dir)
+    md = md_path.read_text()
+    assert "### quickstart/grpo" in md and "lr-only" not in md
+    assert (out / "curves_quickstart_grpo.png").stat().st_size > 1000
+    assert (out / "leaderboard_accuracy.png").stat().st_size > 1000
+    assert find_run_dirs(runs_dir) == [runs_dir / "lr-only", runs_dir / "quickstart" / "grpo"]
+
+
+def test_empty_store_and_no_runs_still_write_valid_pages(tmp_path):
+    md_path, html_path = write_leaderboard(ResultsStore(tmp_path / "empty.db"), tmp_path / "out", tmp_path / "none")
+    assert "No results yet" in md_path.read_text()
+    html = html_path.read_text()
+    assert "No results yet" in html and html.rstrip().endswith("</html>")
+    assert "<table" not in html and "data:image" not in html
+
+
+@pytest.mark.slow
+def test_html_renders_in_headless_chromium(store, runs_dir, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if chromium is None:
+        pytest.skip("no chromium binary on PATH")
+    _, html_path = write_leaderboard(store, tmp_path / "out", runs_dir)
+    png = tmp_path / "shot.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}", "--window-size=1400,2200",
+         html_path.resolve().as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    # At this window size a blank page is ~14 KB and the text-only empty leaderboard ~47 KB; this one (two plots)
+    # is ~130 KB.
+    assert png.exists() and png.stat().st_size > 80_000

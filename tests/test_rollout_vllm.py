@@ -1,0 +1,212 @@
+"""The vLLM rollout backend against vLLM's documented API shape (a fake `vllm` module; vLLM needs CUDA), a real
+vLLM-vs-transformers greedy parity check on GPU, and the backend factory."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from posttrain.errors import ModelError, RecipeError
+from posttrain.rollout import SamplingParams
+
+
+@dataclass
+class FakeCompletion:  # vllm.outputs.CompletionOutput
+    index: int
+    text: str
+
+
+@dataclass
+class FakeRequestOutput:  # vllm.outputs.RequestOutput
+    request_id: str
+    prompt: str
+    outputs: list[FakeCompletion]
+
+
+class FakeSamplingParams:  # vllm.SamplingParams: keyword fields, recorded as given
+    def __init__(self, **kwargs: Any):
+        self.kwargs = kwargs
+
+
+@dataclass
+class FakeLoRARequest:  # vllm.lora.request.LoRARequest(lora_name, lora_int_id, lora_path)
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+
+class FakeLLM:
+    """vllm.LLM: records constructor kwargs and generate calls; completion j of prompt p is f"{p}|{j}"."""
+
+    def __init__(self, model: str, **kwargs: Any):
+        self.model = model
+        self.kwargs = kwargs
+        self.calls: list[dict[str, Any]] = []
+
+    def generate(self, prompts, sampling_params, *, lora_request=None, use_tqdm=True):
+        self.calls.append({"prompts": list(prompts), "params": sampling_params.kwargs, "lora": lora_request})
+        n = sampling_params.kwargs.get("n", 1)
+        return [
+            FakeRequestOutput(str(i), p, [FakeCompletion(j, f"{p}|{j}") for j in range(n)])
+            for i, p in enumerate(prompts)
+        ]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch) -> types.ModuleType:
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = FakeLLM
+    vllm.SamplingParams = FakeSamplingParams
+    lora = types.ModuleType("vllm.lora")
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = FakeLoRARequest
+    vllm.lora = lora
+    lora.request = request
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.lora", lora)
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request)
+    return vllm
+
+
+def test_vllm_sampling_params_map_onto_vllm_fields(fake_vllm):
+    from posttrain.rollout.vllm import VLLMGenerator
+
+    gen = VLLMGenerator("some/model")
+    params = SamplingParams(n=3, max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=0, seed=11, stop=("\n", "="))
+    gen.generate(["a"], params)
+    assert gen.llm.calls[0]["params"] == {
+        "n": 3,
+        "max_tokens": 7,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 0,  # both ours and vLLM's "disabled" (vLLM >= 0.9 prefers 0, quietly accepts -1)
+        "seed": 11,
+        "stop": ["\n", "="],
+    }
+    gen.generate(["a"], SamplingParams(temperature=1.0, top_k=5))
+    assert gen.llm.calls[1]["params"]["top_k"] == 5
+    assert gen.llm.calls[1]["params"]["stop"] == []
+
+
+def test_vllm_greedy_asks_for_one_sample_and_repeats_it(fake_vllm):
+    """vLLM rejects n > 1 with temperature 0; the n greedy samples are identical, as the hf backend returns them."""
+    from posttrain.rollout.vllm import VLLMGenerator
+
+    gen = VLLMGenerator("some/model")
+    out = gen.generate(["x", "y"], SamplingParams(n=3, temperature=0, max_new_tokens=4))
+    sent = gen.llm.calls[0]["params"]
+    assert sent["temperature"] == 0.0 and isinstance(sent["temperature"], float)
+    assert sent["n"] == 1
+    assert out == [["x|0"] * 3, ["y|0"] * 3]
+
+
+def test_vllm_outputs_grouped_n_per_prompt_in_prompt_order(fake_vllm):
+    from posttrain.rollout.vllm import VLLMGenerator
+
+    gen = VLLMGenerator("some/model")
+    prompts = ["p0", "p1", "p2", "p3"]
+    out = gen.generate(prompts, SamplingParams(n=2, temperature=1.0))
+    assert gen.llm.calls[0]["prompts"] == prompts
+    assert out == [[f"{p}|0", f"{p}|1"] for p in prompts]
+
+
+def test_vllm_engine_kwargs_passed_to_llm(fake_vllm):
+    from posttrain.rollout.vllm import VLLMGenerator
+
+    gen = VLLMGenerator(
+        "some/model", tensor_parallel_size=4, gpu_memory_utilization=0.5, dtype="bfloat16", max_model_len=2048, seed=3
+    )
+    assert gen.llm.model == "some/model"
+    assert gen.llm.kwargs == {
+        "tensor_parallel_size": 4,
+        "gpu_memory_utilization": 0.5,
+        "dtype": "bfloat16",
+        "max_model_len": 2048,
+        "seed": 3,
+        "enable_prefix_caching": True,
+        "enable_lora": False,
+    }
+    gen.generate(["a"], SamplingParams())
+    assert gen.llm.calls[0]["lora"] is None
+
+
+def test_vllm_lora_adapter_enables_lora_and_rides_on_every_request(fake_vllm, tmp_path):
+    from posttrain.rollout.vllm import VLLMGenerator
+
+    gen = VLLMGenerator("some/model", lora_path=str(tmp_path / "adapter"))
+    assert gen.llm.kwargs["enable_lora"] is True
+    gen.generate(["a"], SamplingParams())
+    gen.generate(["b"], SamplingParams())
+    expected = FakeLoRARequest("adapter", 1, str(tmp_path / "adapter"))
+    assert [call["lora"] for call in gen.llm.calls] == [expected, expected]
+
+
+def test_vllm_missing_raises_model_error_pointing_at_extra_and_hf_backend(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    from posttrain.rollout.vllm import VLLMGenerator
+
+    with pytest.raises(ModelError) as info:
+        VLLMGenerator("some/model")
+    message = str(info.value)
+    assert 'pip install -e ".[vllm]"' in message
+    assert "CUDA" in message and "hf backend" in message and "0.22-0.31" in message
+
+
+def test_make_generator_vllm_forwards_engine_kwargs(fake_vllm):
+    from posttrain.rollout.factory import make_generator
+    from posttrain.rollout.vllm import VLLMGenerator
+
+    gen = make_generator("vllm", model_path="some/model", tensor_parallel_size=2)
+    assert isinstance(gen, VLLMGenerator)
+    assert gen.llm.model == "some/model" and gen.llm.kwargs["tensor_parallel_size"] == 2
+
+
+def test_make_generator_hf_loads_model_and_tokenizer_from_path(tiny_model_dir):
+    from posttrain.rollout.factory import make_generator
+    from posttrain.rollout.hf import HFGenerator
+
+    gen = make_generator("hf", model_path=str(tiny_model_dir), batch_size=8)
+    assert isinstance(gen, HFGenerator) and gen.batch_size == 8
+    assert gen.tokenizer.pad_token is not None
+    out = gen.generate(["12+34=", "5+6="], SamplingParams(n=2, temperature=0, max_new_tokens=3))
+    assert len(out) == 2 and all(len(samples) == 2 for samples in out)
+
+
+def test_make_generator_hf_reuses_given_model_and_tokenizer(tiny_model_dir):
+    from posttrain.rollout.factory import make_generator
+    from posttrain.tiny import TinySpec, build_tiny_model
+
+    model, tokenizer = build_tiny_model(TinySpec(hidden_size=32, intermediate_size=64))
+    gen = make_generator("hf", model_path="not/used", model=model, tokenizer=tokenizer)
+    assert gen.model is model and gen.tokenizer is tokenizer
+
+
+def test_make_generator_unknown_backend_names_valid_ones():
+    from posttrain.rollout.factory import make_generator
+
+    with pytest.raises(RecipeError, match=r"unknown rollout backend 'sglang' \(valid: hf, vllm\)"):
+        make_generator("sglang", model_path="some/model")
+
+
+@pytest.mark.gpu
+def test_vllm_greedy_matches_hf_greedy_on_tiny_model(tmp_path):
+    pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import load_tokenizer
+    from posttrain.rollout.hf import HFGenerator
+    from posttrain.rollout.vllm import VLLMGenerator
+    from posttrain.tiny import TinySpec, save_tiny_model
+
+    model_dir = str(save_tiny_model(tmp_path / "m", TinySpec(task="text", hidden_size=64, intermediate_size=128)))
+    prompts = ["Hello, ", "abc", "The answer is", "x = 1; y ="]
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    hf = HFGenerator(AutoModelForCausalLM.from_pretrained(model_dir).cuda(), load_tokenizer(model_dir))
+    expected = hf.generate(prompts, params)
+    # fp32 both sides so argmax ties don't flip between kernels; a small engine is plenty for a 64-dim model
+    vllm_gen = VLLMGenerator(model_dir, dtype="float32", gpu_memory_utilization=0.3, max_model_len=128)
+    assert vllm_gen.generate(prompts, params) == expected
