@@ -84,3 +84,46 @@ def test_shipped_suites_validate(suite):
     from posttrain.evaluation.suite import load_suite
 
     assert load_suite(suite).benchmarks
+
+
+HH_SAMPLE = Path(__file__).parent / "fixtures" / "hh_harmless_test_sample.jsonl"
+
+
+def test_preference_accuracy_on_real_hh_pairs_by_hand():
+    from posttrain.evaluation import evaluate_preference
+    from posttrain.evaluation.benchmarks import build_benchmark
+    from posttrain.evaluation.suite import resolve_benchmark
+
+    spec = resolve_benchmark({"use": "preference_accuracy", "name": "hh", "data": {"path": str(HH_SAMPLE)}}, "test")
+    bench = build_benchmark(spec)
+    rows = [json.loads(line) for line in HH_SAMPLE.read_text().splitlines()]
+    # A "reward model" that prefers longer transcripts: its accuracy is countable by hand.
+    expected = sum(len(r["chosen"]) > len(r["rejected"]) for r in rows) / len(rows)
+    result = evaluate_preference(lambda texts: [float(len(t)) for t in texts], bench)
+    assert result.n == 20 and result.accuracy == pytest.approx(expected)
+    assert all(s["prompt"].endswith("\n\nAssistant:") for s in result.samples)
+
+
+def test_eval_preference_suite_with_a_sequence_classifier(tmp_path, tiny_model_dir, capsys):
+    suite = tmp_path / "pref.yaml"
+    suite.write_text(yaml.safe_dump({"name": "pref", "benchmarks": [
+        {"use": "preference_accuracy", "name": "hh_sample", "data": {"path": str(HH_SAMPLE)}}]}))  # fmt: skip
+    rm_dir = tmp_path / "rm"
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm_dir)
+    code = main(["eval", "--model", str(rm_dir), "--suite", str(suite), "--store", str(tmp_path / "r.db"),
+                 "--samples-dir", str(tmp_path / "s")])  # fmt: skip
+    assert code == 0
+    (row,) = ResultsStore(tmp_path / "r.db").query()
+    assert row.benchmark == "hh_sample" and row.n == 20 and 0.0 <= row.metrics["accuracy"] <= 1.0
+    assert "mean_margin" in row.metrics
+
+
+def test_empty_benchmark_is_an_error(tmp_path, tiny_model_dir, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump({"benchmarks": [{"name": "e", "data": {"path": str(tmp_path / "empty.jsonl")}}]}))
+    assert main(["eval", "--model", str(tiny_model_dir), "--suite", str(suite), "--store", str(tmp_path / "r.db")]) == 2
+    assert "has no rows" in capsys.readouterr().err

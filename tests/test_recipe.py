@@ -195,3 +195,12 @@ def test_cli_reports_recipe_errors_without_traceback(tmp_path, capsys):
     assert main(["train", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("RecipeError:") and "Traceback" not in err
+
+
+def test_recipes_and_rewards_listings(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "grpo/arithmetic.yaml" in out and "sft/arithmetic.yaml" in out and "accelerate" not in out
+    assert main(["rewards"]) == 0
+    out = capsys.readouterr().out
+    assert "numeric_match" in out and "math_verify" in out

@@ -51,8 +51,13 @@ def config_kwargs(recipe: Recipe, run: RunDir) -> dict[str, Any]:
 
 def quiet_library_progress() -> None:
     """Silence datasets'/transformers' per-map and per-save bars: the Progress callback is the one bar a run shows."""
+    import warnings
+
     import datasets
     from transformers.utils import logging as hf_logging
+
+    # TRL 1.16 calls transformers 5's deprecated `is_gradient_checkpointing` on every save; nothing for users to do.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
