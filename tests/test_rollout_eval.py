@@ -84,3 +84,22 @@ def test_evaluate_pass_at_k_and_majority():
     assert result.extra["pass@2"] == pytest.approx(0.75)
     assert result.extra["maj@4"] == pytest.approx(0.5)  # a: majority "1" right; b: majority "5" wrong
     assert len(result.samples[0]["completions"]) == 4
+
+
+def test_logprobs_match_a_forward_pass(generator):
+    import torch
+
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=3, logprobs=True)
+    groups = generator.generate_samples(["47+85=", "1+1="], params)
+    model, tok = generator.model, generator.tokenizer
+    for prompt, group in zip(["47+85=", "1+1="], groups):
+        for sample in group:
+            assert len(sample.token_ids) == len(sample.logprobs) >= 1
+            ids = tok(prompt, return_tensors="pt").input_ids
+            full = torch.cat([ids, torch.tensor([sample.token_ids])], dim=1)
+            with torch.no_grad():
+                lps = torch.log_softmax(model(full).logits[0, ids.shape[1] - 1 : -1].float(), -1)
+            expected = lps.gather(-1, torch.tensor(sample.token_ids)[:, None]).squeeze(-1)
+            assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
+    texts = generator.generate(["47+85=", "1+1="], params)
+    assert texts == [[s.text for s in group] for group in groups]  # same seed and batch, same samples

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -15,9 +15,16 @@ from posttrain.rollout import SamplingParams
 
 
 @dataclass
+class FakeLogprob:  # vllm.sequence.Logprob
+    logprob: float
+
+
+@dataclass
 class FakeCompletion:  # vllm.outputs.CompletionOutput
     index: int
     text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, FakeLogprob]] | None = None  # one {token_id: Logprob} per step when asked for
 
 
 @dataclass
@@ -50,10 +57,14 @@ class FakeLLM:
     def generate(self, prompts, sampling_params, *, lora_request=None, use_tqdm=True):
         self.calls.append({"prompts": list(prompts), "params": sampling_params.kwargs, "lora": lora_request})
         n = sampling_params.kwargs.get("n", 1)
-        return [
-            FakeRequestOutput(str(i), p, [FakeCompletion(j, f"{p}|{j}") for j in range(n)])
-            for i, p in enumerate(prompts)
-        ]
+        want = sampling_params.kwargs.get("logprobs") is not None
+
+        def completion(p: str, j: int) -> FakeCompletion:
+            ids = [10 + j, 20 + j]
+            lps = [{tok: FakeLogprob(-0.5 * (k + 1)), 99: FakeLogprob(-9.0)} for k, tok in enumerate(ids)]
+            return FakeCompletion(j, f"{p}|{j}", ids, lps if want else None)
+
+        return [FakeRequestOutput(str(i), p, [completion(p, j) for j in range(n)]) for i, p in enumerate(prompts)]
 
 
 @pytest.fixture
@@ -86,6 +97,7 @@ def test_vllm_sampling_params_map_onto_vllm_fields(fake_vllm):
         "top_k": 0,  # both ours and vLLM's "disabled" (vLLM >= 0.9 prefers 0, quietly accepts -1)
         "seed": 11,
         "stop": ["\n", "="],
+        "logprobs": None,
     }
     gen.generate(["a"], SamplingParams(temperature=1.0, top_k=5))
     assert gen.llm.calls[1]["params"]["top_k"] == 5
@@ -210,3 +222,14 @@ def test_vllm_greedy_matches_hf_greedy_on_tiny_model(tmp_path):
     # fp32 both sides so argmax ties don't flip between kernels; a small engine is plenty for a 64-dim model
     vllm_gen = VLLMGenerator(model_dir, dtype="float32", gpu_memory_utilization=0.3, max_model_len=128)
     assert vllm_gen.generate(prompts, params) == expected
+
+
+def test_vllm_logprobs_of_the_sampled_tokens(fake_vllm):
+    from posttrain.rollout.vllm import VLLMGenerator
+
+    gen = VLLMGenerator("some/model")
+    (group,) = gen.generate_samples(["a"], SamplingParams(n=2, temperature=1.0, logprobs=True))
+    assert gen.llm.calls[0]["params"]["logprobs"] == 0  # sampled token only, no alternatives
+    assert [s.token_ids for s in group] == [[10, 20], [11, 21]]
+    assert group[0].logprobs == [-0.5, -1.0]  # the sampled token's entry, not the alternative 99
+    assert gen.generate(["a"], SamplingParams(n=2, temperature=1.0)) == [["a|0", "a|1"]]

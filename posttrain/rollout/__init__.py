@@ -21,12 +21,25 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k
     seed: int = 0
     stop: tuple[str, ...] = ()
+    logprobs: bool = False  # also return each generated token's log-probability under the model (unwarped)
+
+
+@dataclass
+class Sample:
+    """One completion: its text and, when asked for, the generated token ids and their log-probabilities
+    (covering every generated token, a matched stop string included; padding after EOS excluded)."""
+
+    text: str
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
 
 
 class Generator(Protocol):
     """Turns rendered prompt strings into `n` completions each: result[i][j] is sample j of prompt i."""
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]: ...
+
+    def generate_samples(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]: ...
 
 
 def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:

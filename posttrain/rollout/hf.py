@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.rollout import SamplingParams, truncate_at_stop
+from posttrain.rollout import Sample, SamplingParams, truncate_at_stop
 
 
 class HFGenerator:
@@ -18,6 +18,9 @@ class HFGenerator:
         self.show_progress = show_progress
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
+        return [[s.text for s in group] for group in self.generate_samples(prompts, params)]
+
+    def generate_samples(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
         import torch
         from tqdm.auto import tqdm
 
@@ -25,7 +28,7 @@ class HFGenerator:
         rows = [p for p in prompts for _ in range(params.n)]
         # Sort by length so each batch pads little; results are put back in order afterwards.
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        texts: list[str] = [""] * len(rows)
+        results: list[Sample] = [Sample("")] * len(rows)
         was_training = self.model.training
         self.model.eval()
         padding_side = tokenizer.padding_side
@@ -40,15 +43,39 @@ class HFGenerator:
                 # transformers' sampling draws from torch's global RNG; seed it per batch from our own generator
                 # so results depend only on (params.seed, batch contents), not on what ran before.
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+                kwargs = self._generate_kwargs(params)
+                if params.logprobs:
+                    kwargs.update(return_dict_in_generate=True, output_logits=True)
                 with torch.no_grad():
-                    out = self.model.generate(**enc, **self._generate_kwargs(params))
-                completions = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                for i, text in zip(idx, completions):
-                    texts[i] = truncate_at_stop(text, params.stop)
+                    out = self.model.generate(**enc, **kwargs)
+                sequences = out.sequences if params.logprobs else out
+                new_tokens = sequences[:, enc["input_ids"].shape[1] :]
+                completions = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                token_lps = self._token_logprobs(out.logits, new_tokens) if params.logprobs else None
+                for row, (i, text) in enumerate(zip(idx, completions)):
+                    sample = Sample(truncate_at_stop(text, params.stop))
+                    if token_lps is not None:
+                        keep = self._generated_length(new_tokens[row])
+                        sample.token_ids = new_tokens[row, :keep].tolist()
+                        sample.logprobs = token_lps[row, :keep].tolist()
+                    results[i] = sample
         finally:
             tokenizer.padding_side = padding_side
             self.model.train(was_training)
-        return [texts[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+        return [results[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    @staticmethod
+    def _token_logprobs(logits: tuple, tokens):
+        """log p(token) from the raw logits of each step (before temperature/top-p), as a (rows, steps) tensor."""
+        import torch
+
+        stacked = torch.stack(logits, dim=1).float()  # (rows, steps, vocab)
+        return torch.log_softmax(stacked, dim=-1).gather(-1, tokens[:, : stacked.shape[1], None]).squeeze(-1)
+
+    def _generated_length(self, tokens) -> int:
+        """Tokens up to and including the first EOS; the rest is padding of rows that finished early."""
+        eos = (tokens == self.tokenizer.eos_token_id).nonzero()
+        return int(eos[0, 0]) + 1 if len(eos) else len(tokens)
 
     def _generate_kwargs(self, params: SamplingParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

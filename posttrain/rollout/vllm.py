@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.errors import ModelError
-from posttrain.rollout import SamplingParams
+from posttrain.rollout import Sample, SamplingParams
 
 _MISSING_VLLM = (
     'the vllm rollout backend needs the `vllm` package: pip install -e ".[vllm]" '
@@ -61,6 +61,9 @@ class VLLMGenerator:
         )
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
+        return [[s.text for s in group] for group in self.generate_samples(prompts, params)]
+
+    def generate_samples(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
         greedy = params.temperature == 0
         # vLLM rejects n > 1 with greedy decoding ("n must be 1 when using greedy sampling"); the n greedy samples
         # are identical anyway, so ask for one and repeat it, as the hf backend returns.
@@ -78,7 +81,17 @@ class VLLMGenerator:
             # vLLM drops the stop string from the text by default (include_stop_str_in_output=False), as
             # `truncate_at_stop` does for the hf backend.
             stop=list(params.stop),
+            # logprobs=0: no alternatives, just the sampled token's own log-probability per step.
+            logprobs=0 if params.logprobs else None,
         )
         outputs = self.llm.generate(prompts, sampling, lora_request=self.lora_request)
-        texts = [[completion.text for completion in request.outputs] for request in outputs]
-        return [samples * params.n if greedy else samples for samples in texts]
+        groups = [[_to_sample(c, params.logprobs) for c in request.outputs] for request in outputs]
+        return [samples * params.n if greedy else samples for samples in groups]
+
+
+def _to_sample(completion: Any, with_logprobs: bool) -> Sample:
+    """vLLM CompletionOutput → Sample; `completion.logprobs` is one {token_id: Logprob} dict per generated token."""
+    if not with_logprobs or completion.logprobs is None:
+        return Sample(completion.text)
+    ids = list(completion.token_ids)
+    return Sample(completion.text, ids, [step[tok].logprob for tok, step in zip(ids, completion.logprobs)])
