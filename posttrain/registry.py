@@ -34,6 +34,29 @@ POSTTRAIN_TRAINING_KEYS = {
 }
 
 
+# GRPOConfig fields that define a GRPO-family method (NFT and RFT reuse TRL's sampling, so they accept them too).
+_GRPO_ALGORITHM_KEYS = frozenset(
+    {
+        "beta", "loss_type", "epsilon", "epsilon_high", "delta", "scale_rewards", "num_iterations",
+        "importance_sampling_level", "mask_truncated_completions", "top_entropy_quantile", "steps_per_generation",
+        "sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha", "repetition_penalty", "min_p",
+    }
+)  # fmt: skip
+# NFT's own options (posttrain.trainers.nft_loss.NFTOptions); kept here so validation does not import torch.
+_NFT_ALGORITHM_KEYS: tuple[tuple[str, type], ...] = (
+    ("weight", str),  # one_minus_rhat | sqrt | one
+    ("neg_clip_eps", float),
+    ("rhat_clamp", float),
+    ("logratio_cap", float),
+    ("correct_threshold", float),
+    ("aggregation", str),  # sum_const | seq_mean | token_mean
+    ("loss_const", float),
+    ("negatives", bool),
+    ("positives", bool),
+    ("mask_uninformative", bool),
+)
+
+
 @dataclass(frozen=True)
 class TrainerEntry:
     """How to build one trainer and check its recipe."""
@@ -69,26 +92,29 @@ TRAINERS: dict[str, TrainerEntry] = {
             description="group-relative policy optimisation with verifiable or model rewards (TRL GRPOTrainer)",
             module="posttrain.trainers.grpo",
             config_class="trl.trainer.grpo_config:GRPOConfig",
-            algorithm_keys=frozenset(
-                {
-                    "beta",
-                    "loss_type",
-                    "epsilon",
-                    "epsilon_high",
-                    "delta",
-                    "scale_rewards",
-                    "num_iterations",
-                    "importance_sampling_level",
-                    "mask_truncated_completions",
-                    "top_entropy_quantile",
-                    "steps_per_generation",
-                    "sync_ref_model",
-                    "ref_model_sync_steps",
-                    "ref_model_mixup_alpha",
-                    "repetition_penalty",
-                    "min_p",
-                }
-            ),  # fmt: skip
+            algorithm_keys=_GRPO_ALGORITHM_KEYS,
+            needs_rewards=True,
+            uses_rollout=True,
+        ),
+        TrainerEntry(
+            name="nft",
+            description="negative-aware fine-tuning: learn from wrong answers via an implicit negative policy "
+            "(Chen et al. 2025; over TRL GRPOTrainer)",
+            module="posttrain.trainers.nft",
+            config_class="trl.trainer.grpo_config:GRPOConfig",
+            algorithm_keys=_GRPO_ALGORITHM_KEYS,
+            extra_algorithm_keys=_NFT_ALGORITHM_KEYS,
+            needs_rewards=True,
+            uses_rollout=True,
+        ),
+        TrainerEntry(
+            name="rft",
+            description="rejection-sampling fine-tuning: SFT on the verifier-accepted samples, online (NFT without "
+            "negatives)",
+            module="posttrain.trainers.nft",
+            config_class="trl.trainer.grpo_config:GRPOConfig",
+            algorithm_keys=_GRPO_ALGORITHM_KEYS,
+            extra_algorithm_keys=_NFT_ALGORITHM_KEYS,
             needs_rewards=True,
             uses_rollout=True,
         ),

@@ -35,3 +35,24 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+# A reward a random tiny model earns ~1 time in 19 by chance: GRPO must make it frequent within a few steps.
+USER_REWARDS = '''
+def starts_with_seven(prompts, completions, **kwargs):
+    """1.0 when the completion starts with the digit 7."""
+    return [1.0 if c.startswith("7") else 0.0 for c in completions]
+
+def explodes(prompts, completions, **kwargs):
+    if any("9" in p for p in prompts):
+        raise ValueError("cannot score this")
+    return [0.0 for _ in completions]
+'''
+
+
+@pytest.fixture
+def user_rewards(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return tmp_path

@@ -8,6 +8,7 @@ import yaml
 from posttrain.cli import RECIPES_DIR, main
 from posttrain.errors import RecipeError
 from posttrain.recipe import load_recipe, to_yaml
+from posttrain.registry import TRAINERS
 
 BASE = {
     "trainer": "grpo",
@@ -177,7 +178,7 @@ def test_dry_run_on_every_shipped_recipe(recipe, capsys):
     out = capsys.readouterr().out
     assert "# plan" in out and "trainer:" in out
     resolved = yaml.safe_load(out.split("# plan")[0])
-    assert resolved["trainer"] in ("sft", "grpo")
+    assert resolved["trainer"] in TRAINERS
 
 
 def test_grpo_dry_run_explains_batch_geometry(capsys):

@@ -1,7 +1,6 @@
 """SFT and GRPO runs on tiny local models: they learn, write the run dir contract, resume, and fail clearly."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,26 +16,6 @@ from posttrain.runs import RunDir
 from posttrain.train import train_recipe
 
 REPO = Path(__file__).resolve().parent.parent
-
-# A reward a random tiny model earns ~1 time in 19 by chance: GRPO must make it frequent within a few steps.
-USER_REWARDS = '''
-def starts_with_seven(prompts, completions, **kwargs):
-    """1.0 when the completion starts with the digit 7."""
-    return [1.0 if c.startswith("7") else 0.0 for c in completions]
-
-def explodes(prompts, completions, **kwargs):
-    if any("9" in p for p in prompts):
-        raise ValueError("cannot score this")
-    return [0.0 for _ in completions]
-'''
-
-
-@pytest.fixture
-def user_rewards(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return tmp_path
 
 
 def sft_recipe(tmp_path, **training) -> dict:

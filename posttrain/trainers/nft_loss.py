@@ -1,0 +1,128 @@
+"""The NFT loss (Chen et al. 2025, "Bridging Supervised Learning and Reinforcement Learning in Math Reasoning",
+Eq. 8-9; official code NVlabs/NFT) as a pure function of tensors, and the group statistics it needs.
+
+Per question q with K answers from pi_old, verifier r in {0, 1} and r_hat_q = mean r over the group:
+
+    loss_token = -omega(q) * [ r * log R  +  (1 - r) * log max_v((1 - r_hat * R) / (1 - r_hat), eps) ]
+
+with R = pi_theta / pi_old per token. The negative term is the likelihood of the *implicit negative policy*
+pi^- = (pi_old - r_hat * pi^+) / (1 - r_hat) (Eq. 6), so minimising it trains pi_theta = pi^+ towards the correct
+answers using the wrong ones too; at the optimum pi_theta = pi_old restricted to correct answers, renormalised.
+
+On-policy (R = 1) the per-token gradient is -omega * grad log pi for a correct answer and +omega * r_hat/(1-r_hat)
+* grad log pi for a wrong one. GRPO's is -A * grad log pi with A = (r - r_hat)/sigma, i.e. -(1-r_hat)/sigma and
++r_hat/sigma; the two are equal iff omega = (1 - r_hat)/sigma. So omega = 1 - r_hat is Dr. GRPO (no std scaling)
+and omega = sqrt((1 - r_hat)/r_hat) is GRPO with the population std sigma = sqrt(r_hat (1 - r_hat)) of binary
+rewards (TRL divides by the n-1 std + 1e-4 instead: a factor sqrt((K-1)/K) and an epsilon apart). The token
+aggregation must match too: `sum_const` = TRL `dr_grpo`, `seq_mean` = TRL `grpo`, `token_mean` = TRL `bnpo`
+(and `dapo` on one process without accumulation). Every normaliser counts all sequences/tokens of the batch,
+masked ones included, exactly as TRL counts zero-advantage ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Weight = Literal["one_minus_rhat", "sqrt", "one"]
+Aggregation = Literal["sum_const", "seq_mean", "token_mean"]
+
+
+@dataclass(frozen=True)
+class NFTOptions:
+    """NFT loss options (recipe `algorithm:` keys). RFT is `negatives=False, weight="one"`."""
+
+    weight: Weight = "one_minus_rhat"  # omega(q): 1-r_hat (Dr. GRPO), sqrt((1-r_hat)/r_hat) (GRPO), 1 (RFT)
+    neg_clip_eps: float = 1.0  # eps in max_v(., eps): the negative likelihood ratio never goes below it (forward)
+    rhat_clamp: float = 0.02  # r_hat is clamped to [c, 1 - c] so omega and 1/(1 - r_hat) stay finite
+    logratio_cap: float = 10.0  # log R is capped before exp so one token cannot overflow the negative term
+    correct_threshold: float = 0.5  # reward >= threshold counts as correct (binary verifiers give 0 or 1)
+    aggregation: Aggregation = "sum_const"
+    loss_const: float | None = None  # C in sum_const (sum / (B * C)); None = max completion length (Dr. GRPO's)
+    negatives: bool = True  # the implicit-negative term; False with weight "one" is RFT
+    positives: bool = True  # False = the "negatives only" ablation
+    mask_uninformative: bool = True  # drop all-correct / all-wrong groups (RFT keeps all-correct: it is SFT on them)
+
+    def __post_init__(self) -> None:
+        if self.weight not in ("one_minus_rhat", "sqrt", "one"):
+            raise ValueError(f"NFT weight must be one_minus_rhat, sqrt or one, got {self.weight!r}")
+        if self.aggregation not in ("sum_const", "seq_mean", "token_mean"):
+            raise ValueError(f"NFT aggregation must be sum_const, seq_mean or token_mean, got {self.aggregation!r}")
+        if not 0.0 <= self.rhat_clamp < 0.5:
+            raise ValueError(f"NFT rhat_clamp must be in [0, 0.5), got {self.rhat_clamp}")
+        if self.neg_clip_eps <= 0:
+            raise ValueError(f"NFT neg_clip_eps must be > 0 (it is the floor inside a log), got {self.neg_clip_eps}")
+
+
+def group_correctness(
+    rewards: torch.Tensor, num_generations: int, threshold: float, truncated: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per completion: correct (bool), the group's r_hat (unclamped fraction correct), and whether its group is
+    informative (neither all correct nor all wrong). `rewards` is (B,) in group order; truncated answers count as
+    wrong (the paper's verifier rejects an answer that never finished)."""
+    correct = rewards >= threshold
+    if truncated is not None:
+        correct = correct & ~truncated.bool()
+    grouped = correct.float().view(-1, num_generations)
+    r_hat = grouped.mean(dim=1).repeat_interleave(num_generations)
+    informative = (r_hat > 0) & (r_hat < 1)
+    return correct, r_hat, informative
+
+
+def omega(r_hat: torch.Tensor, weight: Weight) -> torch.Tensor:
+    if weight == "one_minus_rhat":
+        return 1.0 - r_hat
+    if weight == "sqrt":
+        return torch.sqrt((1.0 - r_hat) / r_hat)
+    return torch.ones_like(r_hat)
+
+
+def nft_loss(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    correct: torch.Tensor,
+    r_hat: torch.Tensor,
+    informative: torch.Tensor,
+    options: NFTOptions,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """NFT loss of one micro-batch (B sequences x T tokens) and detached stats (pos/neg parts, clip fraction)."""
+    mask = completion_mask.to(per_token_logps.dtype)
+    r_hat = r_hat.clamp(options.rhat_clamp, 1.0 - options.rhat_clamp).unsqueeze(1).to(per_token_logps.dtype)
+    pos = correct.bool().unsqueeze(1)
+    keep = (informative.bool() if options.mask_uninformative else torch.ones_like(correct, dtype=torch.bool)).unsqueeze(
+        1
+    )
+
+    log_ratio = (per_token_logps - old_per_token_logps).clamp(max=options.logratio_cap)
+    ratio = torch.exp(log_ratio)
+    # Eq. 9: the implicit negative policy's likelihood ratio. max_v keeps the value >= eps in the forward pass but
+    # passes the unclipped gradient (straight-through, as the official code), so d log(v_st) = dv / max(v, eps):
+    # a negative whose R exceeds 1/r_hat (v <= 0, log undefined) still gets pushed down instead of going silent.
+    v = (1.0 - r_hat * ratio) / (1.0 - r_hat)
+    v_floor = v.clamp(min=options.neg_clip_eps)
+    v_st = v + (v_floor - v).detach()
+    neg_term = torch.log(v_st)
+
+    w = omega(r_hat, options.weight) * keep
+    pos_tokens = -w * log_ratio * pos * mask * float(options.positives)
+    neg_tokens = -w * neg_term * ~pos * mask * float(options.negatives)
+
+    def aggregate(tokens: torch.Tensor) -> torch.Tensor:
+        if options.aggregation == "sum_const":
+            const = options.loss_const or per_token_logps.size(1)
+            return tokens.sum() / (tokens.size(0) * const)
+        if options.aggregation == "seq_mean":
+            return (tokens.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        return tokens.sum() / mask.sum().clamp(min=1.0)
+
+    pos_loss, neg_loss = aggregate(pos_tokens), aggregate(neg_tokens)
+    neg_mask = (~pos & keep) * mask
+    stats = {
+        "pos_loss": pos_loss.detach(),
+        "neg_loss": neg_loss.detach(),
+        "neg_clip_frac": ((v < options.neg_clip_eps) * neg_mask).sum().detach() / neg_mask.sum().clamp(min=1.0),
+    }
+    return pos_loss + neg_loss, stats
