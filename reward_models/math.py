@@ -22,7 +22,8 @@ def extract_last_number(text: str) -> str | None:
     return matches[-1].replace(",", "").rstrip(".")
 
 
-def _as_decimal(text: str | None) -> Decimal | None:
+def as_decimal(text: str | None) -> Decimal | None:
+    """`text` as a Decimal, or None when it is None or not a number (shared with the eval graders)."""
     if text is None:
         return None
     try:
@@ -51,10 +52,10 @@ def numeric_match_reward(prompts: list, completions: list, answer: Any = None, *
     golds = _answers(answer, len(completions), "numeric_match")
     scores = []
     for completion, gold in zip(completions, golds):
-        ref = _as_decimal(extract_last_number(str(gold)))
+        ref = as_decimal(extract_last_number(str(gold)))
         if ref is None:  # a data problem, not a wrong completion: scoring it 0.0 would hide it
             raise RewardError(f"reward 'numeric_match': the gold answer {str(gold)[:200]!r} has no number")
-        pred = _as_decimal(extract_last_number(text_of(completion)))
+        pred = as_decimal(extract_last_number(text_of(completion)))
         scores.append(1.0 if pred is not None and pred == ref else 0.0)
     return scores
 

@@ -14,11 +14,10 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from posttrain.errors import DataError, RecipeError
-from reward_models.math import extract_last_number
+from reward_models.math import as_decimal, extract_last_number
 
 
 @dataclass(frozen=True)
@@ -59,21 +58,12 @@ def math_verify_grader(completion: str, gold: str) -> Verdict:
     return Verdict(str(pred[0]), bool(verify(gold_parsed, pred, **verify_kw)))
 
 
-def _decimal(text: str | None) -> Decimal | None:
-    if text is None:
-        return None
-    try:
-        return Decimal(text)
-    except InvalidOperation:
-        return None
-
-
 def numeric_match_grader(completion: str, gold: str) -> Verdict:
     """Correct when the completion's last number equals the gold's last number as decimals (132 == 132.0,
     132 != 1322); thousands separators and `$` are ignored. A full GSM8K solution works as gold (its last
     number is the one after `####`)."""
     extracted = extract_last_number(completion)
-    pred, ref = _decimal(extracted), _decimal(extract_last_number(gold))
+    pred, ref = as_decimal(extracted), as_decimal(extract_last_number(gold))
     return Verdict(extracted, pred is not None and ref is not None and pred == ref)
 
 
