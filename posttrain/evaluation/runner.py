@@ -94,17 +94,8 @@ def evaluate(generator: Generator, benchmark: Benchmark, tokenizer: Any = None) 
         n=len(prompts),
         stderr=agg.pop("accuracy_stderr"),
         extra=agg,
-        samples=[
-            {"prompt": p, "answer": g, "completions": group, "extracted": ans, "correct": ok,
-             **({"completion": group[0]} if n == 1 else {})}
-            for p, g, group, ans, ok in zip(prompts, golds, samples, answers, correct)
-        ],
-    )  # fmt: skip
-    if n == 1:
-        for s in result.samples:
-            s["correct"] = s["correct"][0]
-            s["extracted"] = s["extracted"][0]
-            del s["completions"]
+        samples=[_sample_record(*row) for row in zip(prompts, golds, samples, answers, correct)],
+    )
     if benchmark.slice_column:
         values = columns[benchmark.slice_column]
         rates = [sum(c) / n for c in correct]
@@ -112,6 +103,19 @@ def evaluate(generator: Generator, benchmark: Benchmark, tokenizer: Any = None) 
             hits = [r for r, v in zip(rates, values) if v == value]
             result.slices[f"{benchmark.slice_column}={value}"] = {"accuracy": sum(hits) / len(hits), "n": len(hits)}
     return result
+
+
+def _sample_record(prompt: str, gold: str, group: list[str], answers: list, correct: list[bool]) -> dict[str, Any]:
+    """What `eval/samples/*.jsonl` holds per prompt: one completion flat, several as parallel lists."""
+    if len(group) == 1:
+        return {
+            "prompt": prompt,
+            "answer": gold,
+            "completion": group[0],
+            "extracted": answers[0],
+            "correct": correct[0],
+        }
+    return {"prompt": prompt, "answer": gold, "completions": group, "extracted": answers, "correct": correct}
 
 
 def evaluate_preference(score: Any, benchmark: Benchmark) -> EvalResult:
