@@ -68,6 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewards", help="list built-in reward functions")
     p.set_defaults(func=cmd_rewards)
 
+    p = sub.add_parser("data", help="build training data (POLAR pretraining triplets, fine-tuning rows)")
+    data = p.add_subparsers(dest="data_command", required=True)
+    d = data.add_parser("polar-pretrain", help="sample a pool of policies into POLAR pretraining triplets")
+    d.add_argument("--policies", nargs="+", required=True, metavar="MODEL", help="model dirs or hub ids (>= 2)")
+    d.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl (a 'prompt' field)")
+    d.add_argument("--out", required=True, help="output dir (triplets.jsonl, data_card.md); rerun to resume")
+    d.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    d.add_argument("--max-new-tokens", type=int, default=1024)
+    d.add_argument("--prefix-words", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="cut each prompt to a random prefix of MIN..MAX words (pretraining on ordinary text)")  # fmt: skip
+    d.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    d.add_argument("--chunk", type=int, default=64, help="prompts per generate call and per shard append")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_data_polar_pretrain)
+    d = data.add_parser("polar-finetune", help="convert rankings or reference-carrying pairs into POLAR rows")
+    d.add_argument("input", help="jsonl file")
+    d.add_argument("--out", required=True, help="output jsonl (prompt, reference, chosen, rejected)")
+    d.add_argument("--from", dest="kind", choices=["rankings", "pairs"], required=True,
+                   help="rankings: a best-first list of >= 3 responses per row; pairs: chosen/rejected + a reference")  # fmt: skip
+    d.add_argument("--field", default=None, help="the ranked list's field (default 'ranked') or reference field "
+                   "(default 'reference')")  # fmt: skip
+    d.set_defaults(func=cmd_data_polar_finetune)
+
     p = sub.add_parser("tiny-model", help="build a tiny local model + tokenizer dir (no hub)")
     p.add_argument("--task", default="arithmetic", help="character set: arithmetic or text")
     p.add_argument("--out", required=True)
@@ -77,6 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
     return parser
+
+
+def cmd_data_polar_pretrain(args: argparse.Namespace) -> int:
+    from posttrain.data.polar import PretrainBuild, build_pretrain_triplets, read_prompts
+
+    prompts = read_prompts(args.prompts)[: args.limit]
+    build = PretrainBuild(policies=tuple(args.policies), max_new_tokens=args.max_new_tokens, seed=args.seed,
+                          chunk=args.chunk, backend=args.backend,
+                          prefix_words=tuple(args.prefix_words) if args.prefix_words else None)  # fmt: skip
+    path = build_pretrain_triplets(prompts, args.out, build)
+    print(f"wrote {len(prompts)} triplets to {path} (data card: {path.parent / 'data_card.md'})")
+    return 0
+
+
+def cmd_data_polar_finetune(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from posttrain.data.polar import from_pairs, from_rankings, read_jsonl_rows
+
+    rows = read_jsonl_rows(args.input)
+    if args.kind == "rankings":
+        out = from_rankings(rows, args.field or "ranked", where=args.input)
+    else:
+        out = from_pairs(rows, args.field or "reference", where=args.input)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in out))
+    print(f"wrote {len(out)} POLAR rows to {args.out}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -56,6 +56,15 @@ _NFT_ALGORITHM_KEYS: tuple[tuple[str, type], ...] = (
     ("mask_uninformative", bool),
 )
 
+# POLAR's options (posttrain.trainers.polar.PolarOptions).
+_POLAR_ALGORITHM_KEYS: tuple[tuple[str, type], ...] = (
+    ("stage", str),  # pretrain | finetune
+    ("wrapper", str),  # pretrain | sft (default: the stage's)
+    ("max_length", int),
+    ("max_response_length", int),
+    ("eval_batch_size", int),
+)
+
 
 @dataclass(frozen=True)
 class TrainerEntry:
@@ -106,6 +115,15 @@ TRAINERS: dict[str, TrainerEntry] = {
             extra_algorithm_keys=_NFT_ALGORITHM_KEYS,
             needs_rewards=True,
             uses_rollout=True,
+        ),
+        TrainerEntry(
+            name="polar",
+            description="POLAR reward model: policy-discriminative pretraining and fine-tuning on (prompt, "
+            "reference, chosen, rejected) (Dou et al. 2025; over transformers Trainer)",
+            module="posttrain.trainers.polar",
+            config_class="transformers.training_args:TrainingArguments",
+            algorithm_keys=frozenset(),
+            extra_algorithm_keys=_POLAR_ALGORITHM_KEYS,
         ),
         TrainerEntry(
             name="rft",

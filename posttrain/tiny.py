@@ -19,6 +19,7 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 # Characters each task needs; `text` covers printable ASCII for tests of other trainers.
 TASK_CHARSETS = {
     "arithmetic": "0123456789+-*= ",
+    "markov": "abcdefgh\n",  # posttrain.data.markov (POLAR synthetic world)
     "text": string.digits + string.ascii_letters + string.punctuation + " \n",
 }
 

@@ -20,11 +20,16 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 PATH_KEYS = ("path", "config", "data_dir")
-SYNTHETIC_OPTIONS = ("n", "seed", "digits", "carry_drop", "eval_fraction")  # keyword args of arithmetic_split
+# Each synthetic task's keyword arguments (posttrain.data.arithmetic / posttrain.data.markov).
+SYNTHETIC_TASK_OPTIONS = {
+    "arithmetic": ("n", "seed", "digits", "carry_drop", "eval_fraction"),
+    "polar_markov": ("n", "seed", "world_seed"),
+}
+SYNTHETIC_OPTIONS = tuple(dict.fromkeys(o for opts in SYNTHETIC_TASK_OPTIONS.values() for o in opts))
 SYNTHETIC_KEYS = ("synthetic", *SYNTHETIC_OPTIONS)
 COMMON_KEYS = ("split", "format", "columns", "limit", "shuffle_seed", "schema")
 SOURCE_KEYS = PATH_KEYS + SYNTHETIC_KEYS + COMMON_KEYS
-SYNTHETIC_TASKS = ("arithmetic",)
+SYNTHETIC_TASKS = tuple(SYNTHETIC_TASK_OPTIONS)
 FORMATS = ("gsm8k",)
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
 # Hub ids are "owner/name" (or a bare legacy name) and have no file extension; "Llama-3.1-8B" is not one.
@@ -100,6 +105,7 @@ def _int_option(spec: Mapping[str, Any], key: str, origin: str) -> int:
 
 def _synthetic(spec: Mapping[str, Any], origin: str) -> Dataset:
     from posttrain.data.arithmetic import arithmetic_split
+    from posttrain.data.markov import polar_markov_split
     from posttrain.recipe import suggest
 
     name = spec["synthetic"]
@@ -108,9 +114,14 @@ def _synthetic(spec: Mapping[str, Any], origin: str) -> Dataset:
             f"{origin}: unknown synthetic task '{name}'{suggest(str(name), SYNTHETIC_TASKS)} "
             f"(known: {', '.join(SYNTHETIC_TASKS)})"
         )
-    kwargs = {k: spec[k] for k in SYNTHETIC_OPTIONS if k in spec}
+    allowed = SYNTHETIC_TASK_OPTIONS[name]
+    stray = [k for k in SYNTHETIC_OPTIONS if k in spec and k not in allowed]
+    if stray:
+        raise DataError(f"{origin}: synthetic task '{name}' has no option '{stray[0]}' (options: {', '.join(allowed)})")
+    kwargs = {k: spec[k] for k in allowed if k in spec}
+    build = polar_markov_split if name == "polar_markov" else arithmetic_split
     try:
-        return arithmetic_split(spec.get("split", "train"), **kwargs)
+        return build(spec.get("split", "train"), **kwargs)
     except DataError as err:
         raise DataError(f"{origin}: {err}") from err
 

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +90,19 @@ def load_train_data(recipe: Recipe, schema: str | None):
     )
 
 
-def run_training(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, resume: bool) -> RunResult:
-    """Train with posttrain's callbacks, save the final model atomically, evaluate before and after."""
+def run_training(
+    recipe: Recipe,
+    trainer: Any,
+    tokenizer: Any,
+    run: RunDir,
+    resume: bool,
+    evaluator: Callable[[Any], dict[str, float]] | None = None,
+) -> RunResult:
+    """Train with posttrain's callbacks, save the final model atomically, evaluate before and after.
+
+    Held-out evaluation generates with the policy on the recipe's benchmarks, unless the trainer passes its own
+    `evaluator(model) -> metrics` (reward models are scored, not sampled); its metrics go to eval/held_out.*.json.
+    """
     from transformers import PrinterCallback
 
     from posttrain.evaluation import evaluate, recipe_benchmarks
@@ -105,7 +118,7 @@ def run_training(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, resu
     trainer.add_callback(Progress(stage))
     if "time_budget_s" in recipe.training:
         trainer.add_callback(TimeBudget(recipe.training["time_budget_s"]))
-    benchmarks = recipe_benchmarks(recipe)
+    benchmarks = recipe_benchmarks(recipe) if evaluator is None else []
     if benchmarks and recipe.eval.every_steps:
         every = recipe.eval.every_steps
         trainer.add_callback(HeldOutEval(benchmarks, tokenizer, every, metrics, recipe.eval.batch_size))
@@ -121,8 +134,13 @@ def run_training(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, resu
 
     def held_out(tag: str) -> dict[str, float]:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        generator = HFGenerator(model, tokenizer, recipe.eval.batch_size)
         found: dict[str, float] = {}
+        if evaluator is not None:
+            found = evaluator(model)
+            if is_main and found:
+                run.eval_dir.mkdir(parents=True, exist_ok=True)
+                (run.eval_dir / f"held_out.{tag}.json").write_text(json.dumps(found, indent=1))
+        generator = HFGenerator(model, tokenizer, recipe.eval.batch_size)
         for benchmark in benchmarks:
             res = evaluate(generator, benchmark, tokenizer)
             if is_main:

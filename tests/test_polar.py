@@ -1,0 +1,284 @@
+"""POLAR: the input layout and truncation, scoring, the loss, the synthetic Markov world, and pretraining a tiny RM."""
+
+import math
+
+import pytest
+
+from posttrain.errors import DataError, ModelError, RewardError
+from reward_models.polar import (
+    OFFICIAL_REWARD_TOKEN,
+    OFFICIAL_SPLIT_TOKEN,
+    REWARD_TOKEN,
+    SPLIT_TOKEN,
+    PolarEncoder,
+    PolarLayout,
+    PolarScorer,
+    add_polar_tokens,
+    as_text,
+    bt_loss,
+    pad_batch,
+    sequence_scores,
+    strip_think,
+)
+
+
+@pytest.fixture(scope="module")
+def rm():
+    """A tiny random sequence-classifier RM over a char tokenizer with POLAR's two tokens added."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from posttrain.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer("text")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config).eval()
+    add_polar_tokens(model, tokenizer)
+    return model, tokenizer
+
+
+def ids(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_bt_loss_matches_hand_computation():
+    import torch
+
+    loss = bt_loss(torch.tensor([2.0]), torch.tensor([0.5]))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-6)
+    assert loss.item() == pytest.approx(0.2014, abs=1e-4)
+    # Mean over pairs, no margin: equal scores give ln 2.
+    assert bt_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 3.0])).item() == pytest.approx(math.log(2))
+
+
+def test_sft_wrapper_id_layout(rm):
+    _, tok = rm
+    enc = PolarEncoder(tok, PolarLayout("sft", max_length=256, max_response_length=64))
+    split, reward = tok.convert_tokens_to_ids([SPLIT_TOKEN, REWARD_TOKEN])
+    nl = ids(tok, "\n")
+    expected = [tok.bos_token_id, *ids(tok, "Q?"), *nl, *ids(tok, "ref"), split, *ids(tok, "Q?"), *nl,
+                *ids(tok, "cand"), reward]  # fmt: skip
+    assert enc.encode("Q?", "ref", "cand") == expected
+    assert enc.text("Q?", "ref", "cand") == f"Q?\nref{SPLIT_TOKEN}Q?\ncand{REWARD_TOKEN}"
+
+
+def test_pretrain_wrapper_drops_the_newline(rm):
+    _, tok = rm
+    enc = PolarEncoder(tok, PolarLayout("pretrain", max_length=256, max_response_length=64))
+    split, reward = tok.convert_tokens_to_ids([SPLIT_TOKEN, REWARD_TOKEN])
+    expected = [tok.bos_token_id, *ids(tok, "Q?ref"), split, *ids(tok, "Q?cand"), reward]
+    assert enc.encode("Q?", "ref", "cand") == expected
+    assert enc.text("Q?", "ref", "cand") == f"Q?ref{SPLIT_TOKEN}Q?cand{REWARD_TOKEN}"
+
+
+def test_messages_are_joined_by_newlines_without_a_chat_template(rm):
+    _, tok = rm
+    enc = PolarEncoder(tok, PolarLayout("sft", max_length=256, max_response_length=64))
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    reference = [{"role": "assistant", "content": "Hello"}]
+    assert as_text(prompt) == "Be brief.\nHi"
+    assert enc.encode(prompt, reference, "Yo") == enc.encode("Be brief.\nHi", "Hello", "Yo")
+
+
+def test_official_layout_reproduces_the_released_client_string():
+    from posttrain.tiny import build_tokenizer
+
+    tok = build_tokenizer("text")
+    tok.add_special_tokens({"additional_special_tokens": [OFFICIAL_SPLIT_TOKEN, OFFICIAL_REWARD_TOKEN]})
+    enc = PolarEncoder(tok, PolarLayout("sft", max_length=256, max_response_length=64, official=True))
+    text = enc.text("What is the capital of China?", "Beijing.", "Shanghai.")
+    assert (
+        text
+        == "What is the capital of China?\nBeijing.<|reward|>What is the capital of China?\nShanghai.[UNUSED_TOKEN_130]"
+    )
+    # The whole string is tokenised at once; the reward token ends it.
+    assert enc.encode("Q", "a", "b")[-1] == tok.convert_tokens_to_ids(OFFICIAL_REWARD_TOKEN)
+
+
+def test_truncation_keeps_prompt_tail_and_response_heads(rm):
+    _, tok = rm
+    # Budget: responses cut to 4 each; the prompt gets (20 - 4 layout tokens - 4 - 4) // 2 = 4 tokens, its last 4.
+    enc = PolarEncoder(tok, PolarLayout("sft", max_length=20, max_response_length=4))
+    p, r, c = enc.parts("0123456789", "abcdefgh", "ABCDEFGH")
+    assert (tok.decode(p), tok.decode(r), tok.decode(c)) == ("6789", "abcd", "ABCD")
+    assert len(enc.encode("0123456789", "abcdefgh", "ABCDEFGH")) <= 20 + 1  # + BOS
+    # Short responses leave more room for the prompt.
+    p, _, _ = enc.parts("0123456789", "ab", "AB")
+    assert tok.decode(p) == "456789"
+
+
+def test_layout_without_room_for_a_prompt_is_refused():
+    with pytest.raises(RewardError, match="no room for the prompt"):
+        PolarLayout(max_length=100, max_response_length=48)
+
+
+def test_encoder_needs_the_polar_tokens():
+    from posttrain.tiny import build_tokenizer
+
+    with pytest.raises(ModelError, match="add_polar_tokens"):
+        PolarEncoder(build_tokenizer("text"))
+
+
+def test_added_token_embeddings_start_at_the_mean_embedding():
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from posttrain.tiny import build_tokenizer
+
+    tok = build_tokenizer("text")
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                                       num_hidden_layers=1, num_attention_heads=2, num_labels=1))  # fmt: skip
+    old = model.get_input_embeddings().weight.detach().clone()
+    assert add_polar_tokens(model, tok) == 2
+    new = model.get_input_embeddings().weight
+    assert new.shape[0] == old.shape[0] + 2 == len(tok)
+    assert torch.allclose(new[-2:], old.mean(0).expand(2, -1))
+    assert torch.equal(new[:-2], old)
+    assert add_polar_tokens(model, tok) == 0  # idempotent: a fine-tuning stage loads a dir that has them
+
+
+def test_score_is_read_at_the_reward_token_and_ignores_padding_side(rm):
+    import torch
+
+    model, tok = rm
+    enc = PolarEncoder(tok, PolarLayout("sft", max_length=256, max_response_length=64))
+    seqs = [enc.encode("Q", "a reference", c) for c in ("x", "a much longer candidate", "mid length")]
+    alone = [sequence_scores(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in seqs]
+    with torch.no_grad():
+        right = sequence_scores(model, *pad_batch(seqs, tok.pad_token_id, "right")).tolist()
+        left = sequence_scores(model, *pad_batch(seqs, tok.pad_token_id, "left")).tolist()
+    assert right == pytest.approx(alone, abs=1e-5)
+    assert left == pytest.approx(alone, abs=1e-5)
+    assert len({round(s, 4) for s in alone}) == 3  # a real function of the input, not a constant
+    # The score is the head applied at the last (reward) token: dropping that token changes it.
+    cut = sequence_scores(model, torch.tensor([seqs[0][:-1]]), torch.ones(1, len(seqs[0]) - 1, dtype=torch.long))
+    assert cut.item() != pytest.approx(alone[0], abs=1e-4)
+
+
+def test_scorer_batches_and_keeps_input_order(rm):
+    model, tok = rm
+    scorer = PolarScorer(model, tok, PolarLayout("sft", max_length=256, max_response_length=64), batch_size=2)
+    prompts, refs = ["Q1", "Q2", "Q3", "Q4", "Q5"], ["r", "rr", "rrr", "r", "rr"]
+    cands = ["c", "a long candidate", "cc", "ccc c", "c"]
+    batched = scorer.score(prompts, cands, refs)
+    single = [scorer.score([p], [c], [r])[0] for p, c, r in zip(prompts, cands, refs)]
+    assert batched == pytest.approx(single, abs=1e-5)
+    with pytest.raises(RewardError, match="reference"):
+        scorer.score(prompts, cands)
+
+
+def test_polar_reward_function(rm, monkeypatch):
+    from reward_models import polar as polar_module
+    from reward_models import resolve_reward
+
+    model, tok = rm
+    scorer = PolarScorer(model, tok, PolarLayout("sft", max_length=256, max_response_length=64))
+    monkeypatch.setattr(polar_module, "_cached_scorer", lambda *a, **k: scorer)
+    reward = resolve_reward("polar")
+    prompts, refs = ["Q", "Q", "R"], ["Paris", "Paris", "Oslo"]
+    with pytest.raises(RewardError, match="column 'reference'.*answer"):
+        reward(prompts, ["Paris", "Rome", "Oslo"], model="rm", answer=refs)
+    raw = reward(prompts, ["<think>maybe Rome</think> Paris", "Rome", "Oslo"], model="rm", reference=refs)
+    # The reasoning block is stripped before scoring: the first completion scores as plain "Paris".
+    assert raw == pytest.approx(scorer.score(prompts, ["Paris", "Rome", "Oslo"], refs), abs=1e-6)
+    # normalize=self subtracts score(p, ref, ref): a completion equal to its reference scores 0.
+    norm = reward(prompts, ["Paris", "Rome", "Oslo"], model="rm", reference=refs, normalize="self")
+    assert norm[0] == pytest.approx(0.0, abs=1e-6) and norm[2] == pytest.approx(0.0, abs=1e-6)
+    assert norm[1] == pytest.approx(raw[1] - raw[0], abs=1e-6)
+
+
+def test_strip_think():
+    assert strip_think("<think>a</think>\nanswer") == "answer"
+    assert strip_think("<think>never closed") == ""
+    assert strip_think("plain") == "plain"
+
+
+# ---- the synthetic Markov world -----------------------------------------------------------------------------
+
+
+def test_markov_world_is_deterministic_and_rows_carry_provenance():
+    from posttrain.data.markov import MarkovWorld
+
+    world = MarkovWorld()
+    rows = world.triplets("train", 50, seed=3)
+    assert rows == MarkovWorld().triplets("train", 50, seed=3)
+    assert rows != world.triplets("train", 50, seed=4)
+    assert all(r["policy_a"] != r["policy_b"] for r in rows)
+    assert {r["policy_a"] for r in rows} <= set(world.pool("train"))
+    held = world.triplets("heldout", 50, seed=3)
+    assert {r["policy_a"] for r in held} | {r["policy_b"] for r in held} <= set(world.pool("heldout"))
+    assert not set(world.pool("heldout")) & set(world.pool("train"))
+    assert any(name.startswith("ckpt-") for name in world.pool("train"))  # hard negatives are in the pool
+
+
+def test_markov_ideal_reward_separates_policies():
+    from posttrain.data.markov import MarkovWorld
+
+    world = MarkovWorld()
+    rows = world.triplets("heldout", 200, seed=0)
+    wins = [world.ideal_reward(r["policy_a"], r["prompt"], r["chosen"])
+            > world.ideal_reward(r["policy_a"], r["prompt"], r["rejected"]) for r in rows]  # fmt: skip
+    assert sum(wins) / len(wins) > 0.95  # the task is learnable: a Bayes discriminator is near perfect
+
+
+def test_polar_markov_is_a_synthetic_source():
+    from posttrain.data import load_source
+
+    ds = load_source({"synthetic": "polar_markov", "split": "heldout", "n": 7, "schema": "polar_triplet"})
+    assert len(ds) == 7 and {"prompt", "reference", "chosen", "rejected"} <= set(ds.column_names)
+    with pytest.raises(DataError, match="polar_markov' has no option 'carry_drop'"):
+        load_source({"synthetic": "polar_markov", "carry_drop": 0.5})
+
+
+# ---- pretraining a tiny RM on the Markov world (slow: ~2 min) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """The POLAR quickstart recipe trained once (600 steps); its run dir."""
+    from posttrain.recipe import load_recipe
+    from posttrain.train import train_recipe
+    from tests.conftest import REPO
+
+    out = tmp_path_factory.mktemp("polar") / "run"
+    train_recipe(load_recipe(REPO / "recipes" / "polar" / "quickstart.yaml", [f"output_dir={out}"]))
+    return out
+
+
+def _scorer(run):
+    return PolarScorer.from_pretrained(str(run / "final"), wrapper="pretrain", max_length=128, max_response_length=32,
+                                       batch_size=64, device="cpu")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pretraining_discriminates_held_out_policies(pretrained):
+    import json
+
+    before = json.loads((pretrained / "eval" / "held_out.before.json").read_text())
+    after = json.loads((pretrained / "eval" / "held_out.after.json").read_text())
+    train = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in train if "loss" in r and "eval/polar/loss" not in r]
+    # Thresholds from one pilot (seed 0): train loss 0.39 at the end, held-out accuracy 0.75, held-out loss 0.61.
+    assert sum(train_losses[-5:]) / 5 < 0.55  # ln 2 = 0.693 is chance
+    assert before["eval/polar/accuracy"] < 0.6
+    assert after["eval/polar/accuracy"] >= 0.7  # chains never seen in training
+    assert after["eval/polar/loss"] < math.log(2)
+
+
+@pytest.mark.slow
+def test_learned_reward_tracks_the_ideal_policy_discriminator(pretrained):
+    """The central claim, testable exactly here: within a reference, learned scores rank candidates like
+    log P_A(c) - log mean_B P_B(c), and candidates drift away from the target policy lose reward."""
+    import statistics
+
+    from posttrain.data.markov import MarkovWorld, mixture_curve, reference_spearman
+
+    scorer, world = _scorer(pretrained), MarkovWorld()
+    rhos = reference_spearman(world, scorer.score, split="heldout", n_refs=60)
+    t_stat = statistics.mean(rhos) / (statistics.stdev(rhos) / math.sqrt(len(rhos)))
+    assert statistics.mean(rhos) > 0 and t_stat > 3, (statistics.mean(rhos), t_stat)
+    means = mixture_curve(world, scorer.score, mix=(0.0, 0.25, 0.5, 0.75, 1.0))
+    assert all(x > y for x, y in zip(means, means[1:])), means  # falls at every step from target to other
