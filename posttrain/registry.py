@@ -126,6 +126,14 @@ TRAINERS: dict[str, TrainerEntry] = {
             extra_algorithm_keys=_POLAR_ALGORITHM_KEYS,
         ),
         TrainerEntry(
+            name="reward",
+            description="classic Bradley-Terry reward model on (prompt, chosen, rejected), no reference: POLAR's "
+            "baseline (TRL RewardTrainer)",
+            module="posttrain.trainers.reward",
+            config_class="trl.trainer.reward_config:RewardConfig",
+            algorithm_keys=frozenset({"center_rewards_coefficient", "max_length"}),
+        ),
+        TrainerEntry(
             name="rft",
             description="rejection-sampling fine-tuning: SFT on the verifier-accepted samples, online (NFT without "
             "negatives)",

@@ -63,7 +63,7 @@ def plan(recipe: Recipe) -> list[str]:
     ]
 
 
-def load_reward_model(recipe: Recipe, run: RunDir):
+def load_reward_model(recipe: Recipe, run: RunDir, polar_tokens: bool = True):
     """A sequence classifier (one bias-free scalar head) over the recipe's model, with POLAR's tokens added."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -88,7 +88,8 @@ def load_reward_model(recipe: Recipe, run: RunDir):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    add_polar_tokens(model, tokenizer)
+    if polar_tokens:
+        add_polar_tokens(model, tokenizer)
     return model, tokenizer
 
 

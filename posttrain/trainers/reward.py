@@ -1,0 +1,83 @@
+"""`trainer: reward`: a classic Bradley-Terry reward model on (prompt, chosen, rejected), over TRL's RewardTrainer.
+
+No reference answer: the baseline POLAR is compared against. The held-out metric is pairwise accuracy on
+data.eval, scored exactly as RewardTrainer trains (prompt + response + EOS, right padding, the model's own head).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.recipe import Recipe
+from posttrain.runs import RunDir
+from posttrain.trainers.base import RunResult, config_kwargs, load_train_data, run_training
+
+
+def plan(recipe: Recipe) -> list[str]:
+    t = recipe.training
+    pairs = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
+    return [f"Bradley-Terry reward model on (prompt, chosen, rejected), no reference; {pairs} pairs per optimizer "
+            "step per process (TRL RewardTrainer)"]  # fmt: skip
+
+
+def pair_metrics(model: Any, tokenizer: Any, rows, batch_size: int = 64, max_length: int = 1024) -> dict[str, float]:
+    """Pairwise accuracy and mean margin of a sequence-classifier RM on preference rows."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token or ""
+
+    def texts(column: str) -> list[str]:
+        out = []
+        for p, r in zip(rows["prompt"], rows[column]):
+            t = p + r
+            out.append(t if not eos or t.endswith(eos) else t + eos)  # as RewardTrainer appends EOS
+        return out
+
+    def score(batch: list[str]) -> list[float]:
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                        padding_side="right", add_special_tokens=False)  # fmt: skip
+        with torch.no_grad():
+            return model(**{k: v.to(device) for k, v in enc.items()}).logits[:, 0].float().tolist()
+
+    chosen_texts, rejected_texts = texts("chosen"), texts("rejected")
+    chosen, rejected = [], []
+    for start in range(0, len(chosen_texts), batch_size):
+        chosen += score(chosen_texts[start : start + batch_size])
+        rejected += score(rejected_texts[start : start + batch_size])
+    model.train(was_training)
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins)}
+
+
+def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
+    from trl import RewardConfig, RewardTrainer
+
+    from posttrain.data import load_source
+    from posttrain.models import peft_config
+    from posttrain.trainers.polar import load_reward_model
+
+    model, tokenizer = load_reward_model(recipe, run, polar_tokens=False)
+    rows = load_train_data(recipe, schema="preference").select_columns(["prompt", "chosen", "rejected"])
+    eval_rows = None
+    if recipe.data.eval is not None:
+        spec = {**recipe.data.eval, "schema": "preference"}
+        base_dir = recipe.source.parent if recipe.source else None
+        eval_rows = load_source(spec, base_dir=base_dir, origin=f"{recipe.where}: data.eval")
+        if recipe.eval.limit:
+            eval_rows = eval_rows.select(range(min(recipe.eval.limit, len(eval_rows))))
+    kwargs = config_kwargs(recipe, run)
+    # posttrain passes strings; keep RewardTrainer from looking up chat templates the tiny tokenizers don't have.
+    trainer = RewardTrainer(model=model, args=RewardConfig(**kwargs), train_dataset=rows, processing_class=tokenizer,
+                            peft_config=peft_config(recipe.model))  # fmt: skip
+    max_length = kwargs.get("max_length") or 1024
+
+    def evaluator(m: Any) -> dict[str, float]:
+        if eval_rows is None:
+            return {}
+        found = pair_metrics(m, tokenizer, eval_rows, max_length=max_length)
+        return {f"eval/reward/{k}": v for k, v in found.items()}
+
+    return run_training(recipe, trainer, tokenizer, run, resume, evaluator=evaluator)
