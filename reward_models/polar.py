@@ -35,6 +35,7 @@ REWARD_TOKEN = "<|polar_reward|>"
 # What InternLM/POLAR's RewardModelClient writes (src/polar/reward_func.py, `_encode`).
 OFFICIAL_SPLIT_TOKEN = "<|reward|>"
 OFFICIAL_REWARD_TOKEN = "[UNUSED_TOKEN_130]"
+LAYOUT_FILE = "polar_layout.json"  # beside a trained RM: the layout it was trained with
 # The official client reserves 4 tokens of max_length for the two "\n", the split and the reward token.
 _LAYOUT_TOKENS = 4
 
@@ -205,15 +206,25 @@ class PolarScorer:
         cls,
         path: str,
         *,
-        wrapper: Wrapper = "sft",
-        max_length: int = 4096,
-        max_response_length: int = 1024,
+        wrapper: Wrapper | None = None,
+        max_length: int | None = None,
+        max_response_length: int | None = None,
         batch_size: int = 16,
         device: str | None = None,
     ) -> PolarScorer:
         """Load a POLAR RM: a posttrain run's `final/` (sequence classifier + tokens) or a released checkpoint
-        (InternLM2 remote code; detected by its tokenizer's reward token)."""
+        (InternLM2 remote code; detected by its tokenizer's reward token). Layout settings left as None come from
+        the dir's `polar_layout.json` (written by `trainer: polar`, so scoring matches training), else defaults."""
+        import json
+        from pathlib import Path
+
         import torch
+
+        saved = Path(path) / LAYOUT_FILE
+        stored = json.loads(saved.read_text()) if saved.exists() else {}
+        wrapper = wrapper or stored.get("wrapper", "sft")
+        max_length = max_length or stored.get("max_length", 4096)
+        max_response_length = max_response_length or stored.get("max_response_length", 1024)
         from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,7 +270,8 @@ class PolarScorer:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_scorer(path: str, wrapper: str, max_length: int, max_response_length: int, batch_size: int):
+def _cached_scorer(path: str, wrapper: str | None, max_length: int | None, max_response_length: int | None,
+                   batch_size: int):  # fmt: skip
     return PolarScorer.from_pretrained(
         path, wrapper=wrapper, max_length=max_length, max_response_length=max_response_length, batch_size=batch_size
     )
@@ -272,9 +284,9 @@ def polar_reward(
     *,
     model: str,
     reference_column: str = "reference",
-    wrapper: Wrapper = "sft",
-    max_length: int = 4096,
-    max_response_length: int = 1024,
+    wrapper: Wrapper | None = None,  # None: the RM dir's polar_layout.json, else "sft"
+    max_length: int | None = None,
+    max_response_length: int | None = None,
     batch_size: int = 16,
     strip_thinking: bool = True,
     normalize: Literal["none", "self"] = "none",

@@ -284,6 +284,26 @@ def test_learned_reward_tracks_the_ideal_policy_discriminator(pretrained):
     assert all(x > y for x, y in zip(means, means[1:])), means  # falls at every step from target to other
 
 
+@pytest.mark.slow
+def test_trained_rm_records_its_layout_and_runs_in_the_eval_suite(pretrained, tmp_path):
+    import json
+
+    from posttrain.evaluation.store import ResultsStore
+    from posttrain.evaluation.suite_runner import run_suite
+    from tests.conftest import REPO
+
+    layout = json.loads((pretrained / "final" / "polar_layout.json").read_text())
+    assert layout == {"wrapper": "pretrain", "max_length": 128, "max_response_length": 32}
+    store = ResultsStore(tmp_path / "results.db")
+    [outcome] = run_suite(str(pretrained / "final"), REPO / "eval" / "suites" / "polar.yaml", store=store,
+                          samples_dir=tmp_path / "samples", limit=300)  # fmt: skip
+    held_out = json.loads((pretrained / "eval" / "held_out.after.json").read_text())
+    # Same model, same held-out world, the layout read back from the dir: the suite agrees with training's eval.
+    assert outcome.result.accuracy == pytest.approx(held_out["eval/polar/accuracy"], abs=0.06)
+    assert outcome.result.accuracy >= 0.7
+    assert store.query(benchmark="polar_markov_heldout")
+
+
 # ---- trainer: reward, the no-reference baseline ------------------------------------------------------------------
 
 

@@ -36,6 +36,9 @@ def build_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> Benchmark:
         raise DataError(f"{origin}: has no rows")
     if spec.kind == "preference":
         return Benchmark(name=spec.name, rows=_preference_rows(rows, origin), kind="preference", spec=spec)
+    if spec.kind == "polar":
+        validate(rows, "polar_triplet", origin)
+        return Benchmark(name=spec.name, rows=rows, kind="polar", spec=spec)
 
     validate(rows, "prompt_answer", origin)
     p = spec.prompt

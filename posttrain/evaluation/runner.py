@@ -14,7 +14,8 @@ from posttrain.rollout import Generator, SamplingParams
 @dataclass
 class Benchmark:
     """Rows ready to run. `generate`: `prompt` + `answer`, graded by `grader` (posttrain.evaluation.graders).
-    `preference`: `chosen_text` / `rejected_text`, scored by a reward model."""
+    `preference`: `chosen_text` / `rejected_text`, scored by a reward model. `polar`: prompt, reference, chosen,
+    rejected, scored by a POLAR RM against the reference."""
 
     name: str
     rows: Any  # datasets.Dataset
@@ -141,6 +142,24 @@ def evaluate_preference(score: Any, benchmark: Benchmark) -> EvalResult:
     )
 
 
+def evaluate_polar(scorer: Any, benchmark: Benchmark) -> EvalResult:
+    """POLAR RM accuracy on triplets: the share where score(p, ref, chosen) > score(p, ref, rejected)."""
+    from posttrain.evaluation.metrics import mean_stderr
+
+    rows = benchmark.rows
+    prompts, refs, n = list(rows["prompt"]), list(rows["reference"]), len(rows)
+    scores = scorer.score(prompts + prompts, list(rows["chosen"]) + list(rows["rejected"]), refs + refs)
+    chosen, rejected = scores[:n], scores[n:]
+    wins = [1.0 if c > r else 0.0 for c, r in zip(chosen, rejected)]
+    acc, stderr = mean_stderr(wins)
+    return EvalResult(
+        name=benchmark.name, accuracy=acc, n=n, stderr=stderr,
+        extra={"mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n},
+        samples=[{"prompt": p, "chosen_score": c, "rejected_score": r, "correct": bool(w)}
+                 for p, c, r, w in zip(prompts, chosen, rejected, wins)],
+    )  # fmt: skip
+
+
 def recipe_benchmarks(recipe: Recipe) -> list[Benchmark]:
     """What a training run evaluates: its held-out set (eval.data, else data.eval) and eval.suite's benchmarks."""
     from posttrain.data import format_prompts, load_source
@@ -169,6 +188,6 @@ def recipe_benchmarks(recipe: Recipe) -> list[Benchmark]:
     if recipe.eval.suite:
         suite = load_suite(recipe.resolve_path(recipe.eval.suite))
         for bench in suite.benchmarks:
-            if bench.kind == "generate":  # preference benchmarks score reward models, not the policy
+            if bench.kind == "generate":  # preference/polar benchmarks score reward models, not the policy
                 benchmarks.append(build_benchmark(bench, limit=recipe.eval.limit))
     return benchmarks

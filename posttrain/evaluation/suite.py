@@ -31,7 +31,7 @@ BENCHMARK_KEYS = ("name", "use", "kind", "data", "prompt", "generation", "grader
                   "reward_model")  # fmt: skip
 PROMPT_KEYS = ("template", "chat_template", "system_prompt", "few_shot", "few_shot_data", "shot_template")
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed")
-KINDS = ("generate", "preference")
+KINDS = ("generate", "preference", "polar")
 
 # lm-eval-harness's GSM8K prompt ("Question: ...\nAnswer:", 5 shots from the train split), so numbers compare.
 _GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "\n\n\n"]
@@ -62,6 +62,12 @@ BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
     "preference_accuracy": {
         "kind": "preference",
         "data": {"path": "Anthropic/hh-rlhf", "split": "test"},
+    },
+    # POLAR RMs: pairwise accuracy on (prompt, reference, chosen, rejected) rows, scored against the reference.
+    # Point `data` at held-out pretraining triplets (policy discrimination) or at reference-carrying human pairs.
+    "polar_discrimination": {
+        "kind": "polar",
+        "data": {"synthetic": "polar_markov", "split": "heldout", "n": 1000},
     },
 }  # fmt: skip
 

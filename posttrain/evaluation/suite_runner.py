@@ -9,7 +9,7 @@ from typing import Any
 
 from posttrain.errors import ModelError
 from posttrain.evaluation.benchmarks import build_benchmark
-from posttrain.evaluation.runner import EvalResult, evaluate, evaluate_preference
+from posttrain.evaluation.runner import EvalResult, evaluate, evaluate_polar, evaluate_preference
 from posttrain.evaluation.store import ResultRecord, ResultsStore
 from posttrain.evaluation.suite import load_suite
 
@@ -53,7 +53,11 @@ def run_suite(
         raise ModelError(f"model path '{model}' does not exist")
     outcomes = []
     for bench in tqdm(benchmarks, desc=f"eval {label}", unit="benchmark"):
-        if bench.kind == "preference":
+        if bench.kind == "polar":
+            from reward_models.polar import PolarScorer
+
+            result = evaluate_polar(PolarScorer.from_pretrained(bench.spec.reward_model or model), bench)
+        elif bench.kind == "preference":
             from reward_models.sequence_classifier import SequenceClassifierScorer
 
             result = evaluate_preference(SequenceClassifierScorer(bench.spec.reward_model or model), bench)

@@ -218,4 +218,13 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
         found = triplet_metrics(m, tokenizer, eval_rows, layout, opts.eval_batch_size)
         return {f"eval/polar/{k}": v for k, v in found.items()}
 
-    return run_training(recipe, trainer, tokenizer, run, resume, evaluator=evaluator)
+    result = run_training(recipe, trainer, tokenizer, run, resume, evaluator=evaluator)
+    if trainer.accelerator.is_main_process:
+        import json
+
+        from reward_models.polar import LAYOUT_FILE
+
+        layout_json = {"wrapper": layout.wrapper, "max_length": layout.max_length,
+                       "max_response_length": layout.max_response_length}  # fmt: skip
+        (run.final / LAYOUT_FILE).write_text(json.dumps(layout_json, indent=1))
+    return result
