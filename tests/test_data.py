@@ -382,3 +382,19 @@ def test_render_prompt_uses_the_chat_template(char_tokenizer):
         assert render_prompt(chat[0]["prompt"], char_tokenizer) == "<user>hi<assistant>"
     finally:
         char_tokenizer.chat_template = None
+
+
+def test_dotted_column_maps_a_field_inside_a_struct_column(tmp_path):
+    """verl-format data (e.g. DAPO-Math-17k) keeps the answer in reward_model.ground_truth and chat prompts."""
+    import json
+
+    from posttrain.data import load_source
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i}+1?"}], "data_source": "math_dapo",
+             "reward_model": {"style": "rule", "ground_truth": str(i + 1)}} for i in range(3)]  # fmt: skip
+    path = tmp_path / "dapo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_source({"path": str(path), "columns": {"answer": "reward_model.ground_truth"},
+                      "schema": "prompt_answer"})  # fmt: skip
+    assert list(ds["answer"]) == ["1", "2", "3"]
+    assert ds[0]["prompt"] == [{"role": "user", "content": "What is 0+1?"}]

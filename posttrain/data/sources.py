@@ -303,6 +303,11 @@ def _map_columns(ds: Dataset, columns: Any, origin: str) -> Dataset:
     if not isinstance(columns, Mapping) or not all(isinstance(v, str) for v in columns.values()):
         raise DataError(f"{origin}: 'columns' must map target names to source columns, e.g. {{prompt: question}}")
     available = ds.column_names
+    if any("." in s and s not in available for s in columns.values()):
+        # A dotted source names a field inside a struct column (verl-style data: reward_model.ground_truth);
+        # datasets' flatten() exposes every struct field as a "parent.field" column.
+        ds = ds.flatten()
+        available = ds.column_names
     for target, source in columns.items():
         if source not in available:
             raise DataError(
