@@ -144,6 +144,26 @@ TRAINERS: dict[str, TrainerEntry] = {
             needs_rewards=True,
             uses_rollout=True,
         ),
+        TrainerEntry(
+            name="seppo",
+            description="semi-policy preference optimisation for text-to-image diffusion from winning images only, "
+            "with reference-pool samples and the anchor-based flipper (Zhang et al. 2024; diffusers + accelerate)",
+            module="posttrain.trainers.seppo",
+            config_class="posttrain.trainers.seppo:SePPOConfig",
+            algorithm_keys=frozenset(
+                {
+                    "variant",
+                    "reference",
+                    "beta",
+                    "num_stages",
+                    "updates_per_stage",
+                    "sample_steps",
+                    "guidance_scale",
+                    "pool_dtype",
+                    "pool_in_memory",
+                }
+            ),
+        ),
     )
 }
 

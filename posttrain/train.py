@@ -45,7 +45,9 @@ def dry_run_plan(recipe: Recipe) -> list[str]:
             lines.append(f"data.{split}: {_describe_source(recipe, spec, split)}")
     lines.extend(module.plan(recipe))
     t = recipe.training
-    if t.get("max_steps", -1) > 0:
+    if recipe.trainer == "seppo":
+        pass  # its plan states stages x updates
+    elif t.get("max_steps", -1) > 0:
         lines.append(f"steps: {t['max_steps']} optimizer steps")
     else:
         lines.append(f"steps: {t.get('num_train_epochs', 3)} epoch(s) over data.train")
@@ -56,6 +58,12 @@ def dry_run_plan(recipe: Recipe) -> list[str]:
 
 def _describe_source(recipe: Recipe, spec: dict, split: str) -> str:
     from posttrain.data import load_source
+
+    if recipe.trainer == "seppo":  # image sources (prompt + image rows): posttrain.data.images
+        from posttrain.data.images import describe_image_source
+
+        base = recipe.source.parent if recipe.source else None
+        return describe_image_source(spec, base_dir=base, origin=f"{recipe.where}: data.{split}")
 
     path = spec.get("path")
     if path is not None and not Path(recipe.resolve_path(path)).exists():

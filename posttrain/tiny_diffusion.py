@@ -1,0 +1,159 @@
+"""Tiny text-to-image diffusion stacks built from config, without a hub: the SePPO tests' and toy task's models.
+
+Two layouts, both directories of diffusers/transformers components:
+- latent (Stable Diffusion layout): unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json, so
+  `StableDiffusionPipeline.from_pretrained(dir)` loads it like SD 1.5;
+- pixel (`pixel=True`, the issue's toy experiment): the UNet denoises RGB images directly; no vae/ and no
+  model_index.json (it is not a StableDiffusionPipeline), the other four components as above.
+
+The tokenizer is a CLIPTokenizer built from the 256 byte-level symbols (each with and without CLIP's `</w>` word
+end) plus merges for the words in `words`; it is saved as tokenizer.json and reloads to the same ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.errors import ModelError
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Words merged into single tokens (anything else is still tokenised, one byte-level symbol at a time).
+TOY_WORDS = ("a", "red", "green", "blue", "square", "photo", "of")
+
+
+@dataclass(frozen=True)
+class TinyDiffusionSpec:
+    """Shape of a tiny text-to-image stack (recipe `model.tiny:` keys of `trainer: seppo`)."""
+
+    pixel: bool = False  # pixel-space UNet (no VAE), as the toy experiment uses
+    resolution: int = 32  # image side in pixels
+    block_out_channels: tuple[int, ...] = (32, 64)  # UNet; the last block has cross-attention
+    layers_per_block: int = 1
+    vae_channels: tuple[int, ...] = (32, 32)  # VAE blocks; the latent is resolution / 2**(len - 1) wide
+    latent_channels: int = 4
+    text_hidden_size: int = 32
+    text_layers: int = 2
+    max_length: int = 16  # tokenizer model_max_length = text encoder positions
+    beta_schedule: str | None = None  # None: "scaled_linear" (SD's) for latent, "linear" (DDPM's) for pixel
+    num_train_timesteps: int = 1000
+    seed: int = 0
+    words: tuple[str, ...] = field(default=TOY_WORDS)
+
+    def __post_init__(self) -> None:
+        for name in ("block_out_channels", "vae_channels", "words"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # YAML gives lists
+
+
+def build_clip_tokenizer(words: tuple[str, ...] = TOY_WORDS, max_length: int = 16):
+    """A byte-level CLIPTokenizer with one token per word in `words` (BPE merges built left to right)."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {BOS: 0, EOS: 1}
+    for suffix in ("", "</w>"):
+        for ch in alphabet:
+            vocab[ch + suffix] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = list(word.lower())
+        pieces[-1] += "</w>"
+        while len(pieces) > 1:  # merge the first two pieces until the word is one token
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            pieces = [pair[0] + pair[1], *pieces[2:]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_tiny_diffusion(spec: TinyDiffusionSpec = TinyDiffusionSpec()) -> dict:
+    """Fresh components {unet, vae (None in pixel mode), text_encoder, tokenizer, scheduler} seeded by `spec.seed`."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_clip_tokenizer(spec.words, spec.max_length)
+    torch.manual_seed(spec.seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_hidden_size,
+            intermediate_size=2 * spec.text_hidden_size,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=spec.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = None
+    channels, size = 3, spec.resolution
+    if not spec.pixel:
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+            block_out_channels=spec.vae_channels,
+            latent_channels=spec.latent_channels,
+            norm_num_groups=min(32, spec.vae_channels[0]),
+            sample_size=spec.resolution,
+        )
+        channels, size = spec.latent_channels, spec.resolution // 2 ** (len(spec.vae_channels) - 1)
+    n = len(spec.block_out_channels)
+    unet = UNet2DConditionModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=spec.layers_per_block,
+        block_out_channels=spec.block_out_channels,
+        down_block_types=("DownBlock2D",) * (n - 1) + ("CrossAttnDownBlock2D",),
+        up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+        cross_attention_dim=spec.text_hidden_size,
+        attention_head_dim=8,
+        norm_num_groups=min(32, spec.block_out_channels[0]),
+    )
+    schedule = spec.beta_schedule or ("linear" if spec.pixel else "scaled_linear")
+    betas = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}.get(schedule, (1e-4, 0.02))
+    scheduler = DDPMScheduler(
+        num_train_timesteps=spec.num_train_timesteps,
+        beta_start=betas[0],
+        beta_end=betas[1],
+        beta_schedule=schedule,
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def save_tiny_diffusion(out_dir: str | Path, spec: TinyDiffusionSpec = TinyDiffusionSpec()) -> Path:
+    """Build and save a tiny stack: a StableDiffusionPipeline dir (latent) or component subfolders (pixel)."""
+    out = Path(out_dir)
+    parts = build_tiny_diffusion(spec)
+    if spec.pixel:
+        for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+            parts[name].save_pretrained(out / name)
+        return out
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def materialise_tiny_diffusion(tiny: dict, into: Path) -> Path:
+    """Build a recipe's `model.tiny` spec under `into/base_model` once (a resumed run reuses it)."""
+    try:
+        spec = TinyDiffusionSpec(**tiny)
+    except TypeError as err:
+        raise ModelError(f"bad model.tiny spec for a diffusion model: {err}") from err
+    target = into / "base_model"
+    if not (target / "unet" / "config.json").exists():
+        save_tiny_diffusion(target, spec)
+    return target
