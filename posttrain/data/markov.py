@@ -206,3 +206,52 @@ def mixture_curve(world: MarkovWorld, score, mix: Sequence[float] = (0.0, 0.25, 
             cands.append(world.sample_mixture(pool[target], pool[other], a, prompt, rng))
         means.append(float(np.mean(score(prompts, cands, refs))))
     return means
+
+
+def policy_kl(world: MarkovWorld, target: str, model, tokenizer, n: int = 256, seed: int = 0) -> float:
+    """Forward KL(target || policy) over continuations, per sequence: E_{c ~ target}[log P_T(c|p) - log pi(c|p)],
+    estimated by teacher-forcing n target samples through the policy LM (no generation, so low variance)."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(seed)
+    gaps = []
+    model.eval()
+    for _ in range(n):
+        prompt = world.prompt(rng)
+        cont = world.sample(target, prompt, rng)
+        p_ids = tokenizer(prompt)["input_ids"]
+        c_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p_ids + c_ids])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        picked = logps[torch.arange(len(p_ids) - 1, ids.shape[1] - 1), torch.tensor(c_ids)]
+        gaps.append(world.logprob(target, prompt, cont) - float(picked.sum()))
+    return float(np.mean(gaps))
+
+
+def continuation_rows(world: MarkovWorld, policies: Sequence[str], n: int, seed: int) -> list[dict[str, str]]:
+    """SFT rows (prompt, completion) with continuations from `policies` in turn: a policy LM trained on them starts
+    as their mixture."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        prompt = world.prompt(rng)
+        rows.append({"prompt": prompt, "completion": world.sample(policies[i % len(policies)], prompt, rng)})
+    return rows
+
+
+def reference_rows(world: MarkovWorld, target: str | Sequence[str], n: int, seed: int) -> list[dict[str, str]]:
+    """RL rows (prompt, reference): the reference is written by `target`, or, given several policies, by one drawn
+    at random per row (the shuffled-reference control)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pool = [target] if isinstance(target, str) else list(target)
+    rows = []
+    for _ in range(n):
+        prompt = world.prompt(rng)
+        rows.append({"prompt": prompt, "reference": world.sample(pool[int(rng.integers(len(pool)))], prompt, rng)})
+    return rows
