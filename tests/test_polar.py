@@ -1,5 +1,6 @@
 """POLAR: the input layout and truncation, scoring, the loss, the synthetic Markov world, and pretraining a tiny RM."""
 
+import json
 import math
 
 import pytest
@@ -403,3 +404,62 @@ training: {{max_steps: 40, per_device_train_batch_size: 16, learning_rate: 3.0e-
     assert 0.2 < result.before["eval/reward/accuracy"] < 0.8
     assert result.after["eval/reward/accuracy"] >= 0.95
     assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
+# ---- recipe errors and resume --------------------------------------------------------------------------------
+
+
+def _polar_recipe(tmp_path, **training):
+    from posttrain.recipe import load_recipe
+
+    rows = [{"prompt": "ab", "reference": "cde", "chosen": "cdd", "rejected": "hhh"}] * 16
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = {"max_steps": 4, "per_device_train_batch_size": 4, "save_steps": 2, "logging_steps": 1, **training}
+    path = tmp_path / "polar.yaml"
+    path.write_text(f"""
+name: polar-small
+trainer: polar
+model: {{tiny: {{task: markov, hidden_size: 32, intermediate_size: 64}}}}
+data: {{train: {{path: {tmp_path / "t.jsonl"}}}}}
+algorithm: {{stage: pretrain, max_length: 64, max_response_length: 16}}
+output_dir: {tmp_path / "run"}
+training: {json.dumps(settings)}
+""")
+    return path, load_recipe
+
+
+def test_polar_recipe_errors_name_the_key(tmp_path):
+    from posttrain.errors import RecipeError
+    from posttrain.train import dry_run_plan
+
+    path, load_recipe = _polar_recipe(tmp_path)
+    with pytest.raises(RecipeError, match="algorithm.stage must be one of pretrain, finetune, got 'pretrian'"):
+        dry_run_plan(load_recipe(path, ["algorithm.stage=pretrian"]))
+    with pytest.raises(RecipeError, match="unknown key 'max_lenght' in algorithm.*max_length"):
+        load_recipe(path, ["algorithm.max_lenght=64"])
+    with pytest.raises(RecipeError, match="no room for the prompt"):
+        dry_run_plan(load_recipe(path, ["algorithm.max_response_length=40"]))
+
+
+def test_polar_row_missing_a_reference_is_named(tmp_path):
+    from posttrain.train import train_recipe
+
+    path, load_recipe = _polar_recipe(tmp_path)
+    (tmp_path / "t.jsonl").write_text(
+        json.dumps({"prompt": "ab", "reference": "cd", "chosen": "c", "rejected": "h"}) + "\n"
+        + json.dumps({"prompt": "ab", "chosen": "c", "rejected": "h"}) + "\n"
+    )  # fmt: skip
+    with pytest.raises(DataError, match="t.jsonl.*row 2 is missing field 'reference'"):
+        train_recipe(load_recipe(path))
+
+
+def test_polar_training_resumes_from_its_last_checkpoint(tmp_path):
+    from posttrain.runs import RunDir
+    from posttrain.train import train_recipe
+
+    path, load_recipe = _polar_recipe(tmp_path)
+    train_recipe(load_recipe(path))
+    result = train_recipe(load_recipe(path, ["training.max_steps=6"]), resume=True)
+    assert result.global_step == 6
+    steps = [r["step"] for r in RunDir(tmp_path / "run").read_metrics() if "accuracy" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # logged with the POLAR metrics, no step repeated or lost
