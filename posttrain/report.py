@@ -34,12 +34,23 @@ def plot_curves(records: list[dict[str, Any]], out: Path, title: str) -> list[st
     if not series:
         return []
     panels = [[k] for k in CURVE_KEYS if k in series]
-    evals = sorted(k for k in series if k.startswith("eval/"))
+    # Accuracy-like held-out metrics share a [0, 1] panel; others (a reward model's scores, margin, loss) get one
+    # panel each on their own scale.
+    evals = sorted(k for k in series if k.startswith("eval/") and "accuracy" in k)
     if evals:
         panels.append(evals)
+    others = [k for k in sorted(series) if k.startswith("eval/") and "accuracy" not in k]
+    scores = [k for k in others if k.endswith("_score")]  # e.g. chosen vs rejected: compared on one panel
+    if scores:
+        panels.append(scores)
+    panels += [[k] for k in others if k not in scores]
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.3), squeeze=False)
-    for ax, keys in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, keys in zip(axes.flat, panels):
         for key in keys:
             points = sorted(series[key].items())
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None,
@@ -50,6 +61,11 @@ def plot_curves(records: list[dict[str, Any]], out: Path, title: str) -> list[st
             ax.set_title("held-out accuracy", fontsize=9)
             ax.set_ylim(0, 1.02)
             ax.legend(fontsize=7, loc="lower right")
+        elif keys is scores:
+            ax.set_title("held-out scores", fontsize=9)
+            ax.legend(fontsize=7)
+        elif keys[0].startswith("eval/"):
+            ax.set_title(f"held-out {keys[0].removeprefix('eval/')}", fontsize=9)
         else:
             ax.set_title(f"training {keys[0]}", fontsize=9)
     fig.suptitle(title, fontsize=10)

@@ -267,6 +267,8 @@ def test_pretraining_discriminates_held_out_policies(pretrained):
     assert before["eval/polar/accuracy"] < 0.6
     assert after["eval/polar/accuracy"] >= 0.7  # chains never seen in training
     assert after["eval/polar/loss"] < math.log(2)
+    curve = {r["step"]: r["eval/polar/accuracy"] for r in train if "eval/polar/accuracy" in r}
+    assert {0, 200, 400, 600} <= set(curve)  # before, every eval.every_steps, after
 
 
 @pytest.mark.slow

@@ -107,7 +107,14 @@ def run_training(
 
     from posttrain.evaluation import evaluate, recipe_benchmarks
     from posttrain.rollout.hf import HFGenerator
-    from posttrain.trainers.callbacks import CheckpointMarker, HeldOutEval, MetricsJsonl, Progress, TimeBudget
+    from posttrain.trainers.callbacks import (
+        CheckpointMarker,
+        EvaluatorEval,
+        HeldOutEval,
+        MetricsJsonl,
+        Progress,
+        TimeBudget,
+    )
 
     stage = recipe.name
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts when the default tqdm bar is off
@@ -119,6 +126,8 @@ def run_training(
     if "time_budget_s" in recipe.training:
         trainer.add_callback(TimeBudget(recipe.training["time_budget_s"]))
     benchmarks = recipe_benchmarks(recipe) if evaluator is None else []
+    if evaluator is not None and recipe.eval.every_steps:
+        trainer.add_callback(EvaluatorEval(evaluator, recipe.eval.every_steps, metrics))
     if benchmarks and recipe.eval.every_steps:
         every = recipe.eval.every_steps
         trainer.add_callback(HeldOutEval(benchmarks, tokenizer, every, metrics, recipe.eval.batch_size))

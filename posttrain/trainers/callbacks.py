@@ -100,6 +100,21 @@ class Progress(TrainerCallback):
             self.bar = None
 
 
+class EvaluatorEval(TrainerCallback):
+    """Every `every_steps` steps, log a trainer's own `evaluator(model) -> metrics` (reward models: held-out pairs)."""
+
+    def __init__(self, evaluator, every_steps: int, metrics: MetricsJsonl):
+        self.evaluator = evaluator
+        self.every_steps = every_steps
+        self.metrics = metrics
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None or state.global_step % self.every_steps != 0:
+            return
+        self.metrics.pending.update(self.evaluator(getattr(model, "module", model)))
+        control.should_log = True
+
+
 class HeldOutEval(TrainerCallback):
     """Evaluate the recipe's benchmarks every `every_steps` steps with the model being trained.
 
