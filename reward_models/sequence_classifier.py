@@ -1,14 +1,24 @@
-"""Classic reward model: a sequence classifier with one output, read at the last non-pad token."""
+"""Classic reward model: a sequence classifier with one output, read at the last non-pad token; and the
+`sequence_classifier` reward that wraps it for GRPO/NFT."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from typing import Any
 
-from posttrain.errors import ModelError
+from posttrain.errors import ModelError, RewardError
+from reward_models.registry import register
+from reward_models.scoring import messages_text
 
 
 class SequenceClassifierScorer:
-    """Score full texts with an `AutoModelForSequenceClassification` reward model (num_labels = 1), batched."""
+    """Score full texts with an `AutoModelForSequenceClassification` reward model (num_labels = 1), batched.
+
+    `scorer(texts)` scores finished texts; `scorer.score(prompts, completions)` (the `Scorer` protocol) scores
+    prompt + completion. A classic RM judges a completion on its own, so `score` refuses references rather than
+    ignoring them: a job that sends references expects them to count.
+    """
 
     def __init__(self, model_path: str, *, batch_size: int = 16, max_length: int = 2048, device: str | None = None):
         import torch
@@ -28,6 +38,11 @@ class SequenceClassifierScorer:
         self.batch_size = batch_size
         self.max_length = max_length
 
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> SequenceClassifierScorer:
+        """Same as the constructor; mirrors `PolarScorer.from_pretrained` for the reward server's CLI."""
+        return cls(path, **kwargs)
+
     def __call__(self, texts: list[str]) -> list[float]:
         import torch
 
@@ -41,3 +56,44 @@ class SequenceClassifierScorer:
                 logits = self.model(**enc).logits
             scores.extend(logits[:, 0].float().tolist())
         return scores
+
+    def score(
+        self, prompts: Sequence[Any], completions: Sequence[Any], references: Sequence[Any] | None = None
+    ) -> list[float]:
+        """Scores of prompt + completion. Items are strings or message lists (TRL's conversational form)."""
+        if references is not None:
+            raise RewardError(
+                "a sequence-classifier reward model scores prompt + completion alone and cannot use references; "
+                "send none (unset reference_column)"
+            )
+        if len(prompts) != len(completions):
+            raise RewardError(f"sequence classifier: {len(prompts)} prompts for {len(completions)} completions")
+        return self([self.text(p, c) for p, c in zip(prompts, completions)])
+
+    def text(self, prompt: Any, completion: Any) -> str:
+        """The text the RM reads: a conversation through the RM's own chat template when it has one (RMs are
+        trained on templated chats), otherwise prompt and completion concatenated."""
+        if isinstance(prompt, list) and isinstance(completion, list) and self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        return messages_text(prompt) + messages_text(completion)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_scorer(model: str, batch_size: int, max_length: int) -> SequenceClassifierScorer:
+    """One loaded RM per (path, settings) for the whole process: rewards are called every step."""
+    return SequenceClassifierScorer(model, batch_size=batch_size, max_length=max_length)
+
+
+@register("sequence_classifier")
+def sequence_classifier_reward(
+    prompts: list[Any],
+    completions: list[Any],
+    *,
+    model: str,
+    batch_size: int = 16,
+    max_length: int = 2048,
+    **columns: Any,
+) -> list[float]:
+    """Classic RM reward for GRPO/NFT: the sequence classifier's scalar for prompt + completion, batched.
+    `model` is a local dir loadable with `AutoModelForSequenceClassification` (num_labels = 1)."""
+    return cached_scorer(str(model), int(batch_size), int(max_length)).score(prompts, completions)
