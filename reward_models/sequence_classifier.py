@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,9 +27,19 @@ class SequenceClassifierScorer:
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1)
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                model_path, num_labels=1, output_loading_info=True
+            )
         except OSError as err:
             raise ModelError(f"could not load reward model '{model_path}': {err}") from err
+        missing_head = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]
+        if missing_head:
+            # A plain LM dir loads "fine" with a random head: every score would be noise. Say so loudly.
+            warnings.warn(
+                f"reward model '{model_path}' has no trained scalar head ({', '.join(missing_head)} newly "
+                "initialised): its scores are random. Point it at a trained reward model dir.",
+                stacklevel=2,
+            )
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # The classifier head reads the last non-pad token, which it finds through config.pad_token_id.

@@ -351,3 +351,10 @@ def test_cli_serves_a_polar_rm_that_needs_references(tmp_path, monkeypatch):
     refused = post(client, {"prompts": ["Q"], "completions": ["Paris"]})
     assert refused.status_code == 422
     assert "pass references" in refused.json()["error"]
+
+
+def test_sequence_classifier_warns_when_the_head_is_untrained(tiny_model_dir):
+    from reward_models.sequence_classifier import SequenceClassifierScorer
+
+    with pytest.warns(UserWarning, match="no trained scalar head.*scores are random"):
+        SequenceClassifierScorer(str(tiny_model_dir))
