@@ -28,10 +28,11 @@ from posttrain.recipe import deep_merge, suggest
 
 GRADER_NAMES = ("math_verify", "numeric_match", "gsm8k_strict", "gsm8k_flexible")
 BENCHMARK_KEYS = ("name", "use", "kind", "data", "prompt", "generation", "grader", "metrics", "slice_column", "limit",
-                  "reward_model")  # fmt: skip
+                  "reward_model", "scorer", "baseline")  # fmt: skip
 PROMPT_KEYS = ("template", "chat_template", "system_prompt", "few_shot", "few_shot_data", "shot_template")
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed")
-KINDS = ("generate", "preference", "polar")
+DIFFUSION_GENERATION_KEYS = ("steps", "guidance_scale", "seed", "n", "batch_size")
+KINDS = ("generate", "preference", "polar", "diffusion")
 
 # lm-eval-harness's GSM8K prompt ("Question: ...\nAnswer:", 5 shots from the train split), so numbers compare.
 _GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "\n\n\n"]
@@ -69,6 +70,21 @@ BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
         "kind": "polar",
         "data": {"synthetic": "polar_markov", "split": "heldout", "n": 1000},
     },
+    # Text-to-image (posttrain.evaluation.diffusion): mean image score over seeded samples, win rate vs `baseline`.
+    # The coloured-squares task (posttrain.data.toy_images) with its analytic saturation reward: 16 per colour.
+    "toy_colors": {
+        "kind": "diffusion",
+        "data": {"prompts": ["red", "green", "blue"], "repeat": 16},
+        "generation": {"steps": 20, "guidance_scale": 3.0, "seed": 0, "n": 1, "batch_size": 48},
+        "scorer": "saturation",
+    },
+    # ImageReward's 100 benchmark prompts (ImageReward paper, sec. 5); needs the `image-reward` package and weights.
+    "imagereward_prompts": {
+        "kind": "diffusion",
+        "data": {"path": "../shared/data/imagereward/benchmark_prompts.json", "column": "prompt"},
+        "generation": {"steps": 50, "guidance_scale": 7.5, "seed": 0, "n": 1, "batch_size": 8},
+        "scorer": "imagereward",
+    },
 }  # fmt: skip
 
 
@@ -86,9 +102,14 @@ class BenchmarkSpec:
     slice_column: str | None = None
     limit: int | None = None
     reward_model: str | None = None  # preference benchmarks: the RM to score with (defaults to --model)
+    scorer: Any = None  # diffusion benchmarks: an image scorer name or {name, **options} (reward_models.image)
+    baseline: str | None = None  # diffusion benchmarks: a model whose images the win rate compares against
 
     def settings(self) -> dict[str, Any]:
         """Everything that determines this benchmark's numbers, for the results store's settings hash."""
+        if self.kind == "diffusion":  # the other kinds keep their keys, so their stored hashes stay valid
+            return {"kind": self.kind, "data": self.data, "generation": self.generation, "scorer": self.scorer,
+                    "baseline": self.baseline, "limit": self.limit}  # fmt: skip
         return {"kind": self.kind, "data": self.data, "prompt": self.prompt, "generation": self.generation,
                 "grader": self.grader, "limit": self.limit}  # fmt: skip
 
@@ -156,10 +177,13 @@ def resolve_benchmark(entry: Any, where: str, base_dir: Path | None = None) -> B
     if "data" not in definition:
         raise RecipeError(f"{where} ({definition['name']}): missing 'data' (a data source)")
     _check_section(definition.get("prompt", {}), PROMPT_KEYS, f"{where}.prompt")
-    _check_section(definition.get("generation", {}), GENERATION_KEYS, f"{where}.generation")
     kind = definition.get("kind", "generate")
     if kind not in KINDS:
         raise RecipeError(f"{where}: kind must be one of {', '.join(KINDS)}, got '{kind}'")
+    generation_keys = DIFFUSION_GENERATION_KEYS if kind == "diffusion" else GENERATION_KEYS
+    _check_section(definition.get("generation", {}), generation_keys, f"{where}.generation")
+    if kind != "diffusion" and ("scorer" in definition or "baseline" in definition):
+        raise RecipeError(f"{where}: 'scorer' and 'baseline' apply to kind: diffusion only")
     grader = definition.get("grader", "math_verify")
     if kind == "generate" and grader not in GRADER_NAMES:
         raise RecipeError(

@@ -47,13 +47,22 @@ def run_suite(
     from tqdm.auto import tqdm
 
     suite = load_suite(suite_path)
-    benchmarks = [build_benchmark(spec, limit=limit) for spec in suite.benchmarks]  # data errors before any model
+    from posttrain.evaluation.diffusion import build_diffusion_benchmark
+
+    benchmarks = [
+        (build_diffusion_benchmark if spec.kind == "diffusion" else build_benchmark)(spec, limit=limit)
+        for spec in suite.benchmarks
+    ]  # data errors before any model
     label = label or model_label(model)
     if not Path(model).exists() and model.count("/") != 1:
         raise ModelError(f"model path '{model}' does not exist")
     outcomes = []
     for bench in tqdm(benchmarks, desc=f"eval {label}", unit="benchmark"):
-        if bench.kind == "polar":
+        if bench.kind == "diffusion":
+            from posttrain.evaluation.diffusion import evaluate_diffusion
+
+            result = evaluate_diffusion(model, bench)
+        elif bench.kind == "polar":
             from reward_models.polar import PolarScorer
 
             result = evaluate_polar(PolarScorer.from_pretrained(bench.spec.reward_model or model), bench)

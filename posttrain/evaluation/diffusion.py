@@ -1,0 +1,203 @@
+"""`kind: diffusion` benchmarks: prompts → images (fixed seeds, DDIM + CFG) → an image scorer → mean score with its
+standard error and 95% interval, and, when `baseline:` names a second model, the win rate against the baseline's
+images for the same prompts and the same initial noise.
+
+```yaml
+- name: toy_colors
+  kind: diffusion
+  data: {prompts: [red, green, blue], repeat: 16}      # or {path: prompts.json|.jsonl|.txt, column: prompt}
+  generation: {steps: 10, guidance_scale: 3.0, seed: 0, n: 1, batch_size: 32}
+  scorer: saturation                                  # or {name: pickscore, model_path: ..., processor_path: ...}
+  baseline: runs/base/final                           # optional
+```
+
+Seeds: images are drawn in the benchmark's row order (each prompt `n` times), `batch_size` at a time, the initial
+noise from one CPU generator seeded with `generation.seed`; so the noise of image i is fixed by (seed, i,
+batch_size) and is the same for the model and its baseline (DDIM with eta = 0 draws no other noise).
+
+Win rate: per image, 1 if the model's score beats the baseline's, 0.5 on a tie, 0 otherwise, averaged; a model
+against itself therefore scores exactly 0.5. In the results store, `accuracy` holds the mean score (the headline
+number the leaderboard shows) and `accuracy_stderr` its standard error; `win_rate` and friends sit beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import DataError, RewardError
+from posttrain.evaluation.runner import EvalResult
+from posttrain.evaluation.suite import BenchmarkSpec
+
+DATA_KEYS = ("prompts", "path", "column", "repeat")
+Z95 = 1.959963984540054
+
+
+@dataclass
+class DiffusionBenchmark:
+    """Prompts ready to sample, with the sampling settings and the scorer spec of a `kind: diffusion` benchmark."""
+
+    name: str
+    prompts: list[str]
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+    n: int = 1  # images per prompt
+    batch_size: int = 32
+    scorer: dict[str, Any] = field(default_factory=lambda: {"name": "saturation"})
+    baseline: str | None = None
+    kind: str = "diffusion"
+    spec: Any = None
+
+
+def scorer_spec(value: Any) -> dict[str, Any]:
+    """`scorer: name` or `scorer: {name: ..., **kwargs}` → {"name": ..., **kwargs}."""
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return dict(value)
+    raise DataError(f"scorer must be a name or a mapping with 'name', got {value!r}")
+
+
+def load_prompts(data: dict[str, Any], origin: str) -> list[str]:
+    """Prompts from `prompts:` (a list) or `path:` (a JSON list of strings or of rows, jsonl rows, or a .txt file
+    with one prompt a line; rows give `column`, default `prompt`), each repeated `repeat` times in a row."""
+    unknown = [k for k in data if k not in DATA_KEYS]
+    if unknown:
+        raise DataError(f"{origin}: unknown key '{unknown[0]}' in diffusion data (keys: {', '.join(DATA_KEYS)})")
+    if "prompts" in data:
+        prompts = data["prompts"]
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise DataError(f"{origin}: data.prompts must be a list of strings")
+    elif "path" in data:
+        prompts = _prompts_from_file(Path(data["path"]).expanduser(), str(data.get("column", "prompt")), origin)
+    else:
+        raise DataError(f"{origin}: diffusion data needs 'prompts' (a list) or 'path' (a prompt file)")
+    repeat = int(data.get("repeat", 1))
+    prompts = [p for p in prompts for _ in range(repeat)]
+    if not prompts:
+        raise DataError(f"{origin}: has no prompts")
+    return prompts
+
+
+def _prompts_from_file(path: Path, column: str, origin: str) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{origin}: prompt file {path} not found")
+    text = path.read_text()
+    if path.suffix == ".txt":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else None
+        rows = rows if rows is not None else json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{origin}: {path} is not valid JSON: {err}") from err
+    prompts = []
+    for i, row in enumerate(rows):
+        value = row if isinstance(row, str) else row.get(column) if isinstance(row, dict) else None
+        if not isinstance(value, str):
+            raise DataError(f"{origin}: {path}: row {i + 1} has no string '{column}'")
+        prompts.append(value)
+    return prompts
+
+
+def build_diffusion_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> DiffusionBenchmark:
+    """Load the prompts (errors name the benchmark); `limit` caps the number of prompts (after `repeat`)."""
+    origin = f"benchmark '{spec.name}'"
+    prompts = load_prompts(spec.data, origin)
+    cap = min(x for x in (limit, spec.limit, len(prompts)) if x is not None)
+    g = spec.generation
+    return DiffusionBenchmark(
+        name=spec.name, prompts=prompts[:cap], steps=int(g.get("steps", 20)),
+        guidance_scale=float(g.get("guidance_scale", 7.5)), seed=int(g.get("seed", 0)), n=int(g.get("n", 1)),
+        batch_size=int(g.get("batch_size", 32)), scorer=scorer_spec(spec.scorer or "saturation"),
+        baseline=spec.baseline, spec=spec,
+    )  # fmt: skip
+
+
+def sample_images(
+    stack: Any,
+    prompts: list[str],
+    steps: int,
+    guidance_scale: float,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: Any = None,
+):
+    """Images (len(prompts), 3, H, W) in [-1, 1] on the CPU, one per prompt, by DDIM + CFG from seeded noise
+    (see the module docstring for what fixes each image's noise)."""
+    import torch
+
+    from posttrain.diffusion import ddim_sample, encode_prompts, model_space_to_images, tokenize
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for module in (stack.unet, stack.text_encoder, stack.vae):
+        if module is not None:
+            module.to(device).eval()
+    config = stack.unet.config
+    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    generator = torch.Generator().manual_seed(seed)
+    uncond = encode_prompts(stack, tokenize(stack.tokenizer, [""]))
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        cond = encode_prompts(stack, tokenize(stack.tokenizer, chunk))
+        shape = (len(chunk), config.in_channels, size, size)
+        x = ddim_sample(stack.unet, stack.scheduler.config, cond, uncond.expand(len(chunk), -1, -1), shape, steps,
+                        guidance_scale, generator)  # fmt: skip
+        out.append(model_space_to_images(stack, x).cpu())
+    return torch.cat(out)
+
+
+def win_rates(scores: list[float], baseline_scores: list[float]) -> list[float]:
+    """Per image: 1 if the score beats the baseline's, 0.5 on a tie, 0 otherwise."""
+    if len(scores) != len(baseline_scores):
+        raise ValueError(f"win_rates: {len(scores)} scores but {len(baseline_scores)} baseline scores")
+    return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores)]
+
+
+def mean_ci(values: list[float]) -> dict[str, float]:
+    """Mean, its standard error and a normal 95% interval (mean ± 1.96 stderr)."""
+    from posttrain.evaluation.metrics import mean_stderr
+
+    mean, stderr = mean_stderr(values)
+    return {"mean": mean, "stderr": stderr, "ci95_low": mean - Z95 * stderr, "ci95_high": mean + Z95 * stderr}
+
+
+def score_model(model: str | Path, bench: DiffusionBenchmark, scorer: Any, device: Any = None):
+    """(prompts in sampling order, images, scores) of `model` on the benchmark."""
+    from posttrain.diffusion import load_stack
+
+    prompts = [p for p in bench.prompts for _ in range(bench.n)]
+    stack = load_stack(model)
+    images = sample_images(stack, prompts, bench.steps, bench.guidance_scale, bench.seed, bench.batch_size, device)
+    return prompts, images, scorer.score(images, prompts)
+
+
+def evaluate_diffusion(model: str | Path, bench: DiffusionBenchmark, scorer: Any = None, device: Any = None):
+    """Sample, score and aggregate; with a baseline, also sample it with the same noise and count wins."""
+    if scorer is None:
+        from reward_models.image import image_scorer
+
+        spec = dict(bench.scorer)
+        scorer = image_scorer(spec.pop("name"), **spec)
+    prompts, _, scores = score_model(model, bench, scorer, device)
+    stats = mean_ci(scores)
+    extra = {"score_mean": stats["mean"], "score_stderr": stats["stderr"], "score_ci95_low": stats["ci95_low"],
+             "score_ci95_high": stats["ci95_high"]}  # fmt: skip
+    samples = [{"prompt": p, "index": i, "score": s} for i, (p, s) in enumerate(zip(prompts, scores))]
+    if bench.baseline is not None:
+        _, _, base_scores = score_model(bench.baseline, bench, scorer, device)
+        wins = win_rates(scores, base_scores)
+        w = mean_ci(wins)
+        extra.update(win_rate=w["mean"], win_rate_stderr=w["stderr"], win_rate_ci95_low=w["ci95_low"],
+                     win_rate_ci95_high=w["ci95_high"], baseline_score_mean=sum(base_scores) / len(base_scores))  # fmt: skip
+        for sample, b, win in zip(samples, base_scores, wins):
+            sample.update(baseline_score=b, win=win)
+    if not all(math.isfinite(s) for s in scores):
+        raise RewardError(f"benchmark '{bench.name}': scorer '{bench.scorer['name']}' returned a non-finite score")
+    return EvalResult(
+        name=bench.name, accuracy=stats["mean"], n=len(scores), stderr=stats["stderr"], extra=extra, samples=samples
+    )

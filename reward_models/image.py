@@ -1,0 +1,259 @@
+"""Image scorers for text-to-image evaluation: `score(images, prompts) -> list[float]`, one score per image.
+
+`images` is a list of PIL images or a float tensor (B, 3, H, W) in [-1, 1] (what `posttrain.diffusion` samples);
+each scorer converts to what it needs. Built-ins, by name (`image_scorer(name, **kwargs)`):
+
+- `saturation`: the coloured-squares task's analytic reward (`posttrain.data.toy_images.saturation_reward`): ~1.0
+  for a saturated square of the prompt's colour, ~0.25 for a dull one, 0 for grey. Needs nothing.
+- `pickscore`: PickScore (Kirstain et al. 2023), a CLIP-H fine-tuned on Pick-a-Pic: 100 x logit_scale-free cosine
+  of the CLIP image and text embeddings, times the model's logit scale, as the authors' inference snippet computes.
+- `hpsv2`: Human Preference Score v2 (Wu et al. 2023) through the `hpsv2` package.
+- `imagereward`: ImageReward (Xu et al. 2023) through the `image-reward` package (`import ImageReward`).
+- `clip_score`: CLIPScore (Hessel et al. 2021) as torchmetrics computes it: max(100 x cos(image, text), 0).
+
+The real adapters import their packages and load their weights lazily, in the constructor (so an evaluation fails
+before it samples any image), and raise `ImageScorerError` naming the missing package or weights path. No hub
+downloads are attempted implicitly: pass a local path (or a hub id when your machine is online).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from posttrain.errors import RewardError
+from posttrain.recipe import suggest
+
+
+class ImageScorerError(RewardError):
+    """An image scorer can't be built: unknown name, missing package or missing weights."""
+
+
+class ImageScorer(Protocol):
+    name: str
+
+    def score(self, images: Any, prompts: Sequence[str]) -> list[float]: ...
+
+
+# ------------------------------------------------------------------------------------------ conversions
+
+
+def to_tensor(images: Any):
+    """PIL images or a (B, 3, H, W) tensor in [-1, 1] → a float tensor (B, 3, H, W) in [-1, 1] on the CPU."""
+    import torch
+
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected a (B, 3, H, W) tensor, got shape {tuple(images.shape)}")
+        return images.detach().float().cpu()
+    import numpy as np
+
+    arrays = [np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_pil(images: Any) -> list:
+    """A (B, 3, H, W) tensor in [-1, 1] (or PIL images, returned as they are) → a list of RGB PIL images."""
+    import torch
+    from PIL import Image
+
+    if not isinstance(images, torch.Tensor):
+        return [image.convert("RGB") for image in images]
+    pixels = ((to_tensor(images).clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def _check_lengths(images: Any, prompts: Sequence[str]) -> None:
+    n = images.shape[0] if hasattr(images, "shape") else len(images)
+    if n != len(prompts):
+        raise ValueError(f"score: {n} images but {len(prompts)} prompts")
+
+
+def _require(module: str, package: str, scorer: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImageScorerError(
+            f"image scorer '{scorer}' needs the package '{package}' (pip install {package}); "
+            f"importing '{module}' failed: {err}"
+        ) from err
+
+
+def _require_weights(path: str | Path, scorer: str, what: str, hint: str) -> str:
+    """A local weights dir must exist; a hub id is passed through (from_pretrained fails clearly when offline)."""
+    text = str(path)
+    looks_local = text.startswith((".", "/", "~")) or Path(text).expanduser().exists() or text.count("/") != 1
+    if looks_local and not Path(text).expanduser().exists():
+        raise ImageScorerError(f"image scorer '{scorer}': {what} not found at {text} ({hint})")
+    return str(Path(text).expanduser()) if looks_local else text
+
+
+def _load(loader: Callable[[], Any], scorer: str, path: str, hint: str) -> Any:
+    try:
+        return loader()
+    except (OSError, ValueError) as err:
+        raise ImageScorerError(f"image scorer '{scorer}': could not load weights from {path} ({hint}): {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------- toy
+
+
+class SaturationScorer:
+    """The coloured-squares task's analytic reward; prompts must be 'red', 'green' or 'blue'."""
+
+    name = "saturation"
+
+    def score(self, images: Any, prompts: Sequence[str]) -> list[float]:
+        from posttrain.data.toy_images import COLORS, saturation_reward
+
+        _check_lengths(images, prompts)
+        bad = [p for p in prompts if p.strip().lower() not in COLORS]
+        if bad:
+            raise ImageScorerError(f"image scorer 'saturation': prompts must be one of {COLORS}, got {bad[0]!r}")
+        return [float(v) for v in saturation_reward(to_tensor(images), list(prompts))]
+
+
+# ------------------------------------------------------------------------------------------ CLIP-based
+
+
+class _ClipLike:
+    """Shared by PickScore and CLIP score: a transformers CLIP model + processor, cosine of the embeddings."""
+
+    name = ""
+    hint = ""
+
+    def __init__(self, model_path: str, processor_path: str | None = None, device: str | None = None):
+        transformers = _require("transformers", "transformers", self.name)
+        import torch
+
+        model_path = _require_weights(model_path, self.name, "model weights", self.hint)
+        processor_path = _require_weights(processor_path or model_path, self.name, "processor", self.hint)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.processor = _load(lambda: transformers.AutoProcessor.from_pretrained(processor_path), self.name,
+                               processor_path, self.hint)  # fmt: skip
+        self.model = _load(lambda: transformers.AutoModel.from_pretrained(model_path), self.name, model_path, self.hint)
+        self.model.eval().to(self.device)
+
+    def _cosine(self, images: Any, prompts: Sequence[str]):
+        import torch
+
+        inputs = self.processor(
+            images=to_pil(images), text=list(prompts), padding=True, truncation=True, max_length=77,
+            return_tensors="pt",
+        ).to(self.device)  # fmt: skip
+        with torch.no_grad():
+            image_emb = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+            text_emb = self.model.get_text_features(
+                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
+            )
+        image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
+        text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
+        return (image_emb * text_emb).sum(dim=-1)
+
+
+class PickScoreScorer(_ClipLike):
+    """PickScore: logit_scale x cos(image, text) with the PickScore_v1 CLIP-H (Kirstain et al. 2023, the authors'
+    inference snippet); ~21-23 for typical SD 1.5 images."""
+
+    name = "pickscore"
+    hint = (
+        "download yuvalkirstain/PickScore_v1 and laion/CLIP-ViT-H-14-laion2B-s32B-b79K (processor) and pass their paths"
+    )
+
+    def __init__(self, model_path: str = "yuvalkirstain/PickScore_v1",
+                 processor_path: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device: str | None = None):  # fmt: skip
+        super().__init__(model_path, processor_path, device)
+
+    def score(self, images: Any, prompts: Sequence[str]) -> list[float]:
+        _check_lengths(images, prompts)
+        scale = self.model.logit_scale.exp()
+        return [float(v) for v in (scale * self._cosine(images, prompts)).cpu()]
+
+
+class ClipScorer(_ClipLike):
+    """CLIPScore as torchmetrics defines it: max(100 x cos(image, text), 0) (Hessel et al. 2021 without w = 2.5)."""
+
+    name = "clip_score"
+    hint = "download openai/clip-vit-large-patch14 (or another CLIP) and pass model_path"
+
+    def __init__(self, model_path: str = "openai/clip-vit-large-patch14", device: str | None = None):
+        super().__init__(model_path, None, device)
+
+    def score(self, images: Any, prompts: Sequence[str]) -> list[float]:
+        _check_lengths(images, prompts)
+        return [float(v) for v in (100.0 * self._cosine(images, prompts)).clamp(min=0.0).cpu()]
+
+
+# ------------------------------------------------------------------------------------- package-based
+
+
+class HPSv2Scorer:
+    """HPS v2 / v2.1 through the `hpsv2` package (`hpsv2.score(images, prompt, hps_version=...)`, one prompt per
+    call). `checkpoint` is a local HPS checkpoint; without one the package downloads it, which fails offline."""
+
+    name = "hpsv2"
+
+    def __init__(self, hps_version: str = "v2.1", checkpoint: str | None = None):
+        self.hpsv2 = _require("hpsv2", "hpsv2", self.name)
+        if checkpoint is not None:
+            _require_weights(checkpoint, self.name, "checkpoint", "pass the path of HPS_v2.1_compressed.pt")
+        self.hps_version = hps_version
+        self.checkpoint = checkpoint
+
+    def score(self, images: Any, prompts: Sequence[str]) -> list[float]:
+        _check_lengths(images, prompts)
+        extra = {"cp": self.checkpoint} if self.checkpoint else {}
+        out = []
+        for image, prompt in zip(to_pil(images), prompts):
+            value = self.hpsv2.score([image], prompt, hps_version=self.hps_version, **extra)
+            out.append(float(value[0] if isinstance(value, (list, tuple)) else value))
+        return out
+
+
+class ImageRewardScorer:
+    """ImageReward through the `image-reward` package: `ImageReward.load(name_or_path).score(prompt, images)`.
+    `model` is "ImageReward-v1.0" (downloaded by the package, so online only) or a local .pt checkpoint."""
+
+    name = "imagereward"
+
+    def __init__(self, model: str = "ImageReward-v1.0", med_config: str | None = None, device: str | None = None):
+        rm = _require("ImageReward", "image-reward", self.name)
+        if model != "ImageReward-v1.0":
+            _require_weights(model, self.name, "checkpoint", "pass a local ImageReward.pt (and med_config.json)")
+        kwargs = {"med_config": med_config} if med_config else {}
+        if device:
+            kwargs["device"] = device
+        self.model = _load(lambda: rm.load(model, **kwargs), self.name, model, "ImageReward.load")
+
+    def score(self, images: Any, prompts: Sequence[str]) -> list[float]:
+        _check_lengths(images, prompts)
+        out = []
+        for image, prompt in zip(to_pil(images), prompts):
+            value = self.model.score(prompt, [image])
+            out.append(float(value[0] if isinstance(value, (list, tuple)) else value))
+        return out
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+IMAGE_SCORERS: dict[str, Callable[..., ImageScorer]] = {
+    "saturation": SaturationScorer,
+    "pickscore": PickScoreScorer,
+    "hpsv2": HPSv2Scorer,
+    "imagereward": ImageRewardScorer,
+    "clip_score": ClipScorer,
+}
+
+
+def image_scorer(name: str, **kwargs: Any) -> ImageScorer:
+    """Build the image scorer `name` (see IMAGE_SCORERS) with its keyword options (weights paths, device)."""
+    if name not in IMAGE_SCORERS:
+        raise ImageScorerError(
+            f"unknown image scorer '{name}'{suggest(name, IMAGE_SCORERS)} (image scorers: {', '.join(IMAGE_SCORERS)})"
+        )
+    try:
+        return IMAGE_SCORERS[name](**kwargs)
+    except TypeError as err:
+        raise ImageScorerError(f"image scorer '{name}': bad options {sorted(kwargs)}: {err}") from err

@@ -1,0 +1,204 @@
+"""Image scorers (reward_models/image.py) and `kind: diffusion` benchmarks: seeded sampling, win rate, the store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.data.toy_images import draw_square
+from reward_models.image import ImageScorerError, image_scorer, to_pil, to_tensor
+
+# ------------------------------------------------------------------------------------------ scorers
+
+
+def squares(saturated: bool, colors=("red", "green", "blue")) -> torch.Tensor:
+    import random
+
+    rng = random.Random(0)
+    return torch.stack([draw_square(c, saturated, 16, rng) for c in colors])
+
+
+def test_saturation_scorer_reuses_the_toy_reward_for_tensors_and_pil_images():
+    prompts = ["red", "green", "blue"]
+    scorer = image_scorer("saturation")
+    assert scorer.score(squares(True), prompts) == pytest.approx([1.0] * 3, abs=1e-6)
+    assert scorer.score(squares(False), prompts) == pytest.approx([0.25] * 3, abs=0.01)
+    assert scorer.score(to_pil(squares(True)), prompts) == pytest.approx([1.0] * 3, abs=0.01)  # 8-bit round trip
+    assert scorer.score(torch.zeros(1, 3, 16, 16), ["red"]) == [0.0]  # grey
+
+
+def test_pil_and_tensor_conversions_round_trip_within_one_level():
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    back = to_tensor(to_pil(images))
+    assert back.shape == images.shape and (back - images).abs().max() <= 1 / 127.5 + 1e-6
+
+
+def test_scorers_reject_mismatched_lengths_and_unknown_prompts():
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        image_scorer("saturation").score(torch.zeros(2, 3, 4, 4), ["red"])
+    with pytest.raises(ImageScorerError, match="prompts must be one of"):
+        image_scorer("saturation").score(torch.zeros(1, 3, 4, 4), ["a cat"])
+
+
+def test_unknown_scorer_suggests_the_nearest_name():
+    with pytest.raises(ImageScorerError, match="unknown image scorer 'pickscor' \\(did you mean 'pickscore'\\?\\)"):
+        image_scorer("pickscor")
+
+
+@pytest.mark.parametrize(
+    ("name", "package"),
+    [("hpsv2", "hpsv2"), ("imagereward", "image-reward")],
+)
+def test_package_scorers_name_the_missing_package(name, package):
+    pytest.importorskip("torch")
+    module = {"hpsv2": "hpsv2", "imagereward": "ImageReward"}[name]
+    try:
+        __import__(module)
+        pytest.skip(f"{module} is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImageScorerError, match=f"needs the package '{package}' \\(pip install {package}\\)"):
+        image_scorer(name)
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clip_score"])
+def test_clip_scorers_name_the_missing_weights_path(tmp_path, name):
+    missing = tmp_path / "no_such_weights"
+    with pytest.raises(ImageScorerError, match=f"'{name}': model weights not found at {missing}"):
+        image_scorer(name, model_path=str(missing))
+
+
+def test_clip_scorers_say_which_hub_id_failed_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ImageScorerError, match="'pickscore': could not load weights from"):
+        image_scorer("pickscore")
+
+
+# ----------------------------------------------------------------------------------- diffusion eval
+
+
+@pytest.fixture(scope="module")
+def tiny_pixel(tmp_path_factory):
+    from posttrain.tiny_diffusion import TinyDiffusionSpec, save_tiny_diffusion
+
+    spec = TinyDiffusionSpec(pixel=True, resolution=8, block_out_channels=(16, 16))
+    return save_tiny_diffusion(tmp_path_factory.mktemp("px") / "px", spec)
+
+
+@pytest.fixture(scope="module")
+def other_pixel(tmp_path_factory):
+    from posttrain.tiny_diffusion import TinyDiffusionSpec, save_tiny_diffusion
+
+    spec = TinyDiffusionSpec(pixel=True, resolution=8, block_out_channels=(16, 16), seed=1)
+    return save_tiny_diffusion(tmp_path_factory.mktemp("px1") / "px1", spec)
+
+
+def suite_file(tmp_path, **overrides) -> str:
+    import yaml
+
+    entry = {"use": "toy_colors", "data": {"prompts": ["red", "green", "blue"], "repeat": 2},
+             "generation": {"steps": 2, "batch_size": 4}, **overrides}  # fmt: skip
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({"name": "diffusion_test", "version": 1, "benchmarks": [entry]}))
+    return str(path)
+
+
+def bench(tmp_path, **overrides):
+    from posttrain.evaluation.diffusion import build_diffusion_benchmark
+    from posttrain.evaluation.suite import load_suite
+
+    return build_diffusion_benchmark(load_suite(suite_file(tmp_path, **overrides)).benchmarks[0])
+
+
+def test_seeded_sampling_is_deterministic_and_the_seed_matters(tiny_pixel):
+    from posttrain.diffusion import load_stack
+    from posttrain.evaluation.diffusion import sample_images
+
+    stack = load_stack(tiny_pixel)
+    prompts = ["red", "green", "blue"]
+    a = sample_images(stack, prompts, steps=2, guidance_scale=3.0, seed=5, batch_size=2)
+    b = sample_images(load_stack(tiny_pixel), prompts, steps=2, guidance_scale=3.0, seed=5, batch_size=2)
+    c = sample_images(stack, prompts, steps=2, guidance_scale=3.0, seed=6, batch_size=2)
+    assert a.shape == (3, 3, 8, 8) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_win_rate_of_a_model_against_itself_is_one_half_ties_counting_half(tmp_path, tiny_pixel):
+    from posttrain.evaluation.diffusion import evaluate_diffusion, win_rates
+
+    assert win_rates([1.0, 0.5, 0.2], [0.5, 0.5, 0.3]) == [1.0, 0.5, 0.0]
+    result = evaluate_diffusion(tiny_pixel, bench(tmp_path, baseline=str(tiny_pixel)))
+    assert result.n == 6
+    assert result.extra["win_rate"] == 0.5 and result.extra["win_rate_stderr"] == 0.0  # every image ties itself
+    assert result.extra["baseline_score_mean"] == pytest.approx(result.accuracy)
+    assert all(s["win"] == 0.5 for s in result.samples)
+
+
+def test_mean_score_has_stderr_and_a_95_interval(tmp_path, tiny_pixel, other_pixel):
+    from posttrain.evaluation.diffusion import evaluate_diffusion
+    from posttrain.evaluation.metrics import mean_stderr
+
+    result = evaluate_diffusion(tiny_pixel, bench(tmp_path, baseline=str(other_pixel)))
+    scores = [s["score"] for s in result.samples]
+    mean, stderr = mean_stderr(scores)
+    assert result.accuracy == pytest.approx(mean) and result.stderr == pytest.approx(stderr)
+    assert result.extra["score_ci95_low"] == pytest.approx(mean - 1.96 * stderr, abs=1e-3)
+    wins = [s["win"] for s in result.samples]
+    assert result.extra["win_rate"] == pytest.approx(sum(wins) / len(wins))
+
+
+def test_diffusion_suite_results_land_in_the_store(tmp_path, tiny_pixel):
+    from posttrain.evaluation.store import ResultsStore
+    from posttrain.evaluation.suite_runner import run_suite
+
+    store = ResultsStore(tmp_path / "results.db")
+    outcomes = run_suite(str(tiny_pixel), suite_file(tmp_path, baseline=str(tiny_pixel)), store=store,
+                         samples_dir=tmp_path / "samples")  # fmt: skip
+    (record,) = store.query(benchmark="toy_colors")
+    assert record.id == outcomes[0].record.id and record.n == 6
+    assert record.settings["kind"] == "diffusion" and record.settings["scorer"] == "saturation"
+    assert record.metrics["win_rate"] == 0.5 and "accuracy_stderr" in record.metrics
+    lines = [json.loads(line) for line in open(record.samples_path)]
+    assert len(lines) == 6 and {"prompt", "score", "baseline_score", "win"} <= set(lines[0])
+    run_suite(str(tiny_pixel), suite_file(tmp_path, baseline=str(tiny_pixel)), store=store,
+              samples_dir=tmp_path / "samples")  # fmt: skip
+    assert len(store.query(benchmark="toy_colors")) == 2  # a re-run appends, recognisable by its settings hash
+    assert len({r.settings_hash for r in store.query(benchmark="toy_colors")}) == 1
+
+
+def test_leaderboard_shows_the_diffusion_benchmark(tmp_path, tiny_pixel):
+    from posttrain.evaluation.leaderboard import write_leaderboard
+    from posttrain.evaluation.store import ResultsStore
+    from posttrain.evaluation.suite_runner import run_suite
+
+    store = ResultsStore(tmp_path / "results.db")
+    run_suite(str(tiny_pixel), suite_file(tmp_path), store=store, samples_dir=tmp_path / "samples")
+    write_leaderboard(store, tmp_path / "reports", runs_dir=tmp_path / "runs")
+    assert "toy_colors" in (tmp_path / "reports" / "leaderboard.md").read_text()
+
+
+def test_diffusion_benchmarks_validate_their_keys(tmp_path):
+    from posttrain.errors import RecipeError
+    from posttrain.evaluation.suite import load_suite
+
+    with pytest.raises(RecipeError, match="unknown key 'max_new_tokens'"):
+        load_suite(suite_file(tmp_path, generation={"max_new_tokens": 4}))
+    path = tmp_path / "bad.yaml"
+    path.write_text("benchmarks:\n  - {use: arithmetic, scorer: saturation}\n")
+    with pytest.raises(RecipeError, match="apply to kind: diffusion only"):
+        load_suite(path)
+
+
+def test_imagereward_prompt_set_reads_the_shared_prompt_file(tmp_path):
+    from posttrain.evaluation.diffusion import load_prompts
+
+    rows = [{"id": "1", "prompt": "a cat"}, {"id": "2", "prompt": "a dog"}]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    assert load_prompts({"path": str(tmp_path / "p.json"), "column": "prompt"}, "t") == ["a cat", "a dog"]
+    from posttrain.evaluation.suite import BUILTIN_BENCHMARKS
+
+    spec = BUILTIN_BENCHMARKS["imagereward_prompts"]
+    assert spec["scorer"] == "imagereward" and spec["data"]["path"].endswith("imagereward/benchmark_prompts.json")
