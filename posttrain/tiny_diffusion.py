@@ -124,7 +124,11 @@ def build_tiny_diffusion(spec: TinyDiffusionSpec = TinyDiffusionSpec()) -> dict:
         beta_end=betas[1],
         beta_schedule=schedule,
         prediction_type="epsilon",
-        clip_sample=False,
+        # Pixel space: clip the predicted x0 to [-1, 1] when sampling, as DDPM does for pixel models (Ho et al. 2020).
+        # Without it a tiny UNet's small eps error at t near T (alpha_bar ~ 4e-5) becomes an x0 error of ~10 per
+        # pixel, and DDIM draws saturated coloured noise (which the toy's saturation reward scores as ~1.0).
+        # Latent space keeps Stable Diffusion's clip_sample: false (latents are not bounded).
+        clip_sample=spec.pixel,
         steps_offset=1,
     )
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}

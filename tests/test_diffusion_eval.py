@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from posttrain.data.toy_images import draw_square
+from posttrain.errors import DataError
 from reward_models.image import ImageScorerError, image_scorer, to_pil, to_tensor
 
 # ------------------------------------------------------------------------------------------ scorers
@@ -192,13 +193,17 @@ def test_diffusion_benchmarks_validate_their_keys(tmp_path):
         load_suite(path)
 
 
-def test_imagereward_prompt_set_reads_the_shared_prompt_file(tmp_path):
-    from posttrain.evaluation.diffusion import load_prompts
+def test_prompt_files_and_the_shipped_imagereward_prompt_set(tmp_path):
+    from posttrain.evaluation.diffusion import build_diffusion_benchmark, load_prompts
+    from posttrain.evaluation.suite import resolve_benchmark
 
     rows = [{"id": "1", "prompt": "a cat"}, {"id": "2", "prompt": "a dog"}]
     (tmp_path / "p.json").write_text(json.dumps(rows))
     assert load_prompts({"path": str(tmp_path / "p.json"), "column": "prompt"}, "t") == ["a cat", "a dog"]
-    from posttrain.evaluation.suite import BUILTIN_BENCHMARKS
-
-    spec = BUILTIN_BENCHMARKS["imagereward_prompts"]
-    assert spec["scorer"] == "imagereward" and spec["data"]["path"].endswith("imagereward/benchmark_prompts.json")
+    with pytest.raises(DataError, match="row 1 has no string 'caption'"):
+        load_prompts({"path": str(tmp_path / "p.json"), "column": "caption"}, "t")
+    bench = build_diffusion_benchmark(resolve_benchmark("imagereward_prompts", "suite"))
+    assert len(bench.prompts) == 100 and bench.prompts[0] == "a concept art of a vehicle, cyberpunk"
+    assert bench.scorer["name"] == "imagereward" and "shipped" in bench.spec.settings()["data"]  # no local path
+    with pytest.raises(DataError, match="no shipped prompt set 'nope' \\(shipped: imagereward_benchmark\\)"):
+        load_prompts({"shipped": "nope"}, "t")

@@ -222,6 +222,23 @@ def test_reference_sampling_is_seeded_and_cfg_reduces_to_the_conditional_model(t
     assert not torch.allclose(first, sample(cond, 7.5, seed=1))
 
 
+def test_pixel_stack_clips_x0_when_sampling_and_latent_stack_does_not(tiny_pixel, tiny_sd):
+    # Unclipped, an untrained pixel UNet's eps error at t ~ T blows up into x0 far outside [-1, 1] (coloured noise
+    # that the toy's saturation reward scores high); DDPM clips x0 for pixel models, SD's latents are unbounded.
+    from posttrain.diffusion import ddim_sample, encode_prompts, load_stack, tokenize
+
+    assert load_stack(tiny_sd).scheduler.config.clip_sample is False
+    stack = load_stack(tiny_pixel)
+    assert stack.scheduler.config.clip_sample is True
+    cond = encode_prompts(stack, tokenize(stack.tokenizer, ["red", "blue"]))
+
+    def sample(config):
+        return ddim_sample(stack.unet, config, cond, cond, (2, 3, 16, 16), 5, 1.0, torch.Generator().manual_seed(0))
+
+    assert sample(stack.scheduler.config).abs().max() <= 1.0 + 1e-5
+    assert sample({**stack.scheduler.config, "clip_sample": False}).abs().max() > 1.5
+
+
 def test_loading_a_dir_that_is_not_a_pipeline_names_what_is_missing(tmp_path):
     from posttrain.diffusion import load_stack
     from posttrain.errors import ModelError

@@ -32,7 +32,8 @@ from posttrain.errors import DataError, RewardError
 from posttrain.evaluation.runner import EvalResult
 from posttrain.evaluation.suite import BenchmarkSpec
 
-DATA_KEYS = ("prompts", "path", "column", "repeat")
+DATA_KEYS = ("prompts", "path", "shipped", "column", "repeat")
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"  # prompt sets shipped as package data (see README there)
 Z95 = 1.959963984540054
 
 
@@ -63,8 +64,9 @@ def scorer_spec(value: Any) -> dict[str, Any]:
 
 
 def load_prompts(data: dict[str, Any], origin: str) -> list[str]:
-    """Prompts from `prompts:` (a list) or `path:` (a JSON list of strings or of rows, jsonl rows, or a .txt file
-    with one prompt a line; rows give `column`, default `prompt`), each repeated `repeat` times in a row."""
+    """Prompts from `prompts:` (a list), `path:` (a JSON list of strings or of rows, jsonl rows, or a .txt file
+    with one prompt a line; rows give `column`, default `prompt`) or `shipped:` (a prompt set in
+    posttrain/evaluation/prompts/, by name), each repeated `repeat` times in a row."""
     unknown = [k for k in data if k not in DATA_KEYS]
     if unknown:
         raise DataError(f"{origin}: unknown key '{unknown[0]}' in diffusion data (keys: {', '.join(DATA_KEYS)})")
@@ -74,8 +76,14 @@ def load_prompts(data: dict[str, Any], origin: str) -> list[str]:
             raise DataError(f"{origin}: data.prompts must be a list of strings")
     elif "path" in data:
         prompts = _prompts_from_file(Path(data["path"]).expanduser(), str(data.get("column", "prompt")), origin)
+    elif "shipped" in data:  # by name, so the results store's settings hash is the same on every install
+        path = PROMPTS_DIR / f"{data['shipped']}.json"
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.json")))
+            raise DataError(f"{origin}: no shipped prompt set '{data['shipped']}' (shipped: {names})")
+        prompts = _prompts_from_file(path, str(data.get("column", "prompt")), origin)
     else:
-        raise DataError(f"{origin}: diffusion data needs 'prompts' (a list) or 'path' (a prompt file)")
+        raise DataError(f"{origin}: diffusion data needs 'prompts' (a list), 'path' (a prompt file) or 'shipped'")
     repeat = int(data.get("repeat", 1))
     prompts = [p for p in prompts for _ in range(repeat)]
     if not prompts:

@@ -78,10 +78,11 @@ BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
         "generation": {"steps": 20, "guidance_scale": 3.0, "seed": 0, "n": 1, "batch_size": 48},
         "scorer": "saturation",
     },
-    # ImageReward's 100 benchmark prompts (ImageReward paper, sec. 5); needs the `image-reward` package and weights.
+    # ImageReward's 100 benchmark prompts (ImageReward paper, sec. 5; shipped in posttrain/evaluation/prompts/, with
+    # their source); scoring needs the `image-reward` package and weights.
     "imagereward_prompts": {
         "kind": "diffusion",
-        "data": {"path": "../shared/data/imagereward/benchmark_prompts.json", "column": "prompt"},
+        "data": {"shipped": "imagereward_benchmark", "column": "prompt"},
         "generation": {"steps": 50, "guidance_scale": 7.5, "seed": 0, "n": 1, "batch_size": 8},
         "scorer": "imagereward",
     },

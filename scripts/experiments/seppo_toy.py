@@ -46,20 +46,23 @@ def finished(run_dir: Path) -> bool:
 
 
 def train(recipe: dict, run_dir: Path) -> float:
-    """Train `recipe` into `run_dir` unless it finished earlier; seconds spent (0 when skipped)."""
+    """Train `recipe` into `run_dir` unless it finished earlier; the seconds training took (recorded beside it)."""
     import yaml
 
     from posttrain.recipe import load_recipe
     from posttrain.train import train_recipe
 
+    seconds_file = run_dir.parent / f"{run_dir.name}.seconds"
     if finished(run_dir):
-        return 0.0
+        return float(seconds_file.read_text()) if seconds_file.exists() else 0.0
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump({**recipe, "output_dir": str(run_dir)}, sort_keys=False))
     start = time.monotonic()
     train_recipe(load_recipe(path))
-    return time.monotonic() - start
+    seconds = time.monotonic() - start
+    seconds_file.write_text(f"{seconds:.1f}")
+    return seconds
 
 
 def write_pretrain_data(folder: Path, n: int, seed: int) -> None:
@@ -77,29 +80,28 @@ def write_pretrain_data(folder: Path, n: int, seed: int) -> None:
     (folder / "done").write_text(str(n))
 
 
-def clip_x0_when_sampling(model: Path) -> None:
-    """Turn on DDPM's x0 clipping to [-1, 1] in the base's scheduler config (Ho et al. 2020 clip x0 when sampling
-    pixel-space models). Without it the tiny UNet's eps error at high t (~0.007 MSE at t = 999, where
-    alpha_bar = 4e-5) becomes an x0 error of ~13 per pixel and DDIM draws saturated noise, which the saturation
-    reward scores as colourful. The arms copy this scheduler dir, so their reference samples and evals clip too."""
+def set_clip_sample(model: Path, value: bool) -> None:
+    """Set DDPM's x0 clipping to [-1, 1] in a pipeline dir's scheduler config. The tiny pixel stack clips by default
+    (posttrain.tiny_diffusion: without it DDIM draws saturated noise that the saturation reward scores as colourful);
+    --no-clip-sample turns it off to reproduce that. The arms copy the base's scheduler dir, so they inherit it."""
     path = model / "scheduler" / "scheduler_config.json"
     config = json.loads(path.read_text())
-    if not config.get("clip_sample"):
-        path.write_text(json.dumps({**config, "clip_sample": True}, indent=1))
+    if bool(config.get("clip_sample")) != value:
+        path.write_text(json.dumps({**config, "clip_sample": value}, indent=1))
 
 
-def base_recipe(args, seed: int, data: Path) -> dict:
+def base_recipe(args, seed: int, data: Path, init: Path | None, steps: int, lr: float) -> dict:
     import yaml
 
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe["name"] = f"seppo-toy-base-s{seed}"
     recipe["seed"] = seed
     recipe["model"]["tiny"] = {**recipe["model"]["tiny"], "seed": seed}
-    if args.base_init:  # continue pretraining a base trained earlier (e.g. by a shorter run of this script)
-        recipe["model"] = {"path": str(Path(args.base_init).resolve())}
+    if init is not None:  # continue pretraining a base trained earlier
+        recipe["model"] = {"path": str(Path(init).resolve())}
     recipe["data"]["train"] = {"path": str(data), "format": "prompt_images"}
-    recipe["algorithm"].update(variant="sft_winner", num_stages=1, updates_per_stage=args.base_steps)
-    recipe["training"].update(learning_rate=args.base_lr, per_device_train_batch_size=32)
+    recipe["algorithm"].update(variant="sft_winner", num_stages=1, updates_per_stage=steps)
+    recipe["training"].update(learning_rate=lr, per_device_train_batch_size=32)
     return recipe
 
 
@@ -146,13 +148,76 @@ def flip_curve(run_dir: Path) -> list[float]:
     return values
 
 
+def base_dir(args, seed: int) -> Path:
+    out = Path(args.out)
+    return out / "base" if args.shared_base else out / f"seed{seed}" / "base"
+
+
+def base_seed(args, seed: int) -> int:
+    return args.seeds[0] if args.shared_base else seed
+
+
+def build_base(args, seed: int) -> float:
+    """Pretrain the seed's base: `--base-steps` updates at `--base-lr`, then `--anneal-steps` at `--anneal-lr`
+    (continued from the first phase with a fresh optimizer). Returns the seconds spent over both phases."""
+    base, own_seed = base_dir(args, seed), base_seed(args, seed)
+    data = base.parent / "pretrain_data"
+    write_pretrain_data(data, 2048, own_seed)
+    init = Path(args.base_init) if args.base_init else None
+    seconds = 0.0
+    if args.anneal_steps:
+        warm = base.parent / "base_warm"
+        seconds += train(base_recipe(args, own_seed, data, init, args.base_steps, args.base_lr), warm)
+        seconds += train(base_recipe(args, own_seed, data, warm / "final", args.anneal_steps, args.anneal_lr), base)
+    else:
+        seconds += train(base_recipe(args, own_seed, data, init, args.base_steps, args.base_lr), base)
+    set_clip_sample(base / "final", args.clip_sample)
+    evaluate(base / "final", args, base / "eval.json")
+    return seconds
+
+
+def run_task(args, seed: int, arm: str | None) -> None:
+    """One unit of work (a base, or one arm of one seed), runnable in a worker process."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if arm is None:
+        build_base(args, seed)
+        return
+    arm_dir = Path(args.out) / f"seed{seed}" / slug(arm)
+    train(arm_recipe(args, seed, base_dir(args, seed) / "final", ARMS[arm]), arm_dir)
+    evaluate(arm_dir / "final", args, arm_dir / "eval.json")
+
+
+def run_parallel(args) -> None:
+    """Run bases and arms in `--jobs` worker processes (one torch thread each): a seed's arms start once its base is
+    finished. On 2 vCPUs two single-threaded workers do about twice the work of one process in the same time."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    base_seeds = args.seeds[:1] if args.shared_base else args.seeds
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {pool.submit(run_task, args, seed, None): (seed, None) for seed in base_seeds}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                seed, arm = pending.pop(future)
+                future.result()  # a worker's error stops the run here
+                if arm is not None:
+                    continue
+                for s in args.seeds if args.shared_base else [seed]:  # the base is ready: queue its arms
+                    pending.update({pool.submit(run_task, args, s, name): (s, name) for name in args.arms})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", default="runs/seppo_toy")
-    parser.add_argument("--base-steps", type=int, default=300, help="base pretraining updates (batch 32)")
+    parser.add_argument("--base-steps", type=int, default=800, help="base pretraining updates (batch 32)")
     parser.add_argument("--base-lr", type=float, default=1e-3)
+    parser.add_argument("--anneal-steps", type=int, default=200, help="then this many base updates at --anneal-lr")
+    parser.add_argument("--anneal-lr", type=float, default=1e-4)
     parser.add_argument("--base-init", default=None, help="start the base from this pipeline dir (not from scratch)")
     parser.add_argument(
         "--shared-base", action="store_true", help="pretrain one base (seed of the first --seeds) for all seeds"
@@ -165,12 +230,16 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the reference samples")
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument(
-        "--no-clip-sample", dest="clip_sample", action="store_false", help="keep the base's clip_sample: false"
+        "--no-clip-sample",
+        dest="clip_sample",
+        action="store_false",
+        help="turn off x0 clipping in the base's scheduler",
     )
     parser.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of the evaluation images")
     parser.add_argument("--eval-per-color", type=int, default=20)
     parser.add_argument("--eval-seed", type=int, default=1234)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest on 2 shared vCPUs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on 2 vCPUs)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes for bases and arms (1: in this process)")
     args = parser.parse_args()
     import torch
 
@@ -179,24 +248,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"settings": vars(args), "seeds": {}}
     start = time.monotonic()
+    if args.jobs > 1:
+        run_parallel(args)  # everything below then finds finished runs and cached evals
+    results: dict = {"settings": vars(args), "seeds": {}}
     for seed in args.seeds:
-        root = out / f"seed{seed}"
-        base_seed = args.seeds[0] if args.shared_base else seed
-        base_dir = out / "base" if args.shared_base else root / "base"
-        data = base_dir.parent / "pretrain_data"
-        write_pretrain_data(data, 2048, base_seed)
-        seconds = train(base_recipe(args, base_seed, data), base_dir)
-        if args.clip_sample:
-            clip_x0_when_sampling(base_dir / "final")
-        base_scores = evaluate(base_dir / "final", args, base_dir / "eval.json")
+        seconds = build_base(args, seed)
+        base_scores = evaluate(base_dir(args, seed) / "final", args, base_dir(args, seed) / "eval.json")
         per_seed = {"base": {"saturation": mean_ci(base_scores)["mean"], "win_rate": 0.5, "train_s": seconds}}
         print(f"[{time.monotonic() - start:.0f}s] seed {seed} base: saturation {per_seed['base']['saturation']:.3f} "
               f"({seconds:.0f}s)", flush=True)  # fmt: skip
         for name in args.arms:
-            arm_dir = root / slug(name)
-            seconds = train(arm_recipe(args, seed, base_dir / "final", ARMS[name]), arm_dir)
+            arm_dir = out / f"seed{seed}" / slug(name)
+            seconds = train(arm_recipe(args, seed, base_dir(args, seed) / "final", ARMS[name]), arm_dir)
             scores = evaluate(arm_dir / "final", args, arm_dir / "eval.json")
             per_seed[name] = {
                 "saturation": mean_ci(scores)["mean"], "win_rate": mean_ci(win_rates(scores, base_scores))["mean"],
@@ -218,7 +282,8 @@ def summary(results: dict) -> str:
     s = results["settings"]
     seeds = list(results["seeds"])
     lines = [
-        f"seeds {', '.join(seeds)}; base {s['base_steps']} updates x 32 at lr {s['base_lr']:g} on a 30/70 "
+        f"seeds {', '.join(seeds)}; base {s['base_steps']} updates x 32 at lr {s['base_lr']:g}"
+        f"{' + ' + str(s['anneal_steps']) + ' at lr ' + format(s['anneal_lr'], 'g') if s.get('anneal_steps') else ''} on a 30/70 "
         f"saturated/dull mix{' (continued from ' + s['base_init'] + ')' if s.get('base_init') else ''}"
         f"{', one base for all seeds' if s.get('shared_base') else ''} (a base found finished is not retrained); each arm {s['stages']} stages x {s['updates']} updates x {s['batch']} prompts, lr "
         f"{s['lr']:g}, beta {s['beta']:g}, reference samples DDIM {s['sample_steps']} steps, CFG {s['cfg']:g}; eval "
