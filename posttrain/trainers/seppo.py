@@ -181,6 +181,7 @@ def _load_rows(recipe: Recipe, cfg: SePPOConfig, resolution: int):
 def train(recipe: Recipe, run: RunDir, resume: bool = False):
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from posttrain.data.images import ImageRowDataset, ImageTransform, collate_image_rows
@@ -202,6 +203,10 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False):
     options = SePPOLossOptions(variant=cfg.variant, beta=cfg.beta)
     precision = resolve_precision(recipe.training.get("precision", "auto"))
     mixed = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
+    # AcceleratorState is a process-wide singleton that refuses a second Accelerator with another mixed precision
+    # (e.g. a fp32 run, then a bf16 one in the same Python process). Clear it, keeping the process group
+    # (PartialState), as transformers' Trainer does between hyper-parameter trials.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=mixed,
