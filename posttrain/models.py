@@ -56,21 +56,27 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_policy(path: str, section: ModelSection, precision: str = "fp32"):
-    """A causal LM from `path` with the section's dtype and attention implementation (LoRA is applied by TRL)."""
+def load_kwargs(section: ModelSection, precision: str = "fp32") -> dict[str, Any]:
+    """`from_pretrained` keywords for the model section: dtype (`auto` follows the training precision), remote
+    code and attention implementation."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    dtype: Any = section.dtype
-    if dtype == "auto":
+    if section.dtype == "auto":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     else:
-        dtype = getattr(torch, _DTYPES[dtype])
+        dtype = getattr(torch, _DTYPES[section.dtype])
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": section.trust_remote_code}
     if section.attn_implementation:
         kwargs["attn_implementation"] = section.attn_implementation
+    return kwargs
+
+
+def load_policy(path: str, section: ModelSection, precision: str = "fp32"):
+    """A causal LM from `path` with the section's dtype and attention implementation (LoRA is applied by TRL)."""
+    from transformers import AutoModelForCausalLM
+
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(path, **load_kwargs(section, precision))
     except OSError as err:
         raise ModelError(_load_error(path, "model", err)) from err
 

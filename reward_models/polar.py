@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from posttrain.errors import ModelError, RewardError
 from reward_models.registry import register
+from reward_models.scoring import is_messages, messages_text
 
 if TYPE_CHECKING:
     import torch
@@ -44,10 +45,8 @@ Wrapper = Literal["sft", "pretrain"]
 
 def as_text(value: Any) -> str:
     """A prompt/response as POLAR sees it: a string as is, a message list as its contents joined by newlines."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Sequence) and all(isinstance(m, dict) and "content" in m for m in value):
-        return "\n".join(str(m["content"]) for m in value)
+    if isinstance(value, str) or is_messages(value):
+        return messages_text(value)
     raise RewardError(f"POLAR expects a string or a list of {{role, content}} messages, got {type(value).__name__}")
 
 
@@ -267,6 +266,12 @@ class PolarScorer:
             for i, v in zip(chunk, values.tolist()):
                 scores[i] = v
         return scores
+
+    def score_triplets(self, rows: Any) -> tuple[list[float], list[float]]:
+        """(chosen scores, rejected scores) of prompt/reference/chosen/rejected rows, in one batched pass."""
+        prompts, refs, n = list(rows["prompt"]), list(rows["reference"]), len(rows)
+        scores = self.score(prompts + prompts, list(rows["chosen"]) + list(rows["rejected"]), refs + refs)
+        return scores[:n], scores[n:]
 
 
 @functools.lru_cache(maxsize=4)

@@ -20,10 +20,19 @@ class Scorer(Protocol):
         ...
 
 
+def is_messages(value: Any) -> bool:
+    """A chat message list: [{role, content}, ...] (a string is not one)."""
+    return (
+        not isinstance(value, str)
+        and isinstance(value, Sequence)
+        and all(isinstance(m, Mapping) and "content" in m for m in value)
+    )
+
+
 def messages_text(value: Any) -> str:
     """A prompt or completion as plain text: a string as is, a message list as its contents joined by newlines."""
     if isinstance(value, str):
         return value
-    if isinstance(value, Sequence) and all(isinstance(m, Mapping) and "content" in m for m in value):
+    if is_messages(value):
         return "\n".join(str(m["content"]) for m in value)
     return str(value)

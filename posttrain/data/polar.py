@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from posttrain.data.sources import jsonl_rows
 from posttrain.errors import DataError
 from posttrain.rollout import Generator, SamplingParams
 
@@ -85,19 +86,11 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
         raise DataError(f"{path}: prompt file not found")
     if path.suffix == ".txt":
         return [line for line in path.read_text().splitlines() if line.strip()]
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {number} is not JSON ({err.msg})") from err
-        value = row.get(field) if isinstance(row, dict) else None
-        if not isinstance(value, str) or not value.strip():
+    rows, lines = jsonl_rows(path, str(path))
+    for row, number in zip(rows, lines, strict=True):
+        if not isinstance(row.get(field), str) or not row[field].strip():
             raise DataError(f"{path}: line {number} has no text field '{field}'")
-        prompts.append(value)
-    return prompts
+    return [row[field] for row in rows]
 
 
 def read_jsonl_rows(path: str | Path) -> list[dict[str, Any]]:
@@ -105,18 +98,7 @@ def read_jsonl_rows(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {number} is not JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {number} is not a JSON object")
-        rows.append(row)
-    return rows
+    return jsonl_rows(path, str(path))[0]
 
 
 class _Shard:

@@ -171,8 +171,8 @@ def _load_path(
     raise DataError(f"{where}: unsupported file type (use {', '.join(SUFFIXES)} or a saved dataset dir)")
 
 
-def _read_jsonl(path: Path, where: str) -> tuple[Dataset, list[int] | None]:
-    """The rows, and their line numbers when blank lines make those differ from the row numbers."""
+def jsonl_rows(path: Path, where: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The JSON objects of a .jsonl(.gz) file and their line numbers (blank lines skipped); a bad line is named."""
     opener = gzip.open if path.name.endswith(".gz") else open
     rows, lines = [], []
     try:
@@ -190,6 +190,12 @@ def _read_jsonl(path: Path, where: str) -> tuple[Dataset, list[int] | None]:
                 lines.append(lineno)
     except (OSError, UnicodeDecodeError, EOFError) as err:  # bad gzip stream, not UTF-8 text
         raise DataError(f"{where}: cannot read: {_first_line(err)}") from err
+    return rows, lines
+
+
+def _read_jsonl(path: Path, where: str) -> tuple[Dataset, list[int] | None]:
+    """The rows, and their line numbers when blank lines make those differ from the row numbers."""
+    rows, lines = jsonl_rows(path, where)
     if not rows:
         raise DataError(f"{where}: has no rows")
     return _from_rows(rows, where), (None if lines[-1] == len(lines) else lines)

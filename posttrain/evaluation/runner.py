@@ -147,9 +147,8 @@ def evaluate_polar(scorer: Any, benchmark: Benchmark) -> EvalResult:
     from posttrain.evaluation.metrics import mean_stderr
 
     rows = benchmark.rows
-    prompts, refs, n = list(rows["prompt"]), list(rows["reference"]), len(rows)
-    scores = scorer.score(prompts + prompts, list(rows["chosen"]) + list(rows["rejected"]), refs + refs)
-    chosen, rejected = scores[:n], scores[n:]
+    prompts, n = list(rows["prompt"]), len(rows)
+    chosen, rejected = scorer.score_triplets(rows)
     wins = [1.0 if c > r else 0.0 for c, r in zip(chosen, rejected)]
     acc, stderr = mean_stderr(wins)
     return EvalResult(

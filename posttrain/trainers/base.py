@@ -90,6 +90,20 @@ def load_train_data(recipe: Recipe, schema: str | None):
     )
 
 
+def load_eval_data(recipe: Recipe, schema: str):
+    """The recipe's `data.eval` rows validated against `schema` (capped at `eval.limit`), or None without one."""
+    from posttrain.data import load_source
+
+    if recipe.data.eval is None:
+        return None
+    spec = {**recipe.data.eval, "schema": schema}
+    base_dir = recipe.source.parent if recipe.source else None
+    rows = load_source(spec, base_dir=base_dir, origin=f"{recipe.where}: data.eval")
+    if recipe.eval.limit:
+        rows = rows.select(range(min(recipe.eval.limit, len(rows))))
+    return rows
+
+
 def run_training(
     recipe: Recipe,
     trainer: Any,

@@ -17,7 +17,14 @@ from typing import Any
 from posttrain.errors import RecipeError
 from posttrain.recipe import Recipe
 from posttrain.runs import RunDir
-from posttrain.trainers.base import RunResult, config_kwargs, load_train_data, quiet_library_progress, run_training
+from posttrain.trainers.base import (
+    RunResult,
+    config_kwargs,
+    load_eval_data,
+    load_train_data,
+    quiet_library_progress,
+    run_training,
+)
 
 STAGES = ("pretrain", "finetune")
 
@@ -65,23 +72,19 @@ def plan(recipe: Recipe) -> list[str]:
 
 def load_reward_model(recipe: Recipe, run: RunDir, polar_tokens: bool = True):
     """A sequence classifier (one bias-free scalar head) over the recipe's model, with POLAR's tokens added."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     from posttrain.errors import ModelError
-    from posttrain.models import load_tokenizer, materialise_tiny, model_source, resolve_precision
+    from posttrain.models import load_kwargs, load_tokenizer, materialise_tiny, model_source, resolve_precision
     from reward_models.polar import add_polar_tokens
 
     quiet_library_progress()
     source = str(materialise_tiny(recipe, run.path)) if recipe.model.tiny else model_source(recipe)
     tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
     precision = resolve_precision(recipe.training.get("precision", "auto"))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    if recipe.model.dtype != "auto":
-        dtype = getattr(torch, recipe.model.dtype)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code
+            source, num_labels=1, **load_kwargs(recipe.model, precision)
         )
     except (OSError, ValueError) as err:
         raise ModelError(f"could not load '{source}' as a reward model (sequence classifier): {err}") from err
@@ -166,10 +169,8 @@ def triplet_metrics(model: Any, tokenizer: Any, rows, layout, batch_size: int = 
     device = str(next(model.parameters()).device)
     scorer = PolarScorer(model, tokenizer, layout, batch_size=batch_size, device=device)
     n = len(rows)
-    prompts, refs = list(rows["prompt"]), list(rows["reference"])
-    scores = scorer.score(prompts + prompts, list(rows["chosen"]) + list(rows["rejected"]), refs + refs)
+    chosen, rejected = scorer.score_triplets(rows)
     model.train(was_training)
-    chosen, rejected = scores[:n], scores[n:]
     margins = [c - r for c, r in zip(chosen, rejected)]
     # -log sigmoid(m) = log(1 + e^-m), computed without overflow for large |m|.
     losses = [max(-m, 0.0) + math.log1p(math.exp(-abs(m))) for m in margins]
@@ -185,7 +186,6 @@ def triplet_metrics(model: Any, tokenizer: Any, rows, layout, batch_size: int = 
 def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     from transformers import TrainingArguments
 
-    from posttrain.data import load_source
     from reward_models.polar import PolarEncoder
 
     opts = options_from(recipe)
@@ -195,13 +195,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     rows = load_train_data(recipe, schema="polar_triplet")
     train_set = encode_rows(rows, encoder, f"{recipe.where}: data.train")
 
-    eval_rows = None
-    if recipe.data.eval is not None:
-        spec = {**recipe.data.eval, "schema": "polar_triplet"}
-        base_dir = recipe.source.parent if recipe.source else None
-        eval_rows = load_source(spec, base_dir=base_dir, origin=f"{recipe.where}: data.eval")
-        if recipe.eval.limit:
-            eval_rows = eval_rows.select(range(min(recipe.eval.limit, len(eval_rows))))
+    eval_rows = load_eval_data(recipe, schema="polar_triplet")
 
     kwargs = config_kwargs(recipe, run)
     for key in ("stage", "wrapper", "max_length", "max_response_length", "eval_batch_size"):

@@ -10,7 +10,7 @@ from typing import Any
 
 from posttrain.recipe import Recipe
 from posttrain.runs import RunDir
-from posttrain.trainers.base import RunResult, config_kwargs, load_train_data, run_training
+from posttrain.trainers.base import RunResult, config_kwargs, load_eval_data, load_train_data, run_training
 
 
 def plan(recipe: Recipe) -> list[str]:
@@ -55,19 +55,12 @@ def pair_metrics(model: Any, tokenizer: Any, rows, batch_size: int = 64, max_len
 def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     from trl import RewardConfig, RewardTrainer
 
-    from posttrain.data import load_source
     from posttrain.models import peft_config
     from posttrain.trainers.polar import load_reward_model
 
     model, tokenizer = load_reward_model(recipe, run, polar_tokens=False)
     rows = load_train_data(recipe, schema="preference").select_columns(["prompt", "chosen", "rejected"])
-    eval_rows = None
-    if recipe.data.eval is not None:
-        spec = {**recipe.data.eval, "schema": "preference"}
-        base_dir = recipe.source.parent if recipe.source else None
-        eval_rows = load_source(spec, base_dir=base_dir, origin=f"{recipe.where}: data.eval")
-        if recipe.eval.limit:
-            eval_rows = eval_rows.select(range(min(recipe.eval.limit, len(eval_rows))))
+    eval_rows = load_eval_data(recipe, schema="preference")
     kwargs = config_kwargs(recipe, run)
     # posttrain passes strings; keep RewardTrainer from looking up chat templates the tiny tokenizers don't have.
     trainer = RewardTrainer(model=model, args=RewardConfig(**kwargs), train_dataset=rows, processing_class=tokenizer,
