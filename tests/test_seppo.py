@@ -222,6 +222,24 @@ def test_reference_sampling_is_seeded_and_cfg_reduces_to_the_conditional_model(t
     assert not torch.allclose(first, sample(cond, 7.5, seed=1))
 
 
+def test_latents_are_scaled_by_the_vae_scaling_factor_and_decoded_back(tiny_sd):
+    from posttrain.diffusion import images_to_model_space, load_stack, model_space_to_images
+
+    stack = load_stack(tiny_sd)
+    scale = stack.vae.config.scaling_factor
+    assert scale == pytest.approx(0.18215)  # SD 1.x's
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(0)
+    x = images_to_model_space(stack, images)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        raw = stack.vae.encode(images).latent_dist.sample()
+    assert torch.allclose(x, raw * scale)
+    with torch.no_grad():
+        decoded = stack.vae.decode(raw).sample.clamp(-1, 1)
+    assert torch.allclose(model_space_to_images(stack, x), decoded, atol=1e-5)
+
+
 def test_pixel_stack_clips_x0_when_sampling_and_latent_stack_does_not(tiny_pixel, tiny_sd):
     # Unclipped, an untrained pixel UNet's eps error at t ~ T blows up into x0 far outside [-1, 1] (coloured noise
     # that the toy's saturation reward scores high); DDPM clips x0 for pixel models, SD's latents are unbounded.
