@@ -65,6 +65,25 @@ def to_pil(images: Any) -> list:
     return [Image.fromarray(p) for p in pixels]
 
 
+def image_grid(rows: Sequence[Any], min_cell: int = 64, pad: int = 2):
+    """One PIL image of `rows` (each a (B, 3, H, W) tensor in [-1, 1] or a list of PIL images) laid out row by row
+    on white, each image upscaled (nearest, so pixels stay visible) to at least `min_cell` pixels a side."""
+    from PIL import Image
+
+    rows = [to_pil(row) for row in rows]
+    width, height = rows[0][0].size
+    scale = max(1, -(-min_cell // max(width, height)))  # ceil
+    cell_w, cell_h = width * scale, height * scale
+    cols = max(len(row) for row in rows)
+    grid = Image.new("RGB", (cols * (cell_w + pad) + pad, len(rows) * (cell_h + pad) + pad), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(
+                image.resize((cell_w, cell_h), Image.NEAREST), (pad + c * (cell_w + pad), pad + r * (cell_h + pad))
+            )
+    return grid
+
+
 def _check_lengths(images: Any, prompts: Sequence[str]) -> None:
     n = images.shape[0] if hasattr(images, "shape") else len(images)
     if n != len(prompts):

@@ -164,6 +164,10 @@ def test_diffusion_suite_results_land_in_the_store(tmp_path, tiny_pixel):
     assert record.metrics["win_rate"] == 0.5 and "accuracy_stderr" in record.metrics
     lines = [json.loads(line) for line in open(record.samples_path)]
     assert len(lines) == 6 and {"prompt", "score", "baseline_score", "win"} <= set(lines[0])
+    from PIL import Image
+
+    grid = Image.open(record.samples_path.replace(".jsonl", ".png"))  # 6 model images over 6 baseline ones
+    assert grid.size == (2 + 6 * (64 + 2), 2 + 2 * (64 + 2))
     run_suite(str(tiny_pixel), suite_file(tmp_path, baseline=str(tiny_pixel)), store=store,
               samples_dir=tmp_path / "samples")  # fmt: skip
     assert len(store.query(benchmark="toy_colors")) == 2  # a re-run appends, recognisable by its settings hash
@@ -191,6 +195,18 @@ def test_diffusion_benchmarks_validate_their_keys(tmp_path):
     path.write_text("benchmarks:\n  - {use: arithmetic, scorer: saturation}\n")
     with pytest.raises(RecipeError, match="apply to kind: diffusion only"):
         load_suite(path)
+
+
+def test_image_grid_lays_out_rows_upscaled_and_spreads_the_shown_samples():
+    from posttrain.evaluation.diffusion import grid_indices
+    from reward_models.image import image_grid
+
+    red = draw_square("red", True, 16, __import__("random").Random(0)).unsqueeze(0)
+    grid = image_grid([red.repeat(3, 1, 1, 1), red.repeat(2, 1, 1, 1)], min_cell=40, pad=2)
+    assert grid.size == (2 + 3 * (48 + 2), 2 + 2 * (48 + 2))  # 16 px upscaled x3 to reach 40
+    assert grid.getpixel((2 + 2 * 50 + 10, 2 + 50 + 10)) == (255, 255, 255)  # the short row leaves white
+    assert grid_indices(5) == [0, 1, 2, 3, 4]
+    assert grid_indices(60, 4) == [0, 20, 39, 59]
 
 
 def test_prompt_files_and_the_shipped_imagereward_prompt_set(tmp_path):

@@ -518,6 +518,11 @@ def test_two_stage_run_writes_the_run_dir_with_finite_loss(tmp_path):
     assert rows[0]["reference"] == 0 and rows[0]["flip_rate"] == 0.0  # the first update is at theta = ref: ties
     assert sorted(p.name for p in (run.path / "pool").iterdir()) == [f"entry-{i}.safetensors" for i in range(3)]
     assert run.last_checkpoint().name == "checkpoint-4"
+    from PIL import Image
+
+    grids = sorted(p.name for p in (run.path / "samples").iterdir())
+    assert grids == ["stage-0.png", "stage-1.png"]  # winners over the stage's reference samples, batch 2 each
+    assert Image.open(run.path / "samples" / "stage-0.png").size == (2 + 2 * 66, 2 + 2 * 66)
     pipe = StableDiffusionPipeline.from_pretrained(run.final, safety_checker=None)
     trained = load_file(str(run.path / "pool" / "entry-2.safetensors"))
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in trained.items())  # final = last pool entry

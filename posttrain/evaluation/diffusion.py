@@ -191,13 +191,16 @@ def evaluate_diffusion(model: str | Path, bench: DiffusionBenchmark, scorer: Any
 
         spec = dict(bench.scorer)
         scorer = image_scorer(spec.pop("name"), **spec)
-    prompts, _, scores = score_model(model, bench, scorer, device)
+    prompts, images, scores = score_model(model, bench, scorer, device)
     stats = mean_ci(scores)
     extra = {"score_mean": stats["mean"], "score_stderr": stats["stderr"], "score_ci95_low": stats["ci95_low"],
              "score_ci95_high": stats["ci95_high"]}  # fmt: skip
     samples = [{"prompt": p, "index": i, "score": s} for i, (p, s) in enumerate(zip(prompts, scores))]
+    shown = grid_indices(len(images))
+    grid_rows = [images[shown]]
     if bench.baseline is not None:
-        _, _, base_scores = score_model(bench.baseline, bench, scorer, device)
+        _, base_images, base_scores = score_model(bench.baseline, bench, scorer, device)
+        grid_rows.append(base_images[shown])
         wins = win_rates(scores, base_scores)
         w = mean_ci(wins)
         extra.update(win_rate=w["mean"], win_rate_stderr=w["stderr"], win_rate_ci95_low=w["ci95_low"],
@@ -206,6 +209,16 @@ def evaluate_diffusion(model: str | Path, bench: DiffusionBenchmark, scorer: Any
             sample.update(baseline_score=b, win=win)
     if not all(math.isfinite(s) for s in scores):
         raise RewardError(f"benchmark '{bench.name}': scorer '{bench.scorer['name']}' returned a non-finite score")
+    from reward_models.image import image_grid
+
     return EvalResult(
-        name=bench.name, accuracy=stats["mean"], n=len(scores), stderr=stats["stderr"], extra=extra, samples=samples
-    )
+        name=bench.name, accuracy=stats["mean"], n=len(scores), stderr=stats["stderr"], extra=extra, samples=samples,
+        grid=image_grid(grid_rows),
+    )  # fmt: skip
+
+
+def grid_indices(n: int, count: int = 16) -> list[int]:
+    """`count` image indices spread evenly over `n` (so a grid shows every prompt of a repeated prompt list)."""
+    if n <= count:
+        return list(range(n))
+    return [round(i * (n - 1) / (count - 1)) for i in range(count)]

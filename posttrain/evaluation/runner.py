@@ -38,6 +38,7 @@ class EvalResult:
     slices: dict[str, dict[str, float]] = field(default_factory=dict)
     extra: dict[str, float] = field(default_factory=dict)  # pass@k, maj@k, mean scores
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    grid: Any = field(default=None, repr=False)  # diffusion benchmarks: a PIL grid of samples, saved beside them
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics as logged to metrics.jsonl: eval/<name>/accuracy, one entry per slice and extra metric."""

@@ -94,6 +94,8 @@ def _save_samples(samples_dir: Path, label: str, benchmark: str, settings_hash: 
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(s) + "\n" for s in result.samples))
     tmp.replace(path)
+    if result.grid is not None:
+        result.grid.save(path.with_suffix(".png"))
     return path
 
 

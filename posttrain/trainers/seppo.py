@@ -296,6 +296,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False):
             pool.load_into(ref_index, ref_unet)
         sample_gen = torch.Generator().manual_seed(recipe.seed * 7919 + stage + accelerator.process_index * 104729)
         batches = _cycle(loader)
+        stage_grid_pending = True  # the stage's first winners and reference samples (or losers) go to samples/
         for _ in range(cfg.updates_per_stage):
             sums: dict[str, float] = {}
             for _micro in range(cfg.gradient_accumulation_steps):
@@ -312,6 +313,9 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False):
                         ).float()  # fmt: skip
                     elif cfg.variant == "diffusion_dpo":
                         x_o = images_to_model_space(stack, batch["loser"].to(device, weight_dtype)).float()
+                    if x_o is not None and stage_grid_pending and accelerator.is_main_process:
+                        _save_stage_grid(stack, x_w, x_o, run.path / "samples" / f"stage-{stage}.png")
+                    stage_grid_pending = False
                     context = encode_prompts(
                         stack, tokenize(stack.tokenizer, drop_prompts(prompts, cfg.empty_prompt_prob))
                     )
@@ -359,6 +363,16 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False):
 
         write_run_report(run, recipe, result)
     return result
+
+
+def _save_stage_grid(stack, x_w, x_o, path: Path, count: int = 8) -> None:
+    """Top row: winners; bottom row: the reference model's samples for the same prompts (losers for DPO)."""
+    from posttrain.diffusion import model_space_to_images
+    from reward_models.image import image_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [model_space_to_images(stack, x[:count]).cpu() for x in (x_w, x_o)]
+    image_grid(rows).save(path)
 
 
 def _to(module, device, dtype):
