@@ -11,7 +11,8 @@ against the base's image for the same prompt and noise (ties count half), and th
 
 Resumable arm by arm: an arm (or base) whose run dir has a finished final/ is not trained again, and its eval is
 cached in <arm>/eval.json. Writes results.json, results.md (mean ± sd over seeds, per-seed values) and
-seppo_toy.png (saturation per arm; flip rate curves) under --out.
+seppo_toy.png (saturation per arm; flip rate curves) and seppo_toy_samples.png (evaluation samples of seed
+SEEDS[0], one row per model) under --out.
 """
 
 from __future__ import annotations
@@ -276,6 +277,7 @@ def main() -> None:
     (out / "results.md").write_text(table + "\n")
     print(table)
     plot(results, out / "seppo_toy.png")
+    sample_grid(args, args.seeds[0], out / "seppo_toy_samples.png")
 
 
 def summary(results: dict) -> str:
@@ -308,6 +310,37 @@ def summary(results: dict) -> str:
 def _cell(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {sd:.3f} [{', '.join(f'{v:.2f}' for v in values)}]"
+
+
+def sample_grid(args, seed: int, path: Path, per_color: int = 4) -> None:
+    """The first `per_color` evaluation images per colour of the base and every arm of `seed` (the same noise in each
+    column), one labelled row per model: what the saturation numbers summarise."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from posttrain.diffusion import load_stack
+    from posttrain.evaluation.diffusion import sample_images
+    from reward_models.image import image_grid
+
+    prompts = eval_prompts(args)
+    shown = [c * args.eval_per_color + i for c in range(3) for i in range(min(per_color, args.eval_per_color))]
+    models = {"base": base_dir(args, seed) / "final"}
+    models.update({name: Path(args.out) / f"seed{seed}" / slug(name) / "final" for name in args.arms})
+    fig, axes = plt.subplots(len(models), 1, figsize=(1.0 * len(shown), 1.05 * len(models)), squeeze=False)
+    for ax, (name, model) in zip(axes[:, 0], models.items()):
+        images = sample_images(
+            load_stack(model), prompts, args.eval_steps, args.cfg, seed=args.eval_seed, batch_size=64
+        )
+        ax.imshow(image_grid([images[shown]], min_cell=48))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    axes[0, 0].set_title(f"seed {seed}: evaluation samples (columns: same prompt and noise)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(results: dict, path: Path) -> None:
