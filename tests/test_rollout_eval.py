@@ -103,3 +103,32 @@ def test_logprobs_match_a_forward_pass(generator):
             assert torch.allclose(torch.tensor(sample.logprobs), expected, atol=1e-4)
     texts = generator.generate(["47+85=", "1+1="], params)
     assert texts == [[s.text for s in group] for group in groups]  # same seed and batch, same samples
+
+
+@pytest.mark.parametrize("n_prompts, world", [(7, 3), (6, 2), (2, 4), (1, 1)])
+def test_sharded_generation_splits_evenly_and_gathers_in_prompt_order(n_prompts, world):
+    from types import SimpleNamespace
+
+    from posttrain.rollout.sharded import ShardedGenerator
+
+    class Echo:  # records what it was asked; two samples per prompt
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, prompts, params):
+            self.calls.append(list(prompts))
+            return [[f"{p}:a", f"{p}:b"] for p in prompts]
+
+    prompts = [f"p{i}" for i in range(n_prompts)]
+    echoes = [Echo() for _ in range(world)]
+
+    def rank(r, gather):
+        return ShardedGenerator(echoes[r], SimpleNamespace(num_processes=world, process_index=r), gather)
+
+    shards = [rank(r, None).shard(prompts) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # equal work per rank: the same number of generate calls
+    assert [p for s in shards for p in s][:n_prompts] == prompts
+    per_rank = [Echo().generate(s, None) for s in shards]
+    out = rank(0, lambda mine: per_rank).generate(prompts, SamplingParams())
+    assert out == Echo().generate(prompts, None)  # padding dropped, order restored
+    assert echoes[0].calls == [prompts if world == 1 else shards[0]]  # rank 0 generated only its shard

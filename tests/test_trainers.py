@@ -139,6 +139,8 @@ def test_grpo_reward_error_names_function_and_sample(tmp_path, tiny_model_dir, u
 @pytest.mark.slow
 def test_two_process_accelerate_launch(tmp_path, tiny_model_dir, user_rewards):
     recipe = grpo_recipe(tmp_path, tiny_model_dir, max_steps=3, per_device_train_batch_size=32, save_steps=3)
+    recipe["data"]["eval"] = {"synthetic": "arithmetic", "split": "eval", "n": 51}  # odd: one rank's shard is padded
+    recipe["eval"] = {"name": "arith", "every_steps": 2}
     path = tmp_path / "grpo2.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
@@ -150,6 +152,20 @@ def test_two_process_accelerate_launch(tmp_path, tiny_model_dir, user_rewards):
     assert (run.final / "config.json").exists()
     logged = [r for r in run.read_metrics() if "reward" in r]
     assert [r["step"] for r in logged] == [1, 2, 3]  # one writer: the main process
+    # Held-out eval is generated half per rank and gathered: it equals one process generating everything.
+    from posttrain.evaluation import evaluate, recipe_benchmarks
+    from posttrain.models import load_tokenizer
+    from posttrain.rollout.hf import HFGenerator
+
+    assert any("eval/arith/accuracy" in r for r in run.read_metrics() if r.get("step") == 2)  # the in-training eval
+    (bench,) = recipe_benchmarks(load_recipe(path))
+    tokenizer = load_tokenizer(str(run.final))
+    model = AutoModelForCausalLM.from_pretrained(run.final)
+    alone = evaluate(HFGenerator(model, tokenizer, 256), bench, tokenizer)
+    shared = json.loads((run.path / "eval" / "arith.after.json").read_text())
+    assert [s["prompt"] for s in shared["samples"]] == [s["prompt"] for s in alone.samples] and len(alone.samples) == 51
+    assert [s["completion"] for s in shared["samples"]] == [s["completion"] for s in alone.samples]
+    assert shared["accuracy"] == alone.accuracy
 
 
 @pytest.mark.slow

@@ -121,6 +121,7 @@ def run_training(
 
     from posttrain.evaluation import evaluate, recipe_benchmarks
     from posttrain.rollout.hf import HFGenerator
+    from posttrain.rollout.sharded import ShardedGenerator
     from posttrain.trainers.callbacks import (
         CheckpointMarker,
         EvaluatorEval,
@@ -163,7 +164,7 @@ def run_training(
             if is_main and found:
                 run.eval_dir.mkdir(parents=True, exist_ok=True)
                 (run.eval_dir / f"held_out.{tag}.json").write_text(json.dumps(found, indent=1))
-        generator = HFGenerator(model, tokenizer, recipe.eval.batch_size)
+        generator = ShardedGenerator(HFGenerator(model, tokenizer, recipe.eval.batch_size))  # 1/N of it per rank
         for benchmark in benchmarks:
             res = evaluate(generator, benchmark, tokenizer)
             if is_main:

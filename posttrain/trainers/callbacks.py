@@ -118,7 +118,8 @@ class EvaluatorEval(TrainerCallback):
 class HeldOutEval(TrainerCallback):
     """Evaluate the recipe's benchmarks every `every_steps` steps with the model being trained.
 
-    Every process evaluates (generation under ZeRO-3 needs all ranks); only the main one writes.
+    Every process takes part (generation under ZeRO-3 needs all ranks), each generating its shard of the prompts
+    (`ShardedGenerator`); the samples are gathered, every rank grades them, only the main one writes.
     """
 
     def __init__(self, benchmarks, tokenizer, every_steps: int, metrics: MetricsJsonl, batch_size: int = 256):
@@ -133,8 +134,9 @@ class HeldOutEval(TrainerCallback):
             return
         from posttrain.evaluation import evaluate
         from posttrain.rollout.hf import HFGenerator
+        from posttrain.rollout.sharded import ShardedGenerator
 
-        generator = HFGenerator(getattr(model, "module", model), self.tokenizer, self.batch_size)
+        generator = ShardedGenerator(HFGenerator(getattr(model, "module", model), self.tokenizer, self.batch_size))
         for benchmark in self.benchmarks:
             self.metrics.pending.update(evaluate(generator, benchmark, self.tokenizer).metrics())
         control.should_log = True
