@@ -157,6 +157,27 @@ def test_vllm_lora_adapter_enables_lora_and_rides_on_every_request(fake_vllm, tm
     assert [call["lora"] for call in gen.llm.calls] == [expected, expected]
 
 
+def test_a_lora_run_dir_is_served_as_its_base_plus_the_adapter(fake_vllm, tmp_path):
+    import json
+
+    from posttrain.rollout.factory import make_generator
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base", "r": 8}))
+    gen = make_generator("vllm", model_path=str(final))
+    assert gen.llm.model == "org/base" and gen.lora_request.lora_path == str(final)
+    assert gen.llm.kwargs["enable_lora"] is True and "max_lora_rank" not in gen.llm.kwargs  # 8 <= vLLM's 16
+    (final / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base", "r": 24}))
+    assert make_generator("vllm", model_path=str(final)).llm.kwargs["max_lora_rank"] == 32  # next allowed rank
+    (final / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base", "r": 1024}))
+    with pytest.raises(ModelError, match="rank 1024"):
+        make_generator("vllm", model_path=str(final))
+    (final / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    with pytest.raises(ModelError, match="names no base_model_name_or_path"):
+        make_generator("vllm", model_path=str(final))
+
+
 def test_vllm_missing_raises_model_error_pointing_at_extra_and_hf_backend(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     from posttrain.rollout.vllm import VLLMGenerator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.errors import RecipeError
+from posttrain.errors import ModelError, RecipeError
 from posttrain.rollout import Generator
 
 BACKENDS = ("hf", "vllm")
@@ -41,7 +41,15 @@ def make_generator(
                 model.to("cuda")
         return HFGenerator(model, tokenizer, batch_size=batch_size)
     if backend == "vllm":
-        from posttrain.rollout.vllm import VLLMGenerator
+        from posttrain.rollout.vllm import VLLMGenerator, adapter_config
 
+        adapter = adapter_config(model_path) if "lora_path" not in vllm_kwargs else None
+        if adapter is not None:
+            # A LoRA run's final/ holds only the adapter: vLLM loads its base and applies it on every request.
+            base = adapter.get("base_model_name_or_path")
+            if not base:
+                raise ModelError(f"{model_path}/adapter_config.json names no base_model_name_or_path")
+            vllm_kwargs = {**vllm_kwargs, "lora_path": model_path}
+            model_path = base
         return VLLMGenerator(model_path, **vllm_kwargs)
     raise RecipeError(f"unknown rollout backend '{backend}' (valid: {', '.join(BACKENDS)})")

@@ -9,14 +9,44 @@ API shape followed (vLLM 0.22-0.31, the window TRL 1.16 supports):
   tokens"; "The returned output will not contain the stop strings").
 - `LoRARequest(lora_name, lora_int_id, lora_path)` with `enable_lora=True`:
   https://docs.vllm.ai/en/latest/examples/features/lora/
+- `LoRAConfig.max_lora_rank: MaxLoRARanks = 16`, `MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]`:
+  https://docs.vllm.ai/en/v0.22.1/api/vllm/config/lora/
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ModelError
 from posttrain.rollout import Sample, SamplingParams
+
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's MaxLoRARanks; its default max_lora_rank is 16
+
+
+def adapter_config(path: str | Path) -> dict[str, Any] | None:
+    """A peft adapter dir's adapter_config.json (None when `path` is not an adapter dir)."""
+    file = Path(path) / "adapter_config.json"
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{file}: not valid JSON ({err.msg})") from err
+
+
+def lora_engine_kwargs(lora_path: str) -> dict[str, Any]:
+    """`enable_lora`, and `max_lora_rank` raised to the adapter's rank where it exceeds vLLM's default of 16."""
+    kwargs: dict[str, Any] = {"enable_lora": True}
+    rank = int((adapter_config(lora_path) or {}).get("r", 0))
+    if rank > 16:
+        fits = [r for r in _LORA_RANKS if r >= rank]
+        if not fits:
+            raise ModelError(f"LoRA adapter {lora_path} has rank {rank}; vLLM serves ranks up to {_LORA_RANKS[-1]}")
+        kwargs["max_lora_rank"] = fits[0]
+    return kwargs
+
 
 _MISSING_VLLM = (
     'the vllm rollout backend needs the `vllm` package: pip install -e ".[vllm]" '
@@ -57,7 +87,7 @@ class VLLMGenerator:
             max_model_len=max_model_len,
             seed=seed,
             enable_prefix_caching=enable_prefix_caching,
-            enable_lora=lora_path is not None,
+            **(lora_engine_kwargs(lora_path) if lora_path is not None else {"enable_lora": False}),
         )
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:

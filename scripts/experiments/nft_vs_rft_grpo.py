@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--out", default="runs/nft_experiment")
     parser.add_argument("--ablations", action="store_true", help="also run the ABLATIONS arms")
+    parser.add_argument("--arms", nargs="+", default=None, help="only these arms (names as in ARMS/ABLATIONS)")
     args = parser.parse_args()
     out = Path(args.out)
     results: dict = {}
@@ -87,6 +88,11 @@ def main() -> None:
             sft = run("sft/arithmetic.yaml", sft_dir, base)
             results.setdefault(setting, {}).setdefault("SFT", {})[seed] = {"final": final(sft), "curve": []}
             arms = {**ARMS, **(ABLATIONS if args.ablations else {})}
+            if args.arms:
+                unknown = [a for a in args.arms if a not in {**ARMS, **ABLATIONS}]
+                if unknown:
+                    parser.error(f"unknown arm {unknown[0]!r}; arms: {', '.join({**ARMS, **ABLATIONS})}")
+                arms = {a: {**ARMS, **ABLATIONS}[a] for a in args.arms}
             for arm, (recipe, extra) in arms.items():
                 arm_dir = out / setting / f"seed{seed}" / arm.lower().replace(" ", "_").replace(".", "")
                 # mu=2 arms take two optimizer steps per rollout batch: same number of rollouts = twice the steps.
