@@ -597,3 +597,36 @@ def test_gradient_checkpointing_gives_the_same_updates_and_bf16_autocast_runs(tm
     assert len(rows) == 4 and all(math.isfinite(r["loss"]) for r in rows)
     trained = load_file(str(tmp_path / "bf16" / "pool" / "entry-2.safetensors"))
     assert all(v.dtype == torch.float32 for v in trained.values())  # master weights stay fp32 under autocast
+
+
+def test_eval_suite_scores_the_base_before_and_final_after_and_reports_them(tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "s", "benchmarks": [
+        {"use": "toy_colors", "data": {"prompts": ["red", "blue"], "repeat": 2}, "generation": {"steps": 2}}]}))  # fmt: skip
+    tiny = {"pixel": True, "resolution": 16, "block_out_channels": [32, 32]}
+    recipe = seppo_recipe(tmp_path, name="ev", tiny=tiny)
+    recipe["eval"] = {"suite": str(suite)}
+    result = train_recipe(load(tmp_path, recipe))
+    run = RunDir(tmp_path / "ev")
+    for tag in ("before", "after"):
+        saved = json.loads((run.eval_dir / f"toy_colors.{tag}.json").read_text())
+        assert saved["n"] == 4 and len(saved["samples"]) == 4 and (run.eval_dir / f"toy_colors.{tag}.png").exists()
+    assert set(result.before) == set(result.after) and "eval/toy_colors/accuracy" in result.after
+    logged = {r["stage"]: r for r in run.read_metrics() if "eval/toy_colors/accuracy" in r}
+    assert logged["ev:before"]["eval/toy_colors/accuracy"] == result.before["eval/toy_colors/accuracy"]
+    assert logged["ev:after"]["step"] == 4
+    assert "eval/toy_colors/accuracy" in (run.path / "report.md").read_text()
+    # The model changed, so its seeded images (same noise) changed: the two scores are of different models.
+    assert json.loads((run.eval_dir / "toy_colors.before.json").read_text())["samples"] != saved["samples"]
+
+
+def test_eval_suite_with_a_text_benchmark_is_refused_before_training(tmp_path):
+    from posttrain.errors import RecipeError
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "s", "benchmarks": ["toy_colors", "arithmetic"]}))
+    recipe = seppo_recipe(tmp_path, name="bad")
+    recipe["eval"] = {"suite": str(suite)}
+    with pytest.raises(RecipeError, match="kind: diffusion benchmarks only, not arithmetic"):
+        train_recipe(load(tmp_path, recipe))
+    assert not (tmp_path / "bad" / "pool").exists()  # refused before any model loaded

@@ -58,7 +58,7 @@ class EvalResult:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        summary = {k: v for k, v in self.__dict__.items() if k != "samples"}
+        summary = {k: v for k, v in self.__dict__.items() if k not in ("samples", "grid")}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**summary, "samples": self.samples}, indent=1))
         tmp.replace(path)

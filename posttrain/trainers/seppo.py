@@ -109,6 +109,10 @@ def plan(recipe: Recipe) -> list[str]:
             f"reference: {cfg.reference} draw from the checkpoint pool; samples by DDIM {cfg.sample_steps} steps, "
             f"CFG {cfg.guidance_scale:g}"
         )
+    benchmarks = diffusion_benchmarks(recipe)  # validates the suite in a dry run too
+    if benchmarks:
+        names = ", ".join(f"{b.name} ({len(b.prompts) * b.n} images, scorer {b.scorer['name']})" for b in benchmarks)
+        lines.append(f"eval before and after training: {names}")
     return lines
 
 
@@ -201,6 +205,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False):
 
     cfg = config_from(recipe)
     options = SePPOLossOptions(variant=cfg.variant, beta=cfg.beta)
+    benchmarks = diffusion_benchmarks(recipe)  # suite errors before any model loads
     precision = resolve_precision(recipe.training.get("precision", "auto"))
     mixed = {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no")
     # AcceleratorState is a process-wide singleton that refuses a second Accelerator with another mixed precision
@@ -274,6 +279,9 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False):
     elif needs_ref:
         _grow_pool(accelerator, pool, unet)  # theta_0
 
+    before: dict[str, float] = {}
+    if benchmarks and not resume and accelerator.is_main_process:
+        before = _evaluate(benchmarks, source, run, "before", global_step, recipe.name)
     empty_ids = tokenize(stack.tokenizer, [""])
     uncond = encode_prompts(stack, empty_ids)
     num_train_timesteps = stack.scheduler.config.num_train_timesteps
@@ -358,11 +366,44 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False):
     result = RunResult(
         run_dir=str(run.path), stage=recipe.name, train_seconds=time.monotonic() - start, global_step=global_step
     )
+    if benchmarks and accelerator.is_main_process:
+        result.before = before
+        result.after = _evaluate(benchmarks, run.final, run, "after", global_step, recipe.name)
     if accelerator.is_main_process:
         from posttrain.report import write_run_report
 
         write_run_report(run, recipe, result)
     return result
+
+
+def diffusion_benchmarks(recipe: Recipe) -> list:
+    """The `kind: diffusion` benchmarks of `eval.suite`, evaluated before and after training (images are sampled
+    from the base model and from final/); a suite with other kinds is refused, naming them."""
+    if not recipe.eval.suite:
+        return []
+    from posttrain.evaluation.diffusion import build_diffusion_benchmark
+    from posttrain.evaluation.suite import load_suite
+
+    suite = load_suite(recipe.resolve_path(recipe.eval.suite))
+    other = [b.name for b in suite.benchmarks if b.kind != "diffusion"]
+    if other:
+        raise RecipeError(f"{recipe.where}: eval.suite {recipe.eval.suite}: trainer seppo evaluates kind: diffusion "
+                          f"benchmarks only, not {', '.join(other)}")  # fmt: skip
+    return [build_diffusion_benchmark(b, limit=recipe.eval.limit) for b in suite.benchmarks]
+
+
+def _evaluate(benchmarks: list, model: Path, run: RunDir, tag: str, step: int, stage: str) -> dict[str, float]:
+    """Score each benchmark on `model`; results (with a sample grid) to eval/<name>.<tag>.json, metrics logged."""
+    from posttrain.evaluation.diffusion import evaluate_diffusion
+
+    found: dict[str, float] = {}
+    for bench in benchmarks:
+        res = evaluate_diffusion(model, bench)
+        res.save(run.eval_dir / f"{bench.name}.{tag}.json")
+        res.grid.save(run.eval_dir / f"{bench.name}.{tag}.png")
+        found.update(res.metrics())
+    run.append_metrics({"step": step, "stage": f"{stage}:{tag}", **found})
+    return found
 
 
 def _save_stage_grid(stack, x_w, x_o, path: Path, count: int = 8) -> None:

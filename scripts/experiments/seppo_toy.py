@@ -95,6 +95,7 @@ def base_recipe(args, seed: int, data: Path, init: Path | None, steps: int, lr: 
     import yaml
 
     recipe = yaml.safe_load(RECIPE.read_text())
+    recipe.pop("eval", None)  # the script evaluates every model itself, on its own images
     recipe["name"] = f"seppo-toy-base-s{seed}"
     recipe["seed"] = seed
     recipe["model"]["tiny"] = {**recipe["model"]["tiny"], "seed": seed}
@@ -110,6 +111,7 @@ def arm_recipe(args, seed: int, base: Path, arm: dict) -> dict:
     import yaml
 
     recipe = yaml.safe_load(RECIPE.read_text())
+    recipe.pop("eval", None)
     recipe["name"] = f"seppo-toy-{arm['variant']}-s{seed}"
     recipe["seed"] = seed
     recipe["model"] = {"path": str(base)}
