@@ -9,7 +9,9 @@ from posttrain.recipe import Recipe
 from posttrain.runs import RunDir, write_atomic
 
 # The curve worth plotting for each kind of run, by the name TRL logs it under.
-CURVE_KEYS = ("reward", "loss")
+CURVE_KEYS = ("reward", "loss", "flip_rate", "implicit_acc")  # flip_rate, implicit_acc: SePPO / Diffusion-DPO
+# Uncertainty of a held-out mean: drawn as a band around its accuracy curve, not as curves of their own.
+_BAND_SUFFIXES = ("_stderr", "_ci95_low", "_ci95_high")
 
 
 def _plt():
@@ -31,6 +33,10 @@ def plot_curves(records: list[dict[str, Any]], out: Path, title: str) -> list[st
         for key, value in rec.items():
             if isinstance(value, (int, float)) and (key in CURVE_KEYS or key.startswith("eval/")):
                 series.setdefault(key, {})[int(rec.get("step", 0))] = float(value)
+    bands = {k: series.pop(k) for k in list(series) if k.endswith(_BAND_SUFFIXES)}
+    for key in [k for k in series if k.endswith("/score_mean")]:  # diffusion evals: the same number as accuracy
+        if key.replace("/score_mean", "/accuracy") in series:
+            del series[key]
     if not series:
         return []
     panels = [[k] for k in CURVE_KEYS if k in series]
@@ -55,6 +61,11 @@ def plot_curves(records: list[dict[str, Any]], out: Path, title: str) -> list[st
             points = sorted(series[key].items())
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None,
                     label=key.removeprefix("eval/"))  # fmt: skip
+            prefix = key.rsplit("/", 1)[0] + "/score" if key.endswith("/accuracy") else key
+            low, high = bands.get(prefix + "_ci95_low", {}), bands.get(prefix + "_ci95_high", {})
+            steps = [p[0] for p in points if p[0] in low and p[0] in high]
+            if steps:  # the 95% interval of the mean score (diffusion benchmarks)
+                ax.fill_between(steps, [low[t] for t in steps], [high[t] for t in steps], alpha=0.2)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if keys is evals:

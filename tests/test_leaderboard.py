@@ -118,3 +118,16 @@ def test_html_renders_in_headless_chromium(store, runs_dir, tmp_path):
     # At this window size a blank page is ~14 KB and the text-only empty leaderboard ~47 KB; this one (two plots)
     # is ~130 KB.
     assert png.exists() and png.stat().st_size > 80_000
+
+
+def test_run_curves_draw_intervals_as_bands_not_as_curves(tmp_path):
+    from posttrain.report import plot_curves
+
+    records = [
+        {"step": s, "loss": 1.0 / (s + 1), "flip_rate": 0.5, "eval/toy/accuracy": a, "eval/toy/score_mean": a,
+         "eval/toy/score_stderr": 0.01, "eval/toy/score_ci95_low": a - 0.02, "eval/toy/score_ci95_high": a + 0.02}
+        for s, a in ((0, 0.5), (10, 0.6))
+    ]  # fmt: skip
+    drawn = plot_curves(records, tmp_path / "curves.png", "t")
+    assert drawn == ["eval/toy/accuracy", "flip_rate", "loss"]  # stderr/CI go into a band; score_mean == accuracy
+    assert (tmp_path / "curves.png").stat().st_size > 1000
