@@ -218,6 +218,9 @@ def test_prompt_files_and_the_shipped_imagereward_prompt_set(tmp_path):
     assert load_prompts({"path": str(tmp_path / "p.json"), "column": "prompt"}, "t") == ["a cat", "a dog"]
     with pytest.raises(DataError, match="row 1 has no string 'caption'"):
         load_prompts({"path": str(tmp_path / "p.json"), "column": "caption"}, "t")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog"}\nnot json\n')
+    with pytest.raises(DataError, match="p.jsonl: line 4 is not valid JSON"):
+        load_prompts({"path": str(tmp_path / "p.jsonl")}, "t")
     bench = build_diffusion_benchmark(resolve_benchmark("imagereward_prompts", "suite"))
     assert len(bench.prompts) == 100 and bench.prompts[0] == "a concept art of a vehicle, cyberpunk"
     assert bench.scorer["name"] == "imagereward" and "shipped" in bench.spec.settings()["data"]  # no local path

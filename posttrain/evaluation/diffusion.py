@@ -94,14 +94,18 @@ def load_prompts(data: dict[str, Any], origin: str) -> list[str]:
 def _prompts_from_file(path: Path, column: str, origin: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"{origin}: prompt file {path} not found")
-    text = path.read_text()
-    if path.suffix == ".txt":
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    try:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else None
-        rows = rows if rows is not None else json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{origin}: {path} is not valid JSON: {err}") from err
+    if path.suffix in (".jsonl", ".gz"):  # the data layer's reader: a bad line is named by its number
+        from posttrain.data.sources import jsonl_rows
+
+        rows = jsonl_rows(path, f"{origin}: {path}")[0]
+    else:
+        text = path.read_text()
+        if path.suffix == ".txt":
+            return [line.strip() for line in text.splitlines() if line.strip()]
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{origin}: {path} is not valid JSON: {err}") from err
     prompts = []
     for i, row in enumerate(rows):
         value = row if isinstance(row, str) else row.get(column) if isinstance(row, dict) else None
