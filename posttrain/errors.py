@@ -1,8 +1,14 @@
-"""User-facing errors. Each names the file, key, row or function the user has to fix."""
+"""User-facing errors and name suggestions: the ground floor, imported by every layer.
 
+Each error names the file, key, row or function the user has to fix. `RewardError` and `ModelError` are
+`reward_models`' own (it imports nothing from posttrain); `PosttrainError` is their common base, so the CLI's
+`except PosttrainError` reports every one of them without a traceback.
+"""
 
-class PosttrainError(Exception):
-    """Base class: the CLI prints these without a traceback."""
+from reward_models.errors import ModelError, RewardError, suggest
+from reward_models.errors import UserError as PosttrainError
+
+__all__ = ["PosttrainError", "RecipeError", "DataError", "ModelError", "RewardError", "suggest"]
 
 
 class RecipeError(PosttrainError):
@@ -11,11 +17,3 @@ class RecipeError(PosttrainError):
 
 class DataError(PosttrainError):
     """A data source can't be read or a row doesn't fit its schema."""
-
-
-class ModelError(PosttrainError):
-    """A model or tokenizer can't be loaded."""
-
-
-class RewardError(PosttrainError):
-    """A reward function can't be resolved or raised while scoring."""

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import PosttrainError
+from reward_models.errors import UserError
 
 KINDS = ("polar", "sequence_classifier")
 
@@ -41,15 +41,15 @@ def read_token(args: argparse.Namespace) -> str | None:
     if args.token_env:
         token = os.environ.get(args.token_env, "").strip()
         if not token:
-            raise PosttrainError(f"--token-env: environment variable '{args.token_env}' is not set or empty")
+            raise UserError(f"--token-env: environment variable '{args.token_env}' is not set or empty")
         return token
     if args.token_file:
         try:
             token = args.token_file.read_text().strip()
         except OSError as err:
-            raise PosttrainError(f"--token-file: cannot read {args.token_file}: {err}") from err
+            raise UserError(f"--token-file: cannot read {args.token_file}: {err}") from err
         if not token:
-            raise PosttrainError(f"--token-file: {args.token_file} is empty")
+            raise UserError(f"--token-file: {args.token_file} is empty")
         return token
     return None
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             serve(args)
-    except PosttrainError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,7 @@ import re
 from functools import cache
 from typing import Any
 
-from posttrain.errors import RewardError
+from reward_models.errors import RewardError
 from reward_models.registry import register, text_of
 
 THINK_ANSWER = r"^<think>.*?</think>\s*<answer>.*?</answer>$"

@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from posttrain.errors import RewardError
-from posttrain.recipe import suggest
+from reward_models.errors import RewardError
+from reward_models.errors import suggest
 
 
 class ImageScorerError(RewardError):

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from posttrain.errors import ModelError, RewardError
+from reward_models.errors import ModelError, RewardError
 from reward_models.registry import register
 from reward_models.scoring import is_messages, messages_text
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from posttrain.errors import RewardError
+from reward_models.errors import RewardError
 
 _BUILTINS: dict[str, Callable] = {}
 _SPEC_KEYS = ("name", "weight", "kwargs")

@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from posttrain.errors import RewardError
+from reward_models.errors import RewardError
 from reward_models.registry import register
 
 # Transient: the server is starting, restarting, overloaded, or the network dropped the connection.

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from posttrain.errors import ModelError, RewardError
+from reward_models.errors import ModelError, RewardError
 from reward_models.registry import register
 from reward_models.scoring import messages_text
 

@@ -28,7 +28,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the install
     raise ImportError(f"the reward server needs starlette and uvicorn ({err}): pip install 'posttrain[serve]'") from err
 
-from posttrain.errors import PosttrainError
+from reward_models.errors import UserError
 from reward_models.scoring import Scorer
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def create_app(
             return JSONResponse({"scores": []})
         try:
             scores = await anyio.to_thread.run_sync(scorer.score, prompts, completions, references, limiter=limiter)
-        except PosttrainError as err:  # the scorer refuses the request as sent (written for the user)
+        except UserError as err:  # the scorer refuses the request as sent (written for the user)
             return _error(422, str(err))
         except Exception as err:
             log.exception("scorer raised on a batch of %d", len(completions))

@@ -1,0 +1,28 @@
+"""User-facing errors of `reward_models` and the "did you mean" helper every error message uses.
+
+`reward_models` stands on its own (the reward server, a user's own RL loop), so its errors live here; posttrain's
+errors (`posttrain.errors`) build on the same base, so a CLI that catches `UserError` catches both.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(Exception):
+    """Something the user has to fix (a name, a file, a row, a key); CLIs print it without a traceback."""
+
+
+class RewardError(UserError):
+    """A reward function can't be resolved or raised while scoring."""
+
+
+class ModelError(UserError):
+    """A model or tokenizer can't be loaded."""
+
+
+def suggest(name: str, options: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest option, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
