@@ -132,10 +132,10 @@ def cmd_data_polar_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from posttrain.recipe import load_recipe, to_yaml
-    from posttrain.train import dry_run_plan, train_recipe
+    from posttrain.recipe import to_yaml
+    from posttrain.train import dry_run_plan, load_and_validate, train_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_and_validate(args.recipe, args.overrides)
     if args.dry_run:
         print(to_yaml(recipe))
         print("# plan")
@@ -173,10 +173,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from posttrain.evaluation.leaderboard import write_leaderboard
     from posttrain.evaluation.store import ResultsStore
+    from posttrain.train import run_curves
 
     if not Path(args.store).exists():
         raise PosttrainError(f"{args.store}: no results store yet; run `posttrain eval` first")
-    md, html = write_leaderboard(ResultsStore(args.store), Path(args.out), Path(args.runs))
+    md, html = write_leaderboard(ResultsStore(args.store), Path(args.out), Path(args.runs), curves_for=run_curves)
     print(f"wrote {md} and {html}")
     return 0
 
@@ -202,7 +203,7 @@ def cmd_rewards(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from posttrain.tiny import TinySpec, save_tiny_model
+    from posttrain.models.tiny import TinySpec, save_tiny_model
 
     spec = TinySpec(task=args.task, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
                     seed=args.seed)  # fmt: skip

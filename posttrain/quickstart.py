@@ -14,9 +14,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from posttrain.recipe import load_recipe
 from posttrain.report import plot_accuracy_bars, plot_curves
 from posttrain.runs import RunDir, write_atomic
+from posttrain.train import load_and_validate as load_recipe
 from posttrain.train import train_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

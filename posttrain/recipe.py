@@ -3,15 +3,15 @@
 A recipe is the whole experiment: trainer, model, data, rewards, rollout, algorithm and training options, eval and
 output dir. `extends:` pulls shared defaults from another file (deep-merged; lists are replaced), and
 `--set section.key=value` overrides are applied last. Sections and keys posttrain owns are dataclasses below;
-`algorithm` and `training` are checked against the trainer's TRL config class by `posttrain.registry`, so they
-accept exactly what TRL accepts (no re-declared copy to drift).
+`algorithm` and `training` depend on the trainer: `posttrain.registry.load_and_validate` checks them against the
+trainer's own options dataclass and its library config (e.g. TRL's GRPOConfig), with `coerce` below, the one value
+coercer every recipe value goes through. This module knows no trainer: it is the config floor, below everything.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from posttrain.errors import RecipeError
+from posttrain.errors import RecipeError, suggest
 
 
 @dataclass
@@ -38,7 +38,9 @@ class ModelSection:
     """The policy (or reward model) to start from: a local dir / hub id, or a tiny model built on the fly."""
 
     path: str | None = None
-    tiny: dict[str, Any] | None = None  # keyword args of posttrain.tiny.TinySpec, e.g. {task: arithmetic}
+    tiny: dict[str, Any] | None = (
+        None  # keyword args of posttrain.models.tiny.TinySpec (or TinyDiffusionSpec), e.g. {task: arithmetic}
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     lora: LoraOptions | None = None
     gradient_checkpointing: bool = False
@@ -109,7 +111,7 @@ class EvalSection:
 class Recipe:
     """A validated experiment. `source` is the file it came from (for error messages and relative paths)."""
 
-    trainer: str
+    trainer: str = ""  # checked against the registry by posttrain.registry.load_and_validate
     name: str = ""
     description: str = ""
     seed: int = 0
@@ -147,18 +149,15 @@ _INTERNAL = ("source", "raw", "overridden")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read `path` (following `extends:`), apply `--set` overrides, validate everything posttrain owns.
+    """Read `path` (following `extends:`), apply `--set` overrides, validate the sections posttrain owns.
 
-    Trainer-specific keys (`algorithm`, `training`) are validated by `registry.validate_recipe`, which this calls.
+    The trainer-specific sections (`algorithm`, `training`) are left as read: callers that run a recipe use
+    `posttrain.registry.load_and_validate`, which calls this and then checks them.
     """
-    from posttrain import registry
-
     path = Path(path)
     raw = _read_with_extends(path, seen=())
     overridden = apply_overrides(raw, overrides or [], where=str(path))
-    recipe = build_recipe(raw, source=path, overridden=overridden)
-    registry.validate_recipe(recipe)
-    return recipe
+    return build_recipe(raw, source=path, overridden=overridden)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -233,11 +232,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> se
 def build_recipe(raw: dict[str, Any], source: Path | None = None, overridden: set[str] | None = None) -> Recipe:
     """Validate a merged recipe mapping into a `Recipe` (types, unknown keys, required values)."""
     where = str(source) if source else "<recipe>"
-    ctx = _Context(where, overridden or set())
-    data = dict(raw)
-    if "trainer" not in data or data["trainer"] in (None, ""):
-        raise RecipeError(f"{where}: missing required key 'trainer' (one of: {', '.join(_trainer_names())})")
-    recipe = _convert(Recipe, {k: v for k, v in data.items()}, "", ctx)
+    ctx = Context(where, overridden or set())
+    recipe = coerce(Recipe, dict(raw), "", ctx)
     recipe.source = source
     recipe.raw = copy.deepcopy(raw)
     recipe.overridden = set(overridden or ())
@@ -250,16 +246,12 @@ def build_recipe(raw: dict[str, Any], source: Path | None = None, overridden: se
     return recipe
 
 
-def _trainer_names() -> list[str]:
-    from posttrain import registry
-
-    return registry.trainer_names()
-
-
 @dataclass
-class _Context:
+class Context:
+    """Where a value came from, for errors: the recipe file and the keys set with --set."""
+
     where: str
-    overridden: set[str]
+    overridden: set[str] = field(default_factory=set)
 
     def error(self, dotted: str, message: str) -> RecipeError:
         origin = (
@@ -270,24 +262,14 @@ class _Context:
         return RecipeError(f"{self.where}: {message}{origin}")
 
 
-def suggest(name: str, options: typing.Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest option, or '' when nothing is close."""
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+def coerce(tp: Any, value: Any, dotted: str, ctx: Context, lenient: bool = False) -> Any:
+    """Check/convert `value` against type annotation `tp`; `dotted` names the key for errors.
 
-
-def check_keys(keys: typing.Iterable[str], valid: typing.Iterable[str], section: str, recipe: Recipe) -> None:
-    """Raise for the first key not in `valid`, naming the file, section and the nearest valid key."""
-    valid = list(valid)
-    for key in keys:
-        if key not in valid:
-            place = f"in {section}" if section else "at the top level"
-            origin = " (set with --set)" if f"{section}.{key}" in recipe.overridden else ""
-            raise RecipeError(f"{recipe.where}: unknown key '{key}' {place}{suggest(key, valid)}{origin}")
-
-
-def _convert(tp: Any, value: Any, dotted: str, ctx: _Context) -> Any:
-    """Check/convert `value` against type annotation `tp`; `dotted` names the key for errors."""
+    The one value coercer: posttrain's sections, each trainer's options and the library config fields all go
+    through it. `lenient` is for a library's config (TRL, transformers): a type posttrain doesn't model (an enum,
+    a scheduler name) accepts the value as given and the library's own __post_init__ judges it; a `str` field
+    also takes a bool (TRL maps e.g. `scale_rewards: false` to "none").
+    """
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -303,7 +285,9 @@ def _convert(tp: Any, value: Any, dotted: str, ctx: _Context) -> Any:
         kwargs = {}
         for f in dataclasses.fields(tp):
             if f.name in value:
-                kwargs[f.name] = _convert(hints[f.name], value[f.name], f"{dotted}.{f.name}" if dotted else f.name, ctx)
+                kwargs[f.name] = coerce(
+                    hints[f.name], value[f.name], f"{dotted}.{f.name}" if dotted else f.name, ctx, lenient
+                )
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ctx.error(dotted, f"missing required key '{f.name}' in '{dotted or 'recipe'}'")
         return tp(**kwargs)
@@ -316,7 +300,7 @@ def _convert(tp: Any, value: Any, dotted: str, ctx: _Context) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(arg, value, dotted, ctx)
+                return coerce(arg, value, dotted, ctx, lenient)
             except RecipeError as err:
                 errors.append(err)
         raise (
@@ -332,17 +316,21 @@ def _convert(tp: Any, value: Any, dotted: str, ctx: _Context) -> Any:
         if not isinstance(value, list):
             raise ctx.error(dotted, f"'{dotted}' must be a list, got {_describe(value)}")
         (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_convert(item_tp, v, f"{dotted}[{i}]", ctx) for i, v in enumerate(value)]
+        return [coerce(item_tp, v, f"{dotted}[{i}]", ctx, lenient) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ctx.error(dotted, f"'{dotted}' must be a mapping, got {_describe(value)}")
         return dict(value)
-    return coerce_scalar(tp, value, lambda msg: ctx.error(dotted, f"'{dotted}' {msg}"))
+    if lenient and tp is str and isinstance(value, bool):
+        return value
+    if lenient and isinstance(tp, type) and tp not in (bool, int, float, str):
+        return value
+    return _scalar(tp, value, lambda msg: ctx.error(dotted, f"'{dotted}' {msg}"))
 
 
-def coerce_scalar(tp: Any, value: Any, fail: typing.Callable[[str], Exception]) -> Any:
+def _scalar(tp: Any, value: Any, fail: typing.Callable[[str], Exception]) -> Any:
     """Accept `value` for a scalar type; YAML 1.1 reads `1e-5` as a string, so numeric strings become floats."""
-    if tp is Any:
+    if tp is Any or isinstance(tp, typing.TypeVar) or isinstance(tp, str):
         return value
     if tp is bool:
         if isinstance(value, bool):

@@ -1,230 +1,196 @@
-"""Trainer registry: the one place that lists every `trainer:` name and what its recipe may contain.
+"""Trainer registry: the one place that lists every `trainer:` name, and the validation of the recipe sections
+that depend on the trainer (`algorithm`, `training`).
 
-Each entry names the module implementing it (imported only when training starts, so `posttrain recipes` and
-validation stay fast) and the TRL config class whose fields `algorithm:` and `training:` map onto.
+Each line of `TRAINERS` names the module implementing a trainer. Modules are imported by name (importlib) when a
+recipe needs them, so this floor sits below the trainers and `posttrain recipes` stays fast; trainer modules are
+torch-free at import time. A trainer module declares `SPEC = TrainerSpec(...)`: its options dataclass (the keys
+posttrain owns under `algorithm:`), the library config its `training:` and method keys map onto (e.g. TRL's
+GRPOConfig), and the curves its report draws. The allowed keys and their types are derived from those two
+dataclasses, never copied by hand.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
-from posttrain.errors import RecipeError
-from posttrain.recipe import Recipe, check_keys, coerce_scalar, suggest
+from posttrain.errors import RecipeError, RewardError, suggest
+from posttrain.recipe import Context, Recipe, coerce, load_recipe
 
-# GRPOConfig fields that the recipe's `rollout` section owns (set them there, not under training/algorithm).
+# trainer name -> module with SPEC, plan(recipe) and train(recipe, run, resume). Adding a trainer = one line here.
+TRAINERS: dict[str, str] = {
+    "sft": "posttrain.trainers.sft",
+    "grpo": "posttrain.trainers.grpo",
+    "nft": "posttrain.trainers.nft",
+    "rft": "posttrain.trainers.rft",
+    "polar": "posttrain.trainers.polar",
+    "reward": "posttrain.trainers.reward",
+    "seppo": "posttrain.trainers.seppo",
+}
+
+# Library-config fields that the recipe's `rollout` section owns (set them there, not under training/algorithm).
 ROLLOUT_OWNED = frozenset(
     {
         "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "use_vllm", "vllm_mode",
         "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_server_host", "vllm_server_port",
     }
 )  # fmt: skip
-# Fields owned by other recipe sections.
+# Library-config fields owned by other recipe sections (model, seed, output_dir, rewards, training.precision).
 RECIPE_OWNED = frozenset(
     {"output_dir", "seed", "gradient_checkpointing", "activation_checkpointing", "reward_weights", "bf16", "fp16"}
 )
-# posttrain's own training options (not in any TRL config).
-POSTTRAIN_TRAINING_KEYS = {
-    "time_budget_s": float,  # stop training after this many seconds of wall time (checkpoint kept)
-    "precision": str,  # auto | fp32 | bf16 | fp16; auto = bf16 on a bf16-capable GPU, fp32 on CPU
-}
 
 
-# GRPOConfig fields that define a GRPO-family method (NFT and RFT reuse TRL's sampling, so they accept them too).
-_GRPO_ALGORITHM_KEYS = frozenset(
-    {
-        "beta", "loss_type", "epsilon", "epsilon_high", "delta", "scale_rewards", "num_iterations",
-        "importance_sampling_level", "mask_truncated_completions", "top_entropy_quantile", "steps_per_generation",
-        "sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha", "repetition_penalty", "min_p",
-    }
-)  # fmt: skip
-# NFT's own options (posttrain.trainers.nft_loss.NFTOptions); kept here so validation does not import torch.
-_NFT_ALGORITHM_KEYS: tuple[tuple[str, type], ...] = (
-    ("weight", str),  # one_minus_rhat | sqrt | one
-    ("neg_clip_eps", float),
-    ("rhat_clamp", float),
-    ("logratio_cap", float),
-    ("correct_threshold", float),
-    ("aggregation", str),  # sum_const | seq_mean | token_mean
-    ("loss_const", float),
-    ("negatives", bool),
-    ("positives", bool),
-    ("mask_uninformative", bool),
-)
+@dataclass
+class PosttrainTraining:
+    """`training:` keys posttrain owns for every trainer (no library config has them)."""
 
-# POLAR's options (posttrain.trainers.polar.PolarOptions).
-_POLAR_ALGORITHM_KEYS: tuple[tuple[str, type], ...] = (
-    ("stage", str),  # pretrain | finetune
-    ("wrapper", str),  # pretrain | sft (default: the stage's)
-    ("max_length", int),
-    ("max_response_length", int),
-    ("eval_batch_size", int),
-)
+    time_budget_s: float | None = field(
+        default=None, metadata={"help": "stop training after this many seconds of wall time (checkpoint kept)"}
+    )
+    precision: typing.Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "auto = bf16 on a bf16-capable GPU, fp32 on CPU"}
+    )
 
 
 @dataclass(frozen=True)
-class TrainerEntry:
-    """How to build one trainer and check its recipe."""
+class TrainerSpec:
+    """What a trainer module declares about itself (module attribute `SPEC`)."""
 
     name: str
     description: str
-    module: str  # module with `plan(recipe, run_dir) -> list[str]` and `train(recipe, run) -> dict`
-    config_class: str  # "module:Class" of the TRL config that algorithm/training map onto
-    algorithm_keys: frozenset[str]  # config fields that define the method (must go under `algorithm:`)
-    extra_algorithm_keys: tuple[tuple[str, type], ...] = ()  # posttrain-only algorithm options
+    options: type | None = None  # torch-free dataclass: posttrain's own `algorithm:` keys of this trainer
+    library_config: str | None = None  # "module:Class" whose fields `training:` (and method_keys) map onto
+    method_keys: frozenset[str] = frozenset()  # library-config fields that define the method: under `algorithm:`
     needs_rewards: bool = False
-    uses_rollout: bool = False
+    curves: tuple[str, ...] = ("loss",)  # logged metrics the run report plots, one panel each
 
-    def config_type(self) -> type:
-        module, _, cls = self.config_class.partition(":")
-        return getattr(importlib.import_module(module), cls)
-
-
-TRAINERS: dict[str, TrainerEntry] = {
-    entry.name: entry
-    for entry in (
-        TrainerEntry(
-            name="sft",
-            description="supervised fine-tuning on prompt/completion or chat data (TRL SFTTrainer)",
-            module="posttrain.trainers.sft",
-            config_class="trl.trainer.sft_config:SFTConfig",
-            algorithm_keys=frozenset(
-                {"completion_only_loss", "assistant_only_loss", "loss_type", "packing", "max_length"}
-            ),
-        ),
-        TrainerEntry(
-            name="grpo",
-            description="group-relative policy optimisation with verifiable or model rewards (TRL GRPOTrainer)",
-            module="posttrain.trainers.grpo",
-            config_class="trl.trainer.grpo_config:GRPOConfig",
-            algorithm_keys=_GRPO_ALGORITHM_KEYS,
-            needs_rewards=True,
-            uses_rollout=True,
-        ),
-        TrainerEntry(
-            name="nft",
-            description="negative-aware fine-tuning: learn from wrong answers via an implicit negative policy "
-            "(Chen et al. 2025; over TRL GRPOTrainer)",
-            module="posttrain.trainers.nft",
-            config_class="trl.trainer.grpo_config:GRPOConfig",
-            algorithm_keys=_GRPO_ALGORITHM_KEYS,
-            extra_algorithm_keys=_NFT_ALGORITHM_KEYS,
-            needs_rewards=True,
-            uses_rollout=True,
-        ),
-        TrainerEntry(
-            name="polar",
-            description="POLAR reward model: policy-discriminative pretraining and fine-tuning on (prompt, "
-            "reference, chosen, rejected) (Dou et al. 2025; over transformers Trainer)",
-            module="posttrain.trainers.polar",
-            config_class="transformers.training_args:TrainingArguments",
-            algorithm_keys=frozenset(),
-            extra_algorithm_keys=_POLAR_ALGORITHM_KEYS,
-        ),
-        TrainerEntry(
-            name="reward",
-            description="classic Bradley-Terry reward model on (prompt, chosen, rejected), no reference: POLAR's "
-            "baseline (TRL RewardTrainer)",
-            module="posttrain.trainers.reward",
-            config_class="trl.trainer.reward_config:RewardConfig",
-            algorithm_keys=frozenset({"center_rewards_coefficient", "max_length"}),
-        ),
-        TrainerEntry(
-            name="rft",
-            description="rejection-sampling fine-tuning: SFT on the verifier-accepted samples, online (NFT without "
-            "negatives)",
-            module="posttrain.trainers.nft",
-            config_class="trl.trainer.grpo_config:GRPOConfig",
-            algorithm_keys=_GRPO_ALGORITHM_KEYS,
-            extra_algorithm_keys=_NFT_ALGORITHM_KEYS,
-            needs_rewards=True,
-            uses_rollout=True,
-        ),
-        TrainerEntry(
-            name="seppo",
-            description="semi-policy preference optimisation for text-to-image diffusion from winning images only, "
-            "with reference-pool samples and the anchor-based flipper (Zhang et al. 2024; diffusers + accelerate)",
-            module="posttrain.trainers.seppo",
-            config_class="posttrain.trainers.seppo:SePPOConfig",
-            algorithm_keys=frozenset(
-                {
-                    "variant",
-                    "reference",
-                    "beta",
-                    "num_stages",
-                    "updates_per_stage",
-                    "sample_steps",
-                    "guidance_scale",
-                    "pool_dtype",
-                    "pool_in_memory",
-                }
-            ),
-        ),
-    )
-}
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.options)) if self.options else ()
 
 
 def trainer_names() -> list[str]:
     return list(TRAINERS)
 
 
-def get_trainer(name: str, where: str = "<recipe>") -> TrainerEntry:
+def trainer_module(name: str, where: str = "<recipe>") -> types.ModuleType:
+    """The module implementing trainer `name` (imported on first use)."""
     if name not in TRAINERS:
+        if not name:
+            raise RecipeError(f"{where}: missing required key 'trainer' (one of: {', '.join(TRAINERS)})")
         raise RecipeError(
             f"{where}: unknown trainer '{name}'{suggest(name, TRAINERS)} (available: {', '.join(TRAINERS)})"
         )
-    return TRAINERS[name]
+    return importlib.import_module(TRAINERS[name])
+
+
+def get_spec(name: str, where: str = "<recipe>") -> TrainerSpec:
+    return trainer_module(name, where).SPEC
 
 
 @cache
-def config_field_types(config_class: str) -> dict[str, Any]:
-    """Field name → type annotation of a TRL config dataclass (imports TRL's config module, not its trainers)."""
+def library_field_types(config_class: str) -> dict[str, Any]:
+    """Field name -> type of a library config dataclass (imports the config's module, not its trainer)."""
     module, _, cls = config_class.partition(":")
     config = getattr(importlib.import_module(module), cls)
     hints = typing.get_type_hints(config)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(config) if f.init}
 
 
+def allowed_keys(spec: TrainerSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(algorithm key -> type, training key -> type) a recipe of this trainer may set."""
+    library = library_field_types(spec.library_config) if spec.library_config else {}
+    options = typing.get_type_hints(spec.options) if spec.options else {}
+    algorithm = {**{k: library.get(k, Any) for k in spec.method_keys}, **{k: options[k] for k in spec.option_names()}}
+    owned = spec.method_keys | ROLLOUT_OWNED | RECIPE_OWNED | set(algorithm)
+    training = {k: tp for k, tp in library.items() if k not in owned}
+    training.update(typing.get_type_hints(PosttrainTraining))
+    return algorithm, training
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def load_and_validate(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file (`extends:`, `--set`) and validate all of it, trainer sections included, before any model
+    or dataset is loaded. What `posttrain train` and every caller that runs a recipe use."""
+    recipe = load_recipe(path, overrides)
+    validate_recipe(recipe)
+    return recipe
+
+
 def validate_recipe(recipe: Recipe) -> None:
-    """Trainer-level checks: the trainer exists, algorithm/training keys exist on its config, rewards resolve."""
-    where = recipe.where
-    entry = get_trainer(recipe.trainer, where)
-    fields = config_field_types(entry.config_class)
-    extra_algo = dict(entry.extra_algorithm_keys)
-
-    check_keys(recipe.algorithm, [*entry.algorithm_keys, *extra_algo], "algorithm", recipe)
-    for key, value in recipe.algorithm.items():
-        tp = extra_algo.get(key) or fields.get(key, Any)
-        recipe.algorithm[key] = _coerce(tp, value, f"algorithm.{key}", where)
-
-    training_keys = [k for k in fields if k not in entry.algorithm_keys | ROLLOUT_OWNED | RECIPE_OWNED]
+    """Trainer-level checks: the trainer exists, algorithm/training keys exist with the right types, the trainer's
+    options accept their values, rewards and the eval grader/suite resolve."""
+    spec = get_spec(recipe.trainer, recipe.where)
+    algorithm_types, training_types = allowed_keys(spec)
+    ctx = Context(recipe.where, recipe.overridden)
+    misplaced = set(spec.method_keys) | set(spec.option_names())
     for key in recipe.training:
-        if key in entry.algorithm_keys:
-            raise RecipeError(f"{where}: '{key}' is an algorithm option: put it under 'algorithm', not 'training'")
+        if key in misplaced:
+            raise RecipeError(
+                f"{recipe.where}: '{key}' is an algorithm option: put it under 'algorithm', not 'training'"
+            )
         if key in ROLLOUT_OWNED:
-            raise RecipeError(f"{where}: '{key}' is set in the 'rollout' section (see docs/recipes.md), not 'training'")
+            raise RecipeError(f"{recipe.where}: '{key}' is set in the 'rollout' section (see docs/recipes.md), not 'training'")  # fmt: skip
         if key in RECIPE_OWNED:
-            raise RecipeError(f"{where}: 'training.{key}' is set elsewhere in the recipe (see docs/recipes.md)")
-    check_keys(recipe.training, [*training_keys, *POSTTRAIN_TRAINING_KEYS], "training", recipe)
-    for key, value in recipe.training.items():
-        tp = POSTTRAIN_TRAINING_KEYS.get(key) or fields.get(key, Any)
-        recipe.training[key] = _coerce(tp, value, f"training.{key}", where)
-
-    if recipe.training.get("precision", "auto") not in ("auto", "fp32", "bf16", "fp16"):
-        raise RecipeError(f"{where}: 'training.precision' must be one of auto, fp32, bf16, fp16")
-    if entry.needs_rewards and not recipe.rewards:
-        raise RecipeError(f"{where}: trainer '{entry.name}' needs at least one entry under 'rewards'")
+            raise RecipeError(f"{recipe.where}: 'training.{key}' is set elsewhere in the recipe (see docs/recipes.md)")
+    own_training = tuple(f.name for f in dataclasses.fields(PosttrainTraining))
+    recipe.algorithm = _coerce_section(recipe.algorithm, algorithm_types, "algorithm", ctx, spec.option_names())
+    recipe.training = _coerce_section(recipe.training, training_types, "training", ctx, own_training)
+    trainer_options(recipe)  # the options dataclass checks its own values
+    if spec.needs_rewards and not recipe.rewards:
+        raise RecipeError(f"{recipe.where}: trainer '{spec.name}' needs at least one entry under 'rewards'")
     if recipe.data.train is None:
-        raise RecipeError(f"{where}: missing 'data.train' (a data source: path, or synthetic)")
-    _validate_rewards(recipe)
+        raise RecipeError(f"{recipe.where}: missing 'data.train' (a data source: path, or synthetic)")
+    _validate_eval_and_rewards(recipe)
 
 
-def _validate_rewards(recipe: Recipe) -> None:
-    from posttrain.errors import RewardError
+def _coerce_section(
+    values: dict[str, Any], types_: dict[str, Any], section: str, ctx: Context, own: tuple[str, ...]
+) -> dict[str, Any]:
+    """Unknown keys named with the nearest valid one; posttrain's own options typed strictly, library fields
+    leniently (the library's __post_init__ has the last word on those)."""
+    out = {}
+    for key, value in values.items():
+        dotted = f"{section}.{key}"
+        if key not in types_:
+            raise ctx.error(dotted, f"unknown key '{key}' in {section}{suggest(key, types_)}")
+        lenient = key not in own
+        out[key] = None if value is None and lenient else coerce(types_[key], value, dotted, ctx, lenient)
+    return out
+
+
+def trainer_options(recipe: Recipe) -> Any:
+    """The trainer's options dataclass built from the recipe's `algorithm:` (None for a trainer without one).
+
+    Its own checks (`__post_init__` raising ValueError naming the key, e.g. "algorithm.stage must be ...") become
+    a RecipeError naming the file."""
+    spec = get_spec(recipe.trainer, recipe.where)
+    if spec.options is None:
+        return None
+    names = spec.option_names()
+    try:
+        return spec.options(**{k: v for k, v in recipe.algorithm.items() if k in names})
+    except ValueError as err:
+        raise RecipeError(f"{recipe.where}: {err}") from err
+
+
+def library_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """`training:` and `algorithm:` values for the library config: the keys posttrain owns (the trainer's options
+    and `PosttrainTraining`) are stripped here, in one place for every trainer."""
+    spec = get_spec(recipe.trainer, recipe.where)
+    own = set(spec.option_names()) | {f.name for f in dataclasses.fields(PosttrainTraining)}
+    return {k: v for k, v in {**recipe.training, **recipe.algorithm}.items() if k not in own}
+
+
+def _validate_eval_and_rewards(recipe: Recipe) -> None:
     from posttrain.evaluation.suite import GRADER_NAMES, load_suite
     from reward_models import resolve_reward
 
@@ -242,23 +208,3 @@ def _validate_rewards(recipe: Recipe) -> None:
             resolve_reward(name)
         except RewardError as err:
             raise RecipeError(f"{recipe.where}: {err}") from err
-
-
-def _coerce(tp: Any, value: Any, dotted: str, where: str) -> Any:
-    """Type-check a TRL config value against its annotation, leniently for unions and containers."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if value is None:
-        return None
-    if origin is typing.Literal:
-        if value not in args:
-            raise RecipeError(f"{where}: '{dotted}' must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is not None and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        tp = inner[0] if len(inner) == 1 else Any
-    if tp is str and isinstance(value, bool):
-        return value  # TRL maps booleans onto some string options (e.g. scale_rewards: false -> "none")
-    if tp in (bool, int, float, str):
-        return coerce_scalar(tp, value, lambda msg: RecipeError(f"{where}: '{dotted}' {msg}"))
-    return value

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from posttrain.recipe import Recipe
 from posttrain.runs import RunDir, write_atomic
 
-# The curve worth plotting for each kind of run, by the name TRL logs it under.
-CURVE_KEYS = ("reward", "loss", "flip_rate", "implicit_acc")  # flip_rate, implicit_acc: SePPO / Diffusion-DPO
+# Training curves drawn when the caller names none (a run's report passes its trainer's own: TrainerSpec.curves).
+DEFAULT_CURVES = ("reward", "loss")
 # Uncertainty of a held-out mean: drawn as a band around its accuracy curve, not as curves of their own.
 _BAND_SUFFIXES = ("_stderr", "_ci95_low", "_ci95_high")
 
@@ -23,15 +24,18 @@ def _plt():
     return plt
 
 
-def plot_curves(records: list[dict[str, Any]], out: Path, title: str) -> list[str]:
-    """One panel per training curve (reward, loss) and one with every held-out accuracy, all against step.
+def plot_curves(
+    records: list[dict[str, Any]], out: Path, title: str, curves: Sequence[str] = DEFAULT_CURVES
+) -> list[str]:
+    """One panel per training curve (`curves`, e.g. reward and loss) and one with every held-out accuracy, all
+    against step.
 
     Returns the metric names drawn (empty when there was nothing to plot, and then no file is written).
     """
     series: dict[str, dict[int, float]] = {}
     for rec in records:
         for key, value in rec.items():
-            if isinstance(value, (int, float)) and (key in CURVE_KEYS or key.startswith("eval/")):
+            if isinstance(value, (int, float)) and (key in curves or key.startswith("eval/")):
                 series.setdefault(key, {})[int(rec.get("step", 0))] = float(value)
     bands = {k: series.pop(k) for k in list(series) if k.endswith(_BAND_SUFFIXES)}
     for key in [k for k in series if k.endswith("/score_mean")]:  # diffusion evals: the same number as accuracy
@@ -39,7 +43,7 @@ def plot_curves(records: list[dict[str, Any]], out: Path, title: str) -> list[st
             del series[key]
     if not series:
         return []
-    panels = [[k] for k in CURVE_KEYS if k in series]
+    panels = [[k] for k in curves if k in series]
     # Accuracy-like held-out metrics share a [0, 1] panel; others (a reward model's scores, margin, loss) get one
     # panel each on their own scale.
     evals = sorted(k for k in series if k.startswith("eval/") and "accuracy" in k)
@@ -86,10 +90,11 @@ def plot_curves(records: list[dict[str, Any]], out: Path, title: str) -> list[st
     return sorted(series)
 
 
-def write_run_report(run: RunDir, recipe: Recipe, result: Any) -> Path:
+def write_run_report(run: RunDir, recipe: Recipe, result: Any, curves: Sequence[str] = DEFAULT_CURVES) -> Path:
+    """report.md: steps, time, the held-out before/after table and the training curves named by `curves`."""
     # The stage's own log lines plus its "<name>:before"/":after" evaluations.
     records = [r for r in run.read_metrics() if str(r.get("stage", "")).split(":")[0] == recipe.name]
-    drawn = plot_curves(records, run.path / "curves.png", f"{recipe.name} ({recipe.trainer})")
+    drawn = plot_curves(records, run.path / "curves.png", f"{recipe.name} ({recipe.trainer})", curves)
     lines = [
         f"# {recipe.name}",
         "",

@@ -1,18 +1,22 @@
-"""Run a validated recipe: pick the trainer from the registry, prepare the run dir, train."""
+"""Run a validated recipe: the registry names the trainer module, the run dir is prepared, the trainer trains.
+
+This layer names no trainer: what a run plans, trains and plots comes from the trainer module's `SPEC`, `plan` and
+`train` (see docs/architecture.md).
+"""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from posttrain.recipe import Recipe
-from posttrain.registry import get_trainer
+from posttrain.registry import get_spec, load_and_validate, trainer_module
 from posttrain.runs import RunDir
+
+__all__ = ["dry_run_plan", "load_and_validate", "run_curves", "train_recipe"]
 
 
 def train_recipe(recipe: Recipe, resume: bool = False):
-    entry = get_trainer(recipe.trainer, recipe.where)
-    module = importlib.import_module(entry.module)
+    module = trainer_module(recipe.trainer, recipe.where)
     run = RunDir(recipe.run_dir())
     from accelerate import PartialState
 
@@ -23,51 +27,37 @@ def train_recipe(recipe: Recipe, resume: bool = False):
 
 
 def dry_run_plan(recipe: Recipe) -> list[str]:
-    """What `train` would do, without loading weights or importing the trainer."""
-    entry = get_trainer(recipe.trainer, recipe.where)
-    module = importlib.import_module(entry.module)
-    lines = [f"trainer: {entry.name} — {entry.description}", f"run dir: {recipe.run_dir()}"]
-    if recipe.model.tiny is not None:
-        lines.append(f"model: tiny local model {recipe.model.tiny}")
-    else:
-        source = recipe.resolve_path(recipe.model.path or "")
-        if Path(source).exists():
-            kind = "local dir"
-        elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
-            kind = "hub id, loaded at train time"
-        else:
-            kind = "local dir, not there yet"
-        lora = f"r={recipe.model.lora.r}" if recipe.model.lora else "off"
-        lines.append(f"model: {source} ({kind}), dtype {recipe.model.dtype}, LoRA {lora}")
-    for split in ("train", "eval"):
-        spec = getattr(recipe.data, split)
-        if spec is not None:
-            lines.append(f"data.{split}: {_describe_source(recipe, spec, split)}")
+    """What `train` would do, without loading weights or importing the trainer's library."""
+    module = trainer_module(recipe.trainer, recipe.where)
+    spec = module.SPEC
+    lines = [f"trainer: {spec.name} — {spec.description}", f"run dir: {recipe.run_dir()}", _model_line(recipe)]
     lines.extend(module.plan(recipe))
-    t = recipe.training
-    if recipe.trainer == "seppo":
-        pass  # its plan states stages x updates
-    elif t.get("max_steps", -1) > 0:
-        lines.append(f"steps: {t['max_steps']} optimizer steps")
-    else:
-        lines.append(f"steps: {t.get('num_train_epochs', 3)} epoch(s) over data.train")
-    if "time_budget_s" in t:
-        lines.append(f"time budget: stops after {t['time_budget_s']:.0f} s of training")
+    budget = recipe.training.get("time_budget_s")
+    if budget is not None:
+        lines.append(f"time budget: stops after {budget:.0f} s of training")
     return lines
 
 
-def _describe_source(recipe: Recipe, spec: dict, split: str) -> str:
-    from posttrain.data import load_source
+def _model_line(recipe: Recipe) -> str:
+    if recipe.model.tiny is not None:
+        return f"model: tiny local model {recipe.model.tiny}"
+    source = recipe.resolve_path(recipe.model.path or "")
+    if Path(source).exists():
+        kind = "local dir"
+    elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        kind = "hub id, loaded at train time"
+    else:
+        kind = "local dir, not there yet"
+    lora = f"r={recipe.model.lora.r}" if recipe.model.lora else "off"
+    return f"model: {source} ({kind}), dtype {recipe.model.dtype}, LoRA {lora}"
 
-    if recipe.trainer == "seppo":  # image sources (prompt + image rows): posttrain.data.images
-        from posttrain.data.images import describe_image_source
 
-        base = recipe.source.parent if recipe.source else None
-        return describe_image_source(spec, base_dir=base, origin=f"{recipe.where}: data.{split}")
+def run_curves(run_path: Path) -> tuple[str, ...] | None:
+    """The curves a run's trainer plots (from its recipe.resolved.yaml), or None when that can't be told."""
+    import yaml
 
-    path = spec.get("path")
-    if path is not None and not Path(recipe.resolve_path(path)).exists():
-        return f"hub dataset '{path}' (not fetched by --dry-run)"
-    base = recipe.source.parent if recipe.source else None
-    rows = load_source(spec, base_dir=base, origin=f"{recipe.where}: data.{split}")
-    return f"{len(rows)} rows, columns {', '.join(rows.column_names)}"
+    try:
+        trainer = (yaml.safe_load((Path(run_path) / "recipe.resolved.yaml").read_text()) or {}).get("trainer")
+        return get_spec(str(trainer)).curves
+    except Exception:  # a run dir from another version, a hand-made dir: the leaderboard falls back to its default
+        return None

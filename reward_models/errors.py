@@ -22,7 +22,13 @@ class ModelError(UserError):
     """A model or tokenizer can't be loaded."""
 
 
+def closest(name: str, options: Iterable[str]) -> str | None:
+    """The option closest to `name` (difflib, cutoff 0.6), or None when nothing is close."""
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def suggest(name: str, options: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest option, or '' when nothing is close."""
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    close = closest(name, options)
+    return f" (did you mean '{close}'?)" if close else ""

@@ -1,10 +1,11 @@
 """Image scorers for text-to-image evaluation: `score(images, prompts) -> list[float]`, one score per image.
 
-`images` is a list of PIL images or a float tensor (B, 3, H, W) in [-1, 1] (what `posttrain.diffusion` samples);
+`images` is a list of PIL images or a float tensor (B, 3, H, W) in [-1, 1] (what `posttrain.models.diffusion` samples);
 each scorer converts to what it needs. Built-ins, by name (`image_scorer(name, **kwargs)`):
 
-- `saturation`: the coloured-squares task's analytic reward (`posttrain.data.toy_images.saturation_reward`): ~1.0
-  for a saturated square of the prompt's colour, ~0.25 for a dull one, 0 for grey. Needs nothing.
+- `saturation`: the coloured-squares task's analytic reward (`saturation_reward` below; the task's data is
+  `posttrain.data.toy_images`): ~1.0 for a saturated square of the prompt's colour, ~0.25 for a dull one, 0 for
+  grey. Needs nothing.
 - `pickscore`: PickScore (Kirstain et al. 2023), a CLIP-H fine-tuned on Pick-a-Pic: 100 x logit_scale-free cosine
   of the CLIP image and text embeddings, times the model's logit scale, as the authors' inference snippet computes.
 - `hpsv2`: Human Preference Score v2 (Wu et al. 2023) through the `hpsv2` package.
@@ -21,10 +22,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from reward_models.errors import RewardError
-from reward_models.errors import suggest
+from reward_models.errors import RewardError, suggest
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ImageScorerError(RewardError):
@@ -119,14 +122,35 @@ def _load(loader: Callable[[], Any], scorer: str, path: str, hint: str) -> Any:
 # ----------------------------------------------------------------------------------------------- toy
 
 
+COLORS = ("red", "green", "blue")  # the coloured-squares task's prompts (posttrain.data.toy_images draws them)
+TOP_FRACTION = 0.05  # the reward averages the most prompt-coloured 5% of pixels (the smallest square covers 14%)
+
+
+def saturation_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Per image: chroma of the prompt colour (its channel minus the larger other channel, in [0, 1] units),
+    averaged over the top `TOP_FRACTION` of pixels. `images` is (B, 3, H, W) in [-1, 1].
+
+    ~1.0 for a square in the saturated prompt colour, ~0.25 for a dull one (the same hue, mostly grey), 0 for a
+    blank grey image or a square of another colour."""
+    import torch
+
+    x = (images.float().clamp(-1, 1) + 1.0) / 2.0
+    scores = []
+    for image, prompt in zip(x, prompts):
+        c = COLORS.index(prompt.strip().lower())
+        others = torch.cat([image[:c], image[c + 1 :]]).amax(dim=0)
+        chroma = (image[c] - others).flatten()
+        k = max(1, int(TOP_FRACTION * chroma.numel()))
+        scores.append(chroma.topk(k).values.mean().clamp(min=0.0))
+    return torch.stack(scores)
+
+
 class SaturationScorer:
     """The coloured-squares task's analytic reward; prompts must be 'red', 'green' or 'blue'."""
 
     name = "saturation"
 
     def score(self, images: Any, prompts: Sequence[str]) -> list[float]:
-        from posttrain.data.toy_images import COLORS, saturation_reward
-
         _check_lengths(images, prompts)
         bad = [p for p in prompts if p.strip().lower() not in COLORS]
         if bad:

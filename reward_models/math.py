@@ -1,10 +1,14 @@
-"""Verifiable math rewards: exact numeric match, and math-verify's symbolic equivalence (gold first)."""
+"""Verifiable math rewards: exact numeric match, and math-verify's symbolic equivalence (gold first).
+
+`check_math_answer(completion, gold)` is the one place that decides whether a completion's math answer is right by
+math-verify: the `math_verify` reward here and posttrain's `math_verify` evaluation grader both call it.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
-from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -60,33 +64,72 @@ def numeric_match_reward(prompts: list, completions: list, answer: Any = None, *
     return scores
 
 
-@register("math_verify")
-def math_verify_reward(prompts: list, completions: list, answer: Any = None, **kwargs: Any) -> list[float]:
-    """1.0 when math-verify finds the completion's answer equivalent to the gold answer (LaTeX, \\boxed{}, numbers)."""
-    from math_verify import parse, verify
+class GoldAnswerError(RewardError):
+    """math-verify cannot parse a gold answer: every completion would be marked wrong, so it is a data problem."""
 
-    golds = _answers(answer, len(completions), "math_verify")
-    # math-verify's timeouts use signals, which only work in the main thread; elsewhere run without them.
-    main = threading.current_thread() is threading.main_thread()
-    parse_kw = {} if main else {"parsing_timeout": None}
-    verify_kw = {} if main else {"timeout_seconds": None}
-    parsed_golds: dict[str, list] = {}  # GRPO repeats each gold num_generations times; parse it once
-    scores = []
-    for completion, gold in zip(completions, golds):
-        gold_text = str(gold)
-        if gold_text not in parsed_golds:
-            parsed_golds[gold_text] = _parse_gold(gold_text, parse, parse_kw)
-        pred = parse(text_of(completion), **parse_kw)
-        # Gold first: verify() is not symmetric (math-verify's README: "Order here is important!").
-        scores.append(1.0 if pred and verify(parsed_golds[gold_text], pred, **verify_kw) else 0.0)
-    return scores
+    def __init__(self, gold: str):
+        super().__init__(f"math-verify cannot parse the gold answer {gold[:200]!r}")
+        self.gold = gold
 
 
-def _parse_gold(gold_text: str, parse: Callable, parse_kw: dict[str, Any]) -> list:
+def _math_verify_kwargs() -> tuple[dict[str, Any], dict[str, Any]]:
+    # math-verify's timeouts use signals (SIGALRM), which only work in the main thread; elsewhere run without them.
+    if threading.current_thread() is threading.main_thread():
+        return {}, {}
+    return {"parsing_timeout": None}, {"timeout_seconds": None}
+
+
+@functools.lru_cache(maxsize=4096)  # GRPO repeats each gold num_generations times: parse it once
+def _parse_gold(gold: str, main_thread: bool) -> list:
+    from math_verify import parse
+
+    kwargs = {} if main_thread else {"parsing_timeout": None}
     # A bare gold answer ("\\left( 3, \\frac{\\pi}{2} \\right)", "p - q") parses reliably only inside a LaTeX
     # environment: as plain text math-verify parses 51 of the 500 MATH-500 answers to nothing and 57 to the wrong
     # value. Boxed, all 500 verify against "$\\boxed{answer}$" completions. Plain text stays as a fallback.
-    gold_parsed = parse(f"$\\boxed{{{gold_text}}}$", **parse_kw) or parse(gold_text, **parse_kw)
-    if not gold_parsed:  # every completion would score 0.0: a data problem, so say so
-        raise RewardError(f"reward 'math_verify': math-verify cannot parse the gold answer {gold_text[:200]!r}")
-    return gold_parsed
+    return parse(f"$\\boxed{{{gold}}}$", **kwargs) or parse(gold, **kwargs)
+
+
+def parse_gold(gold: str) -> list:
+    """A gold answer parsed by math-verify (boxed first, plain text as a fallback), cached; GoldAnswerError when
+    math-verify reads nothing in it."""
+    parse_kw, _ = _math_verify_kwargs()
+    parsed = _parse_gold(str(gold), not parse_kw)
+    if not parsed:
+        raise GoldAnswerError(str(gold))
+    return parsed
+
+
+def check_math_answer(completion: str, gold: str) -> tuple[str | None, bool]:
+    """(the answer math-verify reads in `completion` or None, whether it is equivalent to `gold`).
+
+    Gold first: verify() is not symmetric (math-verify's README: "Order here is important!"). Raises
+    GoldAnswerError when the gold can't be parsed. Works outside the main thread (without math-verify's timeouts).
+    """
+    from math_verify import parse, verify
+
+    gold_parsed = parse_gold(gold)
+    parse_kw, verify_kw = _math_verify_kwargs()
+    pred = parse(completion, **parse_kw)
+    if not pred:
+        return None, False
+    return str(pred[0]), bool(verify(gold_parsed, pred, **verify_kw))
+
+
+def is_math_correct(completion: str, gold: str) -> bool:
+    """Whether math-verify finds the answer in `completion` equivalent to `gold` (see `check_math_answer`)."""
+    return check_math_answer(completion, gold)[1]
+
+
+@register("math_verify")
+def math_verify_reward(prompts: list, completions: list, answer: Any = None, **kwargs: Any) -> list[float]:
+    """1.0 when math-verify finds the completion's answer equivalent to the gold answer (LaTeX, \\boxed{}, numbers)."""
+    golds = _answers(answer, len(completions), "math_verify")
+    scores = []
+    for completion, gold in zip(completions, golds):
+        try:
+            correct = is_math_correct(text_of(completion), str(gold))
+        except GoldAnswerError as err:  # every completion would score 0.0: a data problem, so say so
+            raise RewardError(f"reward 'math_verify': {err}") from err
+        scores.append(1.0 if correct else 0.0)
+    return scores

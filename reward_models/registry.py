@@ -7,7 +7,6 @@ from inside the trainer (or, worse, as a silent zero or NaN).
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import inspect
@@ -15,7 +14,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from reward_models.errors import RewardError
+from reward_models.errors import RewardError, closest, suggest
 
 _BUILTINS: dict[str, Callable] = {}
 _SPEC_KEYS = ("name", "weight", "kwargs")
@@ -45,8 +44,9 @@ def resolve_reward(name: str) -> Callable:
     if ":" in name:
         return _import_reward(name)
     if name not in _BUILTINS:
-        close = difflib.get_close_matches(name, _BUILTINS, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        # The hint shares the parenthesis with the list of names: "(did you mean 'x'? built-in rewards: ...)".
+        close = closest(name, _BUILTINS)
+        hint = f"did you mean '{close}'? " if close else ""
         raise RewardError(
             f"unknown reward '{name}' ({hint}built-in rewards: {', '.join(reward_names())}; "
             "user code: 'package.module:function')"
@@ -228,10 +228,10 @@ def _check_bound_kwargs(func: Callable, bound: dict[str, Any], name: str, where:
             raise RewardError(f"{where}: 'kwargs' cannot set '{key}'; the trainer passes it")
         if key in named or (takes_any and ":" in name):  # user code with **kwargs may read anything
             continue
-        close = difflib.get_close_matches(key, named, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
         options = ", ".join(p for p in named if p not in ("prompts", "completions")) or "none"
-        raise RewardError(f"{where}: reward '{name}' has no option '{key}'{hint}; its options: {options}")
+        raise RewardError(
+            f"{where}: reward '{name}' has no option '{key}'{suggest(key, named)}; its options: {options}"
+        )
 
 
 def build_rewards(specs: list[dict[str, Any]]) -> tuple[list[Callable], list[float]]:
@@ -243,9 +243,9 @@ def build_rewards(specs: list[dict[str, Any]]) -> tuple[list[Callable], list[flo
             raise RewardError(f"{where}: expected a mapping with 'name' (and optional 'weight', 'kwargs')")
         for key in spec:
             if key not in _SPEC_KEYS:
-                close = difflib.get_close_matches(str(key), _SPEC_KEYS, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise RewardError(f"{where}: unknown key '{key}'{hint}; allowed: {', '.join(_SPEC_KEYS)}")
+                raise RewardError(
+                    f"{where}: unknown key '{key}'{suggest(key, _SPEC_KEYS)}; allowed: {', '.join(_SPEC_KEYS)}"
+                )
         name = spec.get("name")
         if not isinstance(name, str) or not name:
             raise RewardError(f"{where}: missing 'name' (a built-in reward or 'package.module:function')")

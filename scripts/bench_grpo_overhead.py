@@ -54,7 +54,7 @@ class StepTimer:
 
 
 def via_posttrain(model_dir: Path, steps: int, workdir: Path) -> list[float]:
-    from posttrain.recipe import load_recipe
+    from posttrain.registry import load_and_validate as load_recipe
     from posttrain.runs import RunDir
     from posttrain.trainers.base import run_training
     from posttrain.trainers.grpo import build_trainer
@@ -108,7 +108,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from posttrain.tiny import TinySpec, save_tiny_model
+    from posttrain.models.tiny import TinySpec, save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -30,9 +30,8 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from posttrain.data import arithmetic_split
-    from posttrain.tiny import TinySpec, save_tiny_model
-    from posttrain.trainers.nft import trainer_class
-    from posttrain.trainers.nft_loss import NFTOptions
+    from posttrain.models.tiny import TinySpec, save_tiny_model
+    from posttrain.trainers.nft import NFTOptions, trainer_class
     from reward_models.math import numeric_match_reward
 
     torch.set_num_threads(1)

@@ -31,7 +31,7 @@ def rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 def model_and_tokenizer():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from posttrain.tiny import build_tokenizer
+    from posttrain.models.tiny import build_tokenizer
 
     tok = build_tokenizer("markov")
     config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -50,7 +50,7 @@ def time_polar(data, steps: int, batch: int) -> tuple[float, float, int]:
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from posttrain.trainers.polar import TripletCollator, _make_trainer_class, encode_rows
+    from posttrain.trainers.polar_trainer import PolarTrainer, TripletCollator, encode_rows
     from reward_models.polar import PolarEncoder, PolarLayout, add_polar_tokens
 
     model, tok = model_and_tokenizer()
@@ -59,7 +59,7 @@ def time_polar(data, steps: int, batch: int) -> tuple[float, float, int]:
     train = encode_rows(Dataset.from_list(data), encoder, "bench")
     tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in train.select(range(steps * batch)))
     with tempfile.TemporaryDirectory() as out:
-        trainer = _make_trainer_class()(model=model, args=args_for(TrainingArguments, out, steps, batch),
+        trainer = PolarTrainer(model=model, args=args_for(TrainingArguments, out, steps, batch),
                                         train_dataset=train, data_collator=TripletCollator(tok.pad_token_id))  # fmt: skip
         return (*_timed(trainer.train), tokens)
 

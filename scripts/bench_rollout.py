@@ -40,10 +40,10 @@ def bench_hf(args: argparse.Namespace) -> None:
     from transformers.utils.logging import disable_progress_bar
 
     from posttrain.data import arithmetic_split
-    from posttrain.models import load_tokenizer
+    from posttrain.models.loading import load_tokenizer
+    from posttrain.models.tiny import save_tiny_model
     from posttrain.rollout import SamplingParams
     from posttrain.rollout.hf import HFGenerator
-    from posttrain.tiny import save_tiny_model
 
     disable_progress_bar()  # transformers' save/load bars would interleave with the table
     torch.set_num_threads(1)
@@ -87,7 +87,7 @@ def bench_vllm(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from posttrain.data import arithmetic_split
-    from posttrain.models import load_tokenizer
+    from posttrain.models.loading import load_tokenizer
     from posttrain.rollout import SamplingParams
     from posttrain.rollout.hf import HFGenerator
     from posttrain.rollout.vllm import VLLMGenerator

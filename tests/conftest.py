@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny arithmetic model dir saved once per test session (from_pretrained-loadable)."""
-    from posttrain.tiny import TinySpec, save_tiny_model
+    from posttrain.models.tiny import TinySpec, save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", TinySpec(hidden_size=64, intermediate_size=128))
 

@@ -82,7 +82,7 @@ def test_clip_scorers_say_which_hub_id_failed_offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_pixel(tmp_path_factory):
-    from posttrain.tiny_diffusion import TinyDiffusionSpec, save_tiny_diffusion
+    from posttrain.models.tiny_diffusion import TinyDiffusionSpec, save_tiny_diffusion
 
     spec = TinyDiffusionSpec(pixel=True, resolution=8, block_out_channels=(16, 16))
     return save_tiny_diffusion(tmp_path_factory.mktemp("px") / "px", spec)
@@ -90,7 +90,7 @@ def tiny_pixel(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def other_pixel(tmp_path_factory):
-    from posttrain.tiny_diffusion import TinyDiffusionSpec, save_tiny_diffusion
+    from posttrain.models.tiny_diffusion import TinyDiffusionSpec, save_tiny_diffusion
 
     spec = TinyDiffusionSpec(pixel=True, resolution=8, block_out_channels=(16, 16), seed=1)
     return save_tiny_diffusion(tmp_path_factory.mktemp("px1") / "px1", spec)
@@ -114,8 +114,8 @@ def bench(tmp_path, **overrides):
 
 
 def test_seeded_sampling_is_deterministic_and_the_seed_matters(tiny_pixel):
-    from posttrain.diffusion import load_stack
-    from posttrain.evaluation.diffusion import sample_images
+    from posttrain.models.diffusion import load_stack
+    from posttrain.rollout.diffusion import sample_images
 
     stack = load_stack(tiny_pixel)
     prompts = ["red", "green", "blue"]

@@ -8,7 +8,7 @@ import yaml
 
 from posttrain.cli import main
 from posttrain.evaluation.store import ResultsStore
-from posttrain.recipe import load_recipe
+from posttrain.registry import load_and_validate as load_recipe
 from posttrain.runs import RunDir
 from posttrain.train import train_recipe
 

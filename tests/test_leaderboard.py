@@ -128,6 +128,8 @@ def test_run_curves_draw_intervals_as_bands_not_as_curves(tmp_path):
          "eval/toy/score_stderr": 0.01, "eval/toy/score_ci95_low": a - 0.02, "eval/toy/score_ci95_high": a + 0.02}
         for s, a in ((0, 0.5), (10, 0.6))
     ]  # fmt: skip
-    drawn = plot_curves(records, tmp_path / "curves.png", "t")
+    from posttrain.registry import get_spec
+
+    drawn = plot_curves(records, tmp_path / "curves.png", "t", get_spec("seppo").curves)  # SePPO's own curves
     assert drawn == ["eval/toy/accuracy", "flip_rate", "loss"]  # stderr/CI go into a band; score_mean == accuracy
     assert (tmp_path / "curves.png").stat().st_size > 1000

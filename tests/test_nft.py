@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.runs import RunDir
 from posttrain.train import train_recipe
-from posttrain.trainers.nft import CORRECT, INFORMATIVE, RHAT, trainer_class
-from posttrain.trainers.nft_loss import NFTOptions, group_correctness, nft_loss
+from posttrain.trainers.nft import NFTOptions, trainer_class
+from posttrain.trainers.nft_loss import group_correctness, nft_loss
+from posttrain.trainers.nft_trainer import CORRECT, INFORMATIVE, RHAT
 
 K, T = 4, 5  # answers per question, completion length
 # Groups with r_hat 0.25 and 0.75 (same std, so TRL's n-1 std + 1e-4 is one scalar away from sqrt(r(1-r))),

@@ -29,7 +29,7 @@ def rm():
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from posttrain.tiny import build_tokenizer
+    from posttrain.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer("text")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -85,7 +85,7 @@ def test_messages_are_joined_by_newlines_without_a_chat_template(rm):
 
 
 def test_official_layout_reproduces_the_released_client_string():
-    from posttrain.tiny import build_tokenizer
+    from posttrain.models.tiny import build_tokenizer
 
     tok = build_tokenizer("text")
     tok.add_special_tokens({"additional_special_tokens": [OFFICIAL_SPLIT_TOKEN, OFFICIAL_REWARD_TOKEN]})
@@ -117,7 +117,7 @@ def test_layout_without_room_for_a_prompt_is_refused():
 
 
 def test_encoder_needs_the_polar_tokens():
-    from posttrain.tiny import build_tokenizer
+    from posttrain.models.tiny import build_tokenizer
 
     with pytest.raises(ModelError, match="add_polar_tokens"):
         PolarEncoder(build_tokenizer("text"))
@@ -127,7 +127,7 @@ def test_added_token_embeddings_start_at_the_mean_embedding():
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from posttrain.tiny import build_tokenizer
+    from posttrain.models.tiny import build_tokenizer
 
     tok = build_tokenizer("text")
     model = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
@@ -240,7 +240,7 @@ def test_polar_markov_is_a_synthetic_source():
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """The POLAR quickstart recipe trained once (600 steps); its run dir."""
-    from posttrain.recipe import load_recipe
+    from posttrain.registry import load_and_validate as load_recipe
     from posttrain.train import train_recipe
     from tests.conftest import REPO
 
@@ -317,7 +317,7 @@ def test_grpo_with_polar_reward_moves_a_policy_toward_the_reference_policy(pretr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.data.markov import MarkovWorld, continuation_rows, policy_kl, reference_rows
-    from posttrain.recipe import load_recipe
+    from posttrain.registry import load_and_validate as load_recipe
     from posttrain.train import train_recipe
 
     world, target = MarkovWorld(), "train-2"
@@ -386,7 +386,7 @@ def _preference_rows(n, seed):
 def test_reward_trainer_learns_a_preference_and_reports_held_out_accuracy(tmp_path):
     import json
 
-    from posttrain.recipe import load_recipe
+    from posttrain.registry import load_and_validate as load_recipe
     from posttrain.train import train_recipe
 
     for name, n, seed in (("train", 256, 0), ("eval", 64, 1)):
@@ -412,7 +412,7 @@ training: {{max_steps: 40, per_device_train_batch_size: 16, learning_rate: 3.0e-
 
 
 def _polar_recipe(tmp_path, **training):
-    from posttrain.recipe import load_recipe
+    from posttrain.registry import load_and_validate as load_recipe
 
     rows = [{"prompt": "ab", "reference": "cde", "chosen": "cdd", "rejected": "hhh"}] * 16
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -133,7 +133,7 @@ def test_pairs_need_a_reference():
 
 @pytest.mark.slow
 def test_cli_builds_triplets_from_two_real_tiny_policies(tmp_path):
-    from posttrain.tiny import TinySpec, save_tiny_model
+    from posttrain.models.tiny import TinySpec, save_tiny_model
 
     policies = [str(save_tiny_model(tmp_path / f"m{s}", TinySpec(task="markov", hidden_size=32, intermediate_size=64,
                                                                    seed=s))) for s in (0, 1)]  # fmt: skip

@@ -7,8 +7,9 @@ import yaml
 
 from posttrain.cli import RECIPES_DIR, main
 from posttrain.errors import RecipeError
-from posttrain.recipe import load_recipe, to_yaml
+from posttrain.recipe import to_yaml
 from posttrain.registry import TRAINERS
+from posttrain.registry import load_and_validate as load_recipe
 
 BASE = {
     "trainer": "grpo",

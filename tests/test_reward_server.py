@@ -323,7 +323,7 @@ def test_cli_serves_a_polar_rm_that_needs_references(tmp_path, monkeypatch):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from posttrain.tiny import build_tokenizer
+    from posttrain.models.tiny import build_tokenizer
     from reward_models.__main__ import main
     from reward_models.polar import PolarScorer, add_polar_tokens
 

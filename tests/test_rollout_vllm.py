@@ -210,8 +210,8 @@ def test_make_generator_hf_loads_model_and_tokenizer_from_path(tiny_model_dir):
 
 
 def test_make_generator_hf_reuses_given_model_and_tokenizer(tiny_model_dir):
+    from posttrain.models.tiny import TinySpec, build_tiny_model
     from posttrain.rollout.factory import make_generator
-    from posttrain.tiny import TinySpec, build_tiny_model
 
     model, tokenizer = build_tiny_model(TinySpec(hidden_size=32, intermediate_size=64))
     gen = make_generator("hf", model_path="not/used", model=model, tokenizer=tokenizer)
@@ -230,10 +230,10 @@ def test_vllm_greedy_matches_hf_greedy_on_tiny_model(tmp_path):
     pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM
 
-    from posttrain.models import load_tokenizer
+    from posttrain.models.loading import load_tokenizer
+    from posttrain.models.tiny import TinySpec, save_tiny_model
     from posttrain.rollout.hf import HFGenerator
     from posttrain.rollout.vllm import VLLMGenerator
-    from posttrain.tiny import TinySpec, save_tiny_model
 
     model_dir = str(save_tiny_model(tmp_path / "m", TinySpec(task="text", hidden_size=64, intermediate_size=128)))
     prompts = ["Hello, ", "abc", "The answer is", "x = 1; y ="]

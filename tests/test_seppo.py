@@ -19,11 +19,11 @@ from posttrain.data.images import (
 )
 from posttrain.data.toy_images import COLORS, draw_square, saturation_reward, toy_color_rows
 from posttrain.errors import DataError
-from posttrain.recipe import load_recipe
 from posttrain.registry import TRAINERS
+from posttrain.registry import load_and_validate as load_recipe
 from posttrain.runs import RunDir
 from posttrain.train import train_recipe
-from posttrain.trainers.seppo import ALGORITHM_KEYS, SePPOConfig, drop_prompts, seppo_step_loss
+from posttrain.trainers.seppo import SePPOOptions, SePPOTraining
 from posttrain.trainers.seppo_loss import (
     SePPOLossOptions,
     aaf_sign,
@@ -32,6 +32,7 @@ from posttrain.trainers.seppo_loss import (
     shared_timesteps_and_noise,
 )
 from posttrain.trainers.seppo_pool import ReferencePool
+from posttrain.trainers.seppo_steps import drop_prompts, seppo_step_loss
 
 
 def log1p_exp(x: float) -> float:
@@ -160,14 +161,14 @@ def test_winner_and_reference_sample_share_timestep_and_noise():
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
-    from posttrain.tiny_diffusion import TinyDiffusionSpec, save_tiny_diffusion
+    from posttrain.models.tiny_diffusion import TinyDiffusionSpec, save_tiny_diffusion
 
     return save_tiny_diffusion(tmp_path_factory.mktemp("sd") / "sd", TinyDiffusionSpec(resolution=32))
 
 
 @pytest.fixture(scope="module")
 def tiny_pixel(tmp_path_factory):
-    from posttrain.tiny_diffusion import TinyDiffusionSpec, save_tiny_diffusion
+    from posttrain.models.tiny_diffusion import TinyDiffusionSpec, save_tiny_diffusion
 
     return save_tiny_diffusion(tmp_path_factory.mktemp("px") / "px", TinyDiffusionSpec(pixel=True, resolution=16))
 
@@ -175,8 +176,8 @@ def tiny_pixel(tmp_path_factory):
 def test_tiny_sd_dir_loads_as_a_stable_diffusion_pipeline(tiny_sd):
     from diffusers import StableDiffusionPipeline
 
-    from posttrain.diffusion import load_stack, tokenize
-    from posttrain.tiny_diffusion import TinyDiffusionSpec, build_tiny_diffusion
+    from posttrain.models.diffusion import load_stack, tokenize
+    from posttrain.models.tiny_diffusion import TinyDiffusionSpec, build_tiny_diffusion
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
     fresh = build_tiny_diffusion(TinyDiffusionSpec(resolution=32))
@@ -195,7 +196,7 @@ def test_tiny_sd_dir_loads_as_a_stable_diffusion_pipeline(tiny_sd):
 
 
 def test_tiny_pixel_stack_has_no_vae_and_denoises_rgb(tiny_pixel):
-    from posttrain.diffusion import encode_prompts, load_stack, tokenize
+    from posttrain.models.diffusion import encode_prompts, load_stack, tokenize
 
     assert not (tiny_pixel / "vae").exists()
     stack = load_stack(tiny_pixel)
@@ -206,7 +207,8 @@ def test_tiny_pixel_stack_has_no_vae_and_denoises_rgb(tiny_pixel):
 
 
 def test_reference_sampling_is_seeded_and_cfg_reduces_to_the_conditional_model(tiny_pixel):
-    from posttrain.diffusion import ddim_sample, encode_prompts, load_stack, tokenize
+    from posttrain.models.diffusion import encode_prompts, load_stack, tokenize
+    from posttrain.rollout.diffusion import ddim_sample
 
     stack = load_stack(tiny_pixel)
     cond = encode_prompts(stack, tokenize(stack.tokenizer, ["red", "blue"]))
@@ -223,7 +225,7 @@ def test_reference_sampling_is_seeded_and_cfg_reduces_to_the_conditional_model(t
 
 
 def test_latents_are_scaled_by_the_vae_scaling_factor_and_decoded_back(tiny_sd):
-    from posttrain.diffusion import images_to_model_space, load_stack, model_space_to_images
+    from posttrain.models.diffusion import images_to_model_space, load_stack, model_space_to_images
 
     stack = load_stack(tiny_sd)
     scale = stack.vae.config.scaling_factor
@@ -243,7 +245,8 @@ def test_latents_are_scaled_by_the_vae_scaling_factor_and_decoded_back(tiny_sd):
 def test_pixel_stack_clips_x0_when_sampling_and_latent_stack_does_not(tiny_pixel, tiny_sd):
     # Unclipped, an untrained pixel UNet's eps error at t ~ T blows up into x0 far outside [-1, 1] (coloured noise
     # that the toy's saturation reward scores high); DDPM clips x0 for pixel models, SD's latents are unbounded.
-    from posttrain.diffusion import ddim_sample, encode_prompts, load_stack, tokenize
+    from posttrain.models.diffusion import encode_prompts, load_stack, tokenize
+    from posttrain.rollout.diffusion import ddim_sample
 
     assert load_stack(tiny_sd).scheduler.config.clip_sample is False
     stack = load_stack(tiny_pixel)
@@ -258,8 +261,8 @@ def test_pixel_stack_clips_x0_when_sampling_and_latent_stack_does_not(tiny_pixel
 
 
 def test_loading_a_dir_that_is_not_a_pipeline_names_what_is_missing(tmp_path):
-    from posttrain.diffusion import load_stack
     from posttrain.errors import ModelError
+    from posttrain.models.diffusion import load_stack
 
     with pytest.raises(ModelError, match="missing unet/"):
         load_stack(tmp_path)
@@ -439,7 +442,7 @@ def test_empty_prompt_dropout_rate():
 def test_gradient_accumulation_over_two_micro_batches_equals_one_batch(tiny_pixel):
     from accelerate import Accelerator
 
-    from posttrain.diffusion import encode_prompts, load_stack, tokenize
+    from posttrain.models.diffusion import encode_prompts, load_stack, tokenize
 
     stack = load_stack(tiny_pixel)
     unet = stack.unet.double().train()
@@ -472,11 +475,15 @@ def test_gradient_accumulation_over_two_micro_batches_equals_one_batch(tiny_pixe
 
 
 def test_registry_entry_and_config_agree():
-    entry = TRAINERS["seppo"]
-    assert entry.algorithm_keys == ALGORITHM_KEYS
-    assert entry.config_type() is SePPOConfig
-    for f in SePPOConfig.__dataclass_fields__.values():
-        assert f.metadata.get("help"), f.name  # every option documents itself
+    from posttrain.registry import allowed_keys, get_spec
+
+    assert TRAINERS["seppo"] == "posttrain.trainers.seppo"
+    algorithm, training = allowed_keys(get_spec("seppo"))
+    assert set(algorithm) == set(SePPOOptions.__dataclass_fields__)  # derived from the options, no hand copy
+    assert set(training) == set(SePPOTraining.__dataclass_fields__) | {"time_budget_s", "precision"}
+    for cls in (SePPOOptions, SePPOTraining):
+        for f in cls.__dataclass_fields__.values():
+            assert f.metadata.get("help"), f.name  # every option documents itself
 
 
 def seppo_recipe(tmp_path, name="seppo-test", tiny=None, **algorithm) -> dict:

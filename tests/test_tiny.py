@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.cli import main
 from posttrain.errors import ModelError
-from posttrain.tiny import TinySpec, build_tokenizer, save_tiny_model
+from posttrain.models.tiny import TinySpec, build_tokenizer, save_tiny_model
 
 
 def test_tiny_model_round_trips_through_from_pretrained(tmp_path):

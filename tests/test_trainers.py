@@ -11,7 +11,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from posttrain.errors import PosttrainError, RewardError
-from posttrain.recipe import load_recipe
+from posttrain.registry import load_and_validate as load_recipe
 from posttrain.runs import RunDir
 from posttrain.train import train_recipe
 
@@ -154,7 +154,7 @@ def test_two_process_accelerate_launch(tmp_path, tiny_model_dir, user_rewards):
     assert [r["step"] for r in logged] == [1, 2, 3]  # one writer: the main process
     # Held-out eval is generated half per rank and gathered: it equals one process generating everything.
     from posttrain.evaluation import evaluate, recipe_benchmarks
-    from posttrain.models import load_tokenizer
+    from posttrain.models.loading import load_tokenizer
     from posttrain.rollout.hf import HFGenerator
 
     assert any("eval/arith/accuracy" in r for r in run.read_metrics() if r.get("step") == 2)  # the in-training eval

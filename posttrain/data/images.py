@@ -24,21 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from posttrain.data.schemas import ImageRow
 from posttrain.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FORMATS = ("pickapic", "prompt_images")
 SOURCE_KEYS = ("path", "format", "synthetic", "n", "seed", "limit", "resolution")
-
-
-@dataclass(frozen=True)
-class ImageRow:
-    """One training row: a prompt, its winning image and (preference data only) the losing one."""
-
-    prompt: str
-    winner: Any  # bytes | str path | PIL image | tensor in [-1, 1]
-    loser: Any = None
-    where: str = ""  # "file: row N" for error messages
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Row schemas: the fields each kind of training data needs, checked with row-numbered errors."""
+"""Row schemas: the fields each kind of training data needs, checked with row-numbered errors, and `ImageRow`,
+the row every image source (posttrain.data.images, posttrain.data.toy_images) yields."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from posttrain.errors import DataError
@@ -22,6 +24,16 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
 
 # The recipe section an origin names ("x.yaml: data.train", "x.yaml: eval.data"), to point at its columns option.
 _SECTION = re.compile(r"(?:^|\s)(data\.\w+|eval\.data)(?=$|[\s:])")
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One image training row: a prompt, its winning image and (preference data only) the losing one."""
+
+    prompt: str
+    winner: Any  # bytes | str path | PIL image | tensor in [-1, 1]
+    loser: Any = None
+    where: str = ""  # "file: row N" for error messages
 
 
 def validate(ds: Dataset, schema: str, origin: str, *, row_numbers: Sequence[int] | None = None) -> None:

@@ -2,8 +2,9 @@
 
 Prompts are "red", "green" or "blue"; an image is a square of random size and position on a grey background.
 The winner draws the square in the saturated prompt colour, the loser in a dull one (the same hue, mostly grey).
-`saturation_reward` scores how strongly an image shows the prompt's colour, analytically: it is ~1.0 for a winner,
-~0.25 for a loser and 0 for a blank grey image, so "did training move samples toward the winners" is a number.
+`saturation_reward` (from `reward_models.image`, re-exported here) scores how strongly an image shows the prompt's
+colour, analytically: it is ~1.0 for a winner, ~0.25 for a loser and 0 for a blank grey image, so "did training
+move samples toward the winners" is a number.
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ import random
 
 import torch
 
-from posttrain.data.images import ImageRow
+from posttrain.data.schemas import ImageRow
+from reward_models.image import COLORS, TOP_FRACTION, saturation_reward
 
-COLORS = ("red", "green", "blue")
+__all__ = [
+    "COLORS",
+    "DULL",
+    "GREY",
+    "TOP_FRACTION",
+    "draw_square",
+    "saturation_reward",
+    "toy_color_rows",
+    "toy_pretrain_rows",
+]
+
 GREY = 0.5
 DULL = 0.25  # a dull square's colour is GREY + DULL * (onehot - GREY): chroma 0.25 against the winner's 1.0
-TOP_FRACTION = 0.05  # the reward averages the most prompt-coloured 5% of pixels (the smallest square covers 14%)
 
 
 def draw_square(color: str, saturated: bool, resolution: int, rng: random.Random) -> torch.Tensor:
@@ -53,17 +64,3 @@ def toy_pretrain_rows(n: int, win_fraction: float = 0.3, seed: int = 0, resoluti
         color = rng.choice(COLORS)
         rows.append(ImageRow(color, draw_square(color, rng.random() < win_fraction, resolution, rng), None, f"row {i}"))
     return rows
-
-
-def saturation_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Per image: chroma of the prompt colour (its channel minus the larger other channel, in [0, 1] units),
-    averaged over the top `TOP_FRACTION` of pixels. `images` is (B, 3, H, W) in [-1, 1]."""
-    x = (images.float().clamp(-1, 1) + 1.0) / 2.0
-    scores = []
-    for image, prompt in zip(x, prompts):
-        c = COLORS.index(prompt.strip().lower())
-        others = torch.cat([image[:c], image[c + 1 :]]).amax(dim=0)
-        chroma = (image[c] - others).flatten()
-        k = max(1, int(TOP_FRACTION * chroma.numel()))
-        scores.append(chroma.topk(k).values.mean().clamp(min=0.0))
-    return torch.stack(scores)

@@ -1,14 +1,34 @@
-"""Turn a validated BenchmarkSpec into a runnable Benchmark: load its data, build prompts (template, few-shot
-prefix, chat messages) and its sampling parameters."""
+"""Runnable benchmarks: `Benchmark` and where it is built — from a validated BenchmarkSpec (load its data, build
+prompts with template, few-shot prefix or chat messages, and its sampling parameters) or from a recipe's held-out
+set and eval suite (`recipe_benchmarks`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.errors import DataError
-from posttrain.evaluation.runner import Benchmark
-from posttrain.evaluation.suite import BenchmarkSpec
+from posttrain.evaluation.suite import BenchmarkSpec, load_suite
+from posttrain.recipe import Recipe
 from posttrain.rollout import SamplingParams
+
+
+@dataclass
+class Benchmark:
+    """Rows ready to run. `generate`: `prompt` + `answer`, graded by `grader` (posttrain.evaluation.graders).
+    `preference`: `chosen_text` / `rejected_text`, scored by a reward model. `polar`: prompt, reference, chosen,
+    rejected, scored by a POLAR RM against the reference."""
+
+    name: str
+    rows: Any  # datasets.Dataset
+    grader: str = "numeric_match"
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
+    slice_column: str | None = None
+    kind: str = "generate"
+    spec: Any = None  # the BenchmarkSpec it came from, when it came from a suite
+
+    def extra_metrics(self) -> list[str]:
+        return list(self.spec.metrics) if self.spec is not None else []
 
 
 def sampling_params(spec: BenchmarkSpec, seed: int = 0) -> SamplingParams:
@@ -107,3 +127,34 @@ def _preference_rows(rows: Any, origin: str) -> Any:
         return {"prompt": prompt, "chosen_text": row["chosen"], "rejected_text": row["rejected"]}
 
     return rows.map(texts, with_indices=True)
+
+
+def recipe_benchmarks(recipe: Recipe) -> list[Benchmark]:
+    """What a training run evaluates: its held-out set (eval.data, else data.eval) and eval.suite's benchmarks."""
+    from posttrain.data import format_prompts, load_source
+
+    benchmarks = []
+    spec = recipe.eval.data or recipe.data.eval
+    if spec is not None:
+        origin = f"{recipe.where}: {'eval.data' if recipe.eval.data else 'data.eval'}"
+        rows = load_source(spec, base_dir=recipe.source.parent if recipe.source else None, origin=origin)
+        if recipe.eval.limit:
+            rows = rows.select(range(min(recipe.eval.limit, len(rows))))
+        rows = format_prompts(
+            rows, template=recipe.data.prompt_template, system_prompt=recipe.data.system_prompt,
+            chat=recipe.data.chat_template,
+        )  # fmt: skip
+        params = SamplingParams(
+            temperature=0.0,
+            max_new_tokens=recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
+            seed=recipe.seed,
+        )
+        benchmarks.append(
+            Benchmark(recipe.eval.name, rows, recipe.eval.grader, params, slice_column=recipe.eval.slice_column)
+        )
+    if recipe.eval.suite:
+        suite = load_suite(recipe.resolve_path(recipe.eval.suite))
+        for bench in suite.benchmarks:
+            if bench.kind == "generate":  # preference/polar benchmarks score reward models, not the policy
+                benchmarks.append(build_benchmark(bench, limit=recipe.eval.limit))
+    return benchmarks

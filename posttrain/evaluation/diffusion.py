@@ -129,40 +129,6 @@ def build_diffusion_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> 
     )  # fmt: skip
 
 
-def sample_images(
-    stack: Any,
-    prompts: list[str],
-    steps: int,
-    guidance_scale: float,
-    seed: int = 0,
-    batch_size: int = 32,
-    device: Any = None,
-):
-    """Images (len(prompts), 3, H, W) in [-1, 1] on the CPU, one per prompt, by DDIM + CFG from seeded noise
-    (see the module docstring for what fixes each image's noise)."""
-    import torch
-
-    from posttrain.diffusion import ddim_sample, encode_prompts, model_space_to_images, tokenize
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for module in (stack.unet, stack.text_encoder, stack.vae):
-        if module is not None:
-            module.to(device).eval()
-    config = stack.unet.config
-    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
-    generator = torch.Generator().manual_seed(seed)
-    uncond = encode_prompts(stack, tokenize(stack.tokenizer, [""]))
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        cond = encode_prompts(stack, tokenize(stack.tokenizer, chunk))
-        shape = (len(chunk), config.in_channels, size, size)
-        x = ddim_sample(stack.unet, stack.scheduler.config, cond, uncond.expand(len(chunk), -1, -1), shape, steps,
-                        guidance_scale, generator)  # fmt: skip
-        out.append(model_space_to_images(stack, x).cpu())
-    return torch.cat(out)
-
-
 def win_rates(scores: list[float], baseline_scores: list[float]) -> list[float]:
     """Per image: 1 if the score beats the baseline's, 0.5 on a tie, 0 otherwise."""
     if len(scores) != len(baseline_scores):
@@ -180,7 +146,8 @@ def mean_ci(values: list[float]) -> dict[str, float]:
 
 def score_model(model: str | Path, bench: DiffusionBenchmark, scorer: Any, device: Any = None):
     """(prompts in sampling order, images, scores) of `model` on the benchmark."""
-    from posttrain.diffusion import load_stack
+    from posttrain.models.diffusion import load_stack
+    from posttrain.rollout.diffusion import sample_images
 
     prompts = [p for p in bench.prompts for _ in range(bench.n)]
     stack = load_stack(model)

@@ -8,16 +8,12 @@
 
 from __future__ import annotations
 
-import difflib
-import functools
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from posttrain.errors import DataError, RecipeError
-from reward_models.math import as_decimal, extract_last_number
+from posttrain.errors import DataError, RecipeError, suggest
+from reward_models.math import GoldAnswerError, as_decimal, check_math_answer, extract_last_number
 
 
 @dataclass(frozen=True)
@@ -26,36 +22,15 @@ class Verdict:
     correct: bool
 
 
-def _signal_free_kwargs() -> tuple[dict[str, Any], dict[str, Any]]:
-    # math-verify's timeouts use SIGALRM, which only works in the main thread; elsewhere run without them.
-    if threading.current_thread() is threading.main_thread():
-        return {}, {}
-    return {"parsing_timeout": None}, {"timeout_seconds": None}
-
-
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(gold: str, main_thread: bool) -> list:
-    from math_verify import parse
-
-    kwargs = {} if main_thread else {"parsing_timeout": None}
-    # A bare gold answer ("\\left( 3, \\frac{\\pi}{2} \\right)", "p - q") parses reliably only as a boxed LaTeX
-    # expression: as plain text math-verify misreads 57 of the 500 MATH-500 answers; boxed, none.
-    parsed = parse(f"$\\boxed{{{gold}}}$", **kwargs) or parse(gold, **kwargs)
-    if not parsed:
-        raise DataError(f"grader 'math_verify': cannot parse the gold answer {gold!r}")
-    return parsed
-
-
 def math_verify_grader(completion: str, gold: str) -> Verdict:
-    """Correct when math-verify finds the completion's answer equivalent to the gold (gold first, as it expects)."""
-    from math_verify import parse, verify
+    """Correct when math-verify finds the completion's answer equivalent to the gold (gold first, as it expects).
 
-    parse_kw, verify_kw = _signal_free_kwargs()
-    gold_parsed = _parse_gold(gold, not parse_kw)
-    pred = parse(completion, **parse_kw)
-    if not pred:
-        return Verdict(None, False)
-    return Verdict(str(pred[0]), bool(verify(gold_parsed, pred, **verify_kw)))
+    The decision is `reward_models.math.check_math_answer`, the one the `math_verify` training reward makes."""
+    try:
+        extracted, correct = check_math_answer(completion, gold)
+    except GoldAnswerError as err:
+        raise DataError(f"grader 'math_verify': cannot parse the gold answer {gold!r}") from err
+    return Verdict(extracted, correct)
 
 
 def numeric_match_grader(completion: str, gold: str) -> Verdict:
@@ -127,9 +102,7 @@ GRADERS: dict[str, Callable[[str, str], Verdict]] = {
 def get_grader(name: str) -> Callable[[str, str], Verdict]:
     """A grader by name; an unknown name is a RecipeError with the closest known name."""
     if name not in GRADERS:
-        close = difflib.get_close_matches(name, GRADERS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise RecipeError(f"unknown grader '{name}'{hint}; graders: {', '.join(sorted(GRADERS))}")
+        raise RecipeError(f"unknown grader '{name}'{suggest(name, GRADERS)}; graders: {', '.join(sorted(GRADERS))}")
     return GRADERS[name]
 
 

@@ -15,11 +15,12 @@ import re
 import struct
 import textwrap
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.evaluation.store import ResultRecord, ResultsStore
-from posttrain.report import CURVE_KEYS, _plt, plot_curves
+from posttrain.report import DEFAULT_CURVES, _plt, plot_curves
 from posttrain.runs import RunDir, write_atomic
 
 MISSING = "–"
@@ -56,7 +57,10 @@ class RunCurves:
 
 
 def write_leaderboard(
-    store: ResultsStore, out_dir: Path, runs_dir: Path | None = Path("runs")
+    store: ResultsStore,
+    out_dir: Path,
+    runs_dir: Path | None = Path("runs"),
+    curves_for: Callable[[Path], Sequence[str] | None] | None = None,
 ) -> tuple[Path, Path]:  # fmt: skip
     """Write `out_dir/leaderboard.md` and a self-contained `out_dir/leaderboard.html` (plus the PNGs the markdown
     links to) from the newest result per model × benchmark in `store` and the curves of the runs under `runs_dir`.
@@ -69,7 +73,7 @@ def write_leaderboard(
     accuracy_png = out_dir / ACCURACY_PNG
     if board.rows:
         plot_accuracy_panels(board, accuracy_png)
-    curves = plot_run_curves(runs_dir, out_dir) if runs_dir is not None else []
+    curves = plot_run_curves(runs_dir, out_dir, curves_for) if runs_dir is not None else []
     header = _Header(
         generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         store=str(store.path),
@@ -202,25 +206,31 @@ def find_run_dirs(runs_dir: Path) -> list[Path]:
     return sorted(set(found))
 
 
-def plot_run_curves(runs_dir: Path, out_dir: Path) -> list[RunCurves]:
-    """Plot each run's reward/loss and held-out accuracies (one PNG per run); runs with none of those are skipped."""
+def plot_run_curves(
+    runs_dir: Path, out_dir: Path, curves_for: Callable[[Path], Sequence[str] | None] | None = None
+) -> list[RunCurves]:
+    """Plot each run's training curves and held-out accuracies (one PNG per run); runs with none are skipped.
+
+    `curves_for(run_dir)` names a run's training curves (the CLI passes the trainer's own, read from the run's
+    resolved recipe); without it, or when it returns None, DEFAULT_CURVES."""
     curves = []
     for run_path in find_run_dirs(Path(runs_dir)):
         name = run_path.relative_to(runs_dir).as_posix()
-        records = [r for r in RunDir(run_path).read_metrics() if _plottable(r)]
+        keys = (curves_for(run_path) if curves_for else None) or DEFAULT_CURVES
+        records = [r for r in RunDir(run_path).read_metrics() if _plottable(r, keys)]
         png = out_dir / f"curves_{_slug(name)}.png"
-        drawn = plot_curves(records, png, name)
+        drawn = plot_curves(records, png, name, keys)
         if drawn:
             curves.append(RunCurves(name=name, png=png, metrics=drawn))
     return curves
 
 
-def _plottable(record: dict) -> bool:
+def _plottable(record: dict, curves: Sequence[str] = DEFAULT_CURVES) -> bool:
     # plot_curves puts every point at int(step); a record without a numeric step (a hand-written note, a line
     # from another tool) has no place on the x axis.
     step = record.get("step")
     return isinstance(step, (int, float)) and not isinstance(step, bool) and any(
-        k in CURVE_KEYS or k.startswith("eval/") for k in record
+        k in curves or k.startswith("eval/") for k in record
     )  # fmt: skip
 
 

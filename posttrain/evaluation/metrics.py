@@ -95,3 +95,27 @@ def aggregate(
                 hits += correct[answers.index(majority)]
         out[f"maj@{n}"] = hits / len(per_prompt_answers)
     return out
+
+
+def preference_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]:
+    """Pairwise metrics of a reward model's scores on (chosen, rejected) pairs: the one implementation the reward and
+    POLAR trainers and the preference/polar benchmarks share.
+
+    accuracy: share of pairs with chosen > rejected (ties count as wrong), with its standard error; margin: mean
+    chosen - rejected; loss: mean Bradley-Terry loss -log sigmoid(margin); and the mean scores.
+    """
+    n = len(chosen)
+    if n == 0 or n != len(rejected):
+        raise ValueError(f"preference_metrics: {n} chosen but {len(rejected)} rejected scores")
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    accuracy, stderr = mean_stderr([1.0 if m > 0 else 0.0 for m in margins])
+    # -log sigmoid(m) = log(1 + e^-m), computed without overflow for large |m|.
+    losses = [max(-m, 0.0) + math.log1p(math.exp(-abs(m))) for m in margins]
+    return {
+        "accuracy": accuracy,
+        "accuracy_stderr": stderr,
+        "margin": math.fsum(margins) / n,
+        "loss": math.fsum(losses) / n,
+        "chosen_score": math.fsum(chosen) / n,
+        "rejected_score": math.fsum(rejected) / n,
+    }

@@ -7,26 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.recipe import Recipe
-from posttrain.rollout import Generator, SamplingParams
-
-
-@dataclass
-class Benchmark:
-    """Rows ready to run. `generate`: `prompt` + `answer`, graded by `grader` (posttrain.evaluation.graders).
-    `preference`: `chosen_text` / `rejected_text`, scored by a reward model. `polar`: prompt, reference, chosen,
-    rejected, scored by a POLAR RM against the reference."""
-
-    name: str
-    rows: Any  # datasets.Dataset
-    grader: str = "numeric_match"
-    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0.0))
-    slice_column: str | None = None
-    kind: str = "generate"
-    spec: Any = None  # the BenchmarkSpec it came from, when it came from a suite
-
-    def extra_metrics(self) -> list[str]:
-        return list(self.spec.metrics) if self.spec is not None else []
+from posttrain.evaluation.benchmarks import Benchmark
+from posttrain.rollout import Generator
 
 
 @dataclass
@@ -122,20 +104,19 @@ def _sample_record(prompt: str, gold: str, group: list[str], answers: list, corr
 
 def evaluate_preference(score: Any, benchmark: Benchmark) -> EvalResult:
     """Reward-model accuracy on pairs: the share where score(chosen) > score(rejected) (ties count as wrong)."""
-    from posttrain.evaluation.metrics import mean_stderr
+    from posttrain.evaluation.metrics import preference_metrics
 
     rows = benchmark.rows
     chosen = score(list(rows["chosen_text"]))
     rejected = score(list(rows["rejected_text"]))
+    pairs = preference_metrics(chosen, rejected)
     wins = [1.0 if c > r else 0.0 for c, r in zip(chosen, rejected)]
-    acc, stderr = mean_stderr(wins)
-    margins = [c - r for c, r in zip(chosen, rejected)]
     return EvalResult(
         name=benchmark.name,
-        accuracy=acc,
+        accuracy=pairs["accuracy"],
         n=len(wins),
-        stderr=stderr,
-        extra={"mean_margin": sum(margins) / len(margins)},
+        stderr=pairs["accuracy_stderr"],
+        extra={"mean_margin": pairs["margin"]},
         samples=[
             {"prompt": p, "chosen_score": c, "rejected_score": r, "correct": bool(w)}
             for p, c, r, w in zip(rows["prompt"], chosen, rejected, wins)
@@ -145,49 +126,16 @@ def evaluate_preference(score: Any, benchmark: Benchmark) -> EvalResult:
 
 def evaluate_polar(scorer: Any, benchmark: Benchmark) -> EvalResult:
     """POLAR RM accuracy on triplets: the share where score(p, ref, chosen) > score(p, ref, rejected)."""
-    from posttrain.evaluation.metrics import mean_stderr
+    from posttrain.evaluation.metrics import preference_metrics
 
     rows = benchmark.rows
     prompts, n = list(rows["prompt"]), len(rows)
     chosen, rejected = scorer.score_triplets(rows)
+    pairs = preference_metrics(chosen, rejected)
     wins = [1.0 if c > r else 0.0 for c, r in zip(chosen, rejected)]
-    acc, stderr = mean_stderr(wins)
     return EvalResult(
-        name=benchmark.name, accuracy=acc, n=n, stderr=stderr,
-        extra={"mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n},
+        name=benchmark.name, accuracy=pairs["accuracy"], n=n, stderr=pairs["accuracy_stderr"],
+        extra={"mean_margin": pairs["margin"]},
         samples=[{"prompt": p, "chosen_score": c, "rejected_score": r, "correct": bool(w)}
                  for p, c, r, w in zip(prompts, chosen, rejected, wins)],
     )  # fmt: skip
-
-
-def recipe_benchmarks(recipe: Recipe) -> list[Benchmark]:
-    """What a training run evaluates: its held-out set (eval.data, else data.eval) and eval.suite's benchmarks."""
-    from posttrain.data import format_prompts, load_source
-    from posttrain.evaluation.benchmarks import build_benchmark
-    from posttrain.evaluation.suite import load_suite
-
-    benchmarks = []
-    spec = recipe.eval.data or recipe.data.eval
-    if spec is not None:
-        origin = f"{recipe.where}: {'eval.data' if recipe.eval.data else 'data.eval'}"
-        rows = load_source(spec, base_dir=recipe.source.parent if recipe.source else None, origin=origin)
-        if recipe.eval.limit:
-            rows = rows.select(range(min(recipe.eval.limit, len(rows))))
-        rows = format_prompts(
-            rows, template=recipe.data.prompt_template, system_prompt=recipe.data.system_prompt,
-            chat=recipe.data.chat_template,
-        )  # fmt: skip
-        params = SamplingParams(
-            temperature=0.0,
-            max_new_tokens=recipe.eval.max_new_tokens or recipe.rollout.max_new_tokens,
-            seed=recipe.seed,
-        )
-        benchmarks.append(
-            Benchmark(recipe.eval.name, rows, recipe.eval.grader, params, slice_column=recipe.eval.slice_column)
-        )
-    if recipe.eval.suite:
-        suite = load_suite(recipe.resolve_path(recipe.eval.suite))
-        for bench in suite.benchmarks:
-            if bench.kind == "generate":  # preference/polar benchmarks score reward models, not the policy
-                benchmarks.append(build_benchmark(bench, limit=recipe.eval.limit))
-    return benchmarks

@@ -23,7 +23,7 @@ def make_generator(
     and loads them from `model_path` otherwise; `vllm` builds its own engine from `model_path` with
     `vllm_kwargs` (see `VLLMGenerator`)."""
     if backend == "hf":
-        from posttrain.models import load_policy, load_tokenizer
+        from posttrain.models.loading import load_policy, load_tokenizer
         from posttrain.recipe import ModelSection
         from posttrain.rollout.hf import HFGenerator
 
@@ -33,7 +33,7 @@ def make_generator(
             # batched generation left-pads; many causal-LM tokenizers ship without a pad token
             tokenizer.pad_token = tokenizer.eos_token
         if model is None:
-            from posttrain.models import resolve_precision
+            from posttrain.models.loading import resolve_precision
 
             precision = resolve_precision("auto")  # bf16 on a bf16 GPU, fp32 on CPU
             model = load_policy(model_path, ModelSection(path=model_path), precision)

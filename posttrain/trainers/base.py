@@ -1,43 +1,31 @@
-"""What every TRL-backed posttrain trainer shares: recipe → config kwargs, data loading, the run lifecycle
-(eval before, train with callbacks, atomic final save, eval after, report)."""
+"""What the trainers over a transformers/TRL Trainer share: recipe -> library config kwargs, model and data loading,
+the dry-run plan lines, and `run_training` (callbacks, then the shared run lifecycle of `trainers.lifecycle`)."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from posttrain.errors import PosttrainError
-from posttrain.models import load_policy, load_tokenizer, materialise_tiny, model_source, resolve_precision
+from posttrain.models.loading import load_policy, load_tokenizer, materialise_tiny, resolve_precision
 from posttrain.recipe import Recipe
-from posttrain.registry import POSTTRAIN_TRAINING_KEYS
+from posttrain.registry import library_kwargs
 from posttrain.runs import RunDir
+from posttrain.trainers.lifecycle import RunResult, finish, model_source, record_evaluation, save_final, start
 
 # posttrain's defaults where TRL's don't suit a recipe-driven run (a recipe's `training:` still wins).
 _DEFAULTS = {"logging_steps": 10, "save_strategy": "steps", "save_steps": 500, "report_to": "none"}
 
 
-@dataclass
-class RunResult:
-    run_dir: str
-    stage: str
-    train_seconds: float
-    global_step: int
-    before: dict[str, float] = field(default_factory=dict)
-    after: dict[str, float] = field(default_factory=dict)
-
-
 def config_kwargs(recipe: Recipe, run: RunDir) -> dict[str, Any]:
-    """Keyword arguments for the trainer's TRL config: recipe training + algorithm options and what posttrain owns."""
+    """Keyword arguments for the trainer's library config: the recipe's training + algorithm values (posttrain's own
+    keys stripped by the registry) and the fields other recipe sections own."""
     import torch
 
-    precision = resolve_precision(recipe.training.get("precision", "auto"))
+    precision = resolve_precision(recipe.training.get("precision") or "auto")
     kwargs = dict(_DEFAULTS)
-    kwargs.update({k: v for k, v in recipe.training.items() if k not in POSTTRAIN_TRAINING_KEYS})
-    kwargs.update(recipe.algorithm)
+    kwargs.update(library_kwargs(recipe))
     kwargs.update(
         output_dir=str(run.checkpoints),
         seed=recipe.seed,
@@ -51,25 +39,18 @@ def config_kwargs(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     return kwargs
 
 
-def quiet_library_progress() -> None:
-    """Silence datasets'/transformers' per-map and per-save bars: the Progress callback is the one bar a run shows."""
-    import warnings
+def policy_source(recipe: Recipe, run: RunDir) -> str:
+    """Where the policy (or reward model) loads from: `model.path`, or a tiny spec built into the run dir first."""
+    from posttrain.models.loading import quiet_library_progress
 
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    # TRL 1.16 calls transformers 5's deprecated `is_gradient_checkpointing` on every save; nothing for users to do.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
+    quiet_library_progress()
+    return str(materialise_tiny(recipe.model.tiny, run.path)) if recipe.model.tiny else model_source(recipe)
 
 
 def load_model_and_tokenizer(recipe: Recipe, run: RunDir):
     """The policy and tokenizer (a tiny spec is built into the run dir first)."""
-    quiet_library_progress()
-    source = str(materialise_tiny(recipe, run.path)) if recipe.model.tiny else model_source(recipe)
-    precision = resolve_precision(recipe.training.get("precision", "auto"))
+    source = policy_source(recipe, run)
+    precision = resolve_precision(recipe.training.get("precision") or "auto")
     tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
     model = load_policy(source, recipe.model, precision)
     return model, tokenizer
@@ -112,16 +93,60 @@ def run_training(
     resume: bool,
     evaluator: Callable[[Any], dict[str, float]] | None = None,
 ) -> RunResult:
-    """Train with posttrain's callbacks, save the final model atomically, evaluate before and after.
+    """Train with posttrain's callbacks through the shared lifecycle: eval before, train, atomic final/, eval after,
+    report.
 
     Held-out evaluation generates with the policy on the recipe's benchmarks, unless the trainer passes its own
     `evaluator(model) -> metrics` (reward models are scored, not sampled); its metrics go to eval/held_out.*.json.
     """
-    from transformers import PrinterCallback
+    from posttrain.evaluation import recipe_benchmarks
 
-    from posttrain.evaluation import evaluate, recipe_benchmarks
+    benchmarks = recipe_benchmarks(recipe) if evaluator is None else []
+    _add_callbacks(recipe, trainer, tokenizer, run, benchmarks, evaluator)
+    checkpoint = start(run, resume)
+    is_main = trainer.accelerator.is_main_process
+    result = RunResult(run_dir=str(run.path), stage=recipe.name, train_seconds=0.0, global_step=0)
+
+    def held_out(tag: str) -> dict[str, float]:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        scored = evaluator(model) if evaluator is not None else None
+        results = _evaluate_policy(model, tokenizer, benchmarks, recipe.eval.batch_size)
+        if not is_main:
+            return {}
+        return record_evaluation(run, recipe.name, tag, trainer.state.global_step, results, scored)
+
+    if checkpoint is None:
+        result.before = held_out("before")
+    begin = time.monotonic()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result.train_seconds = time.monotonic() - begin
+    result.global_step = trainer.state.global_step
+
+    def write(target: Path) -> None:
+        trainer.save_model(str(target))  # every rank: ZeRO-3 gathers the shards
+        if is_main:
+            tokenizer.save_pretrained(str(target))
+
+    save_final(run, write, is_main, trainer.accelerator.wait_for_everyone)
+    result.after = held_out("after")
+    if is_main:
+        finish(run, recipe, result)
+    return result
+
+
+def _evaluate_policy(model: Any, tokenizer: Any, benchmarks: list, batch_size: int) -> list:
+    """Greedy held-out results of the policy; every rank generates 1/N of each benchmark (gathered in order)."""
+    from posttrain.evaluation import evaluate
     from posttrain.rollout.hf import HFGenerator
     from posttrain.rollout.sharded import ShardedGenerator
+
+    generator = ShardedGenerator(HFGenerator(model, tokenizer, batch_size))
+    return [evaluate(generator, benchmark, tokenizer) for benchmark in benchmarks]
+
+
+def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, benchmarks: list, evaluator) -> None:
+    from transformers import PrinterCallback
+
     from posttrain.trainers.callbacks import (
         CheckpointMarker,
         EvaluatorEval,
@@ -131,69 +156,50 @@ def run_training(
         TimeBudget,
     )
 
-    stage = recipe.name
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts when the default tqdm bar is off
-    metrics = MetricsJsonl(run, stage)
+    metrics = MetricsJsonl(run, recipe.name)
     # First, so queued eval metrics reach the report_to integrations in the same log call.
     trainer.callback_handler.callbacks.insert(0, metrics)
     trainer.add_callback(CheckpointMarker())
-    trainer.add_callback(Progress(stage))
-    if "time_budget_s" in recipe.training:
+    trainer.add_callback(Progress(recipe.name))
+    if recipe.training.get("time_budget_s") is not None:
         trainer.add_callback(TimeBudget(recipe.training["time_budget_s"]))
-    benchmarks = recipe_benchmarks(recipe) if evaluator is None else []
-    if evaluator is not None and recipe.eval.every_steps:
-        trainer.add_callback(EvaluatorEval(evaluator, recipe.eval.every_steps, metrics))
-    if benchmarks and recipe.eval.every_steps:
-        every = recipe.eval.every_steps
+    every = recipe.eval.every_steps
+    if evaluator is not None and every:
+        trainer.add_callback(EvaluatorEval(evaluator, every, metrics))
+    if benchmarks and every:
         trainer.add_callback(HeldOutEval(benchmarks, tokenizer, every, metrics, recipe.eval.batch_size))
 
-    checkpoint = None
-    if resume:
-        checkpoint = run.last_checkpoint()
-        if checkpoint is None:
-            raise PosttrainError(f"--resume: no complete checkpoint under {run.checkpoints}")
 
-    is_main = trainer.accelerator.is_main_process
-    result = RunResult(run_dir=str(run.path), stage=stage, train_seconds=0.0, global_step=0)
+# ------------------------------------------------------------------------------------------------ dry-run plan
 
-    def held_out(tag: str) -> dict[str, float]:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        found: dict[str, float] = {}
-        if evaluator is not None:
-            found = evaluator(model)
-            if is_main and found:
-                run.eval_dir.mkdir(parents=True, exist_ok=True)
-                (run.eval_dir / f"held_out.{tag}.json").write_text(json.dumps(found, indent=1))
-        generator = ShardedGenerator(HFGenerator(model, tokenizer, recipe.eval.batch_size))  # 1/N of it per rank
-        for benchmark in benchmarks:
-            res = evaluate(generator, benchmark, tokenizer)
-            if is_main:
-                res.save(run.eval_dir / f"{benchmark.name}.{tag}.json")
-            found.update(res.metrics())
-        if is_main and found:
-            run.append_metrics({"step": trainer.state.global_step, "stage": f"{stage}:{tag}", **found})
-        return found
 
-    if checkpoint is None:
-        result.before = held_out("before")
-    start = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    result.train_seconds = time.monotonic() - start
-    result.global_step = trainer.state.global_step
+def describe_text_data(recipe: Recipe) -> list[str]:
+    """One line per data split: row count and columns of a local source (a hub dataset is not fetched)."""
+    from posttrain.data import load_source
 
-    # Every rank calls save_model (ZeRO-3 gathers shards); only the main process writes and swaps dirs.
-    if is_main:
-        shutil.rmtree(run.final_tmp, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(run.final_tmp))
-    if is_main:
-        tokenizer.save_pretrained(str(run.final_tmp))
-    trainer.accelerator.wait_for_everyone()
-    if is_main:
-        run.swap_in_final()
-    result.after = held_out("after")
-    if is_main:
-        from posttrain.report import write_run_report
+    lines = []
+    base = recipe.source.parent if recipe.source else None
+    for split in ("train", "eval"):
+        spec = getattr(recipe.data, split)
+        if spec is None:
+            continue
+        path = spec.get("path")
+        if path is not None and not Path(recipe.resolve_path(path)).exists():
+            lines.append(f"data.{split}: hub dataset '{path}' (not fetched by --dry-run)")
+            continue
+        rows = load_source(spec, base_dir=base, origin=f"{recipe.where}: data.{split}")
+        lines.append(f"data.{split}: {len(rows)} rows, columns {', '.join(rows.column_names)}")
+    return lines
 
-        write_run_report(run, recipe, result)
-    return result
+
+def steps_line(recipe: Recipe) -> str:
+    t = recipe.training
+    if t.get("max_steps", -1) > 0:
+        return f"steps: {t['max_steps']} optimizer steps"
+    return f"steps: {t.get('num_train_epochs', 3)} epoch(s) over data.train"
+
+
+def standard_plan(recipe: Recipe, method: list[str]) -> list[str]:
+    """A library-backed trainer's plan: its data, the method lines it states, and the step count."""
+    return [*describe_text_data(recipe), *method, steps_line(recipe)]

@@ -9,8 +9,34 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.recipe import Recipe
+from posttrain.registry import TrainerSpec
 from posttrain.runs import RunDir
-from posttrain.trainers.base import RunResult, config_kwargs, load_model_and_tokenizer, load_train_data, run_training
+from posttrain.trainers.base import (
+    RunResult,
+    config_kwargs,
+    load_model_and_tokenizer,
+    load_train_data,
+    run_training,
+    standard_plan,
+)
+
+# GRPOConfig fields that define a GRPO-family method (NFT and RFT reuse TRL's sampling, so they accept them too).
+GRPO_METHOD_KEYS = frozenset(
+    {
+        "beta", "loss_type", "epsilon", "epsilon_high", "delta", "scale_rewards", "num_iterations",
+        "importance_sampling_level", "mask_truncated_completions", "top_entropy_quantile", "steps_per_generation",
+        "sync_ref_model", "ref_model_sync_steps", "ref_model_mixup_alpha", "repetition_penalty", "min_p",
+    }
+)  # fmt: skip
+
+SPEC = TrainerSpec(
+    name="grpo",
+    description="group-relative policy optimisation with verifiable or model rewards (TRL GRPOTrainer)",
+    library_config="trl.trainer.grpo_config:GRPOConfig",
+    method_keys=GRPO_METHOD_KEYS,
+    needs_rewards=True,
+    curves=("reward", "loss"),
+)
 
 
 def rollout_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -52,21 +78,33 @@ def batch_geometry(recipe: Recipe, num_processes: int = 1) -> dict[str, int]:
     }
 
 
-def plan(recipe: Recipe) -> list[str]:
+def group_rule_line(recipe: Recipe) -> str:
     g = batch_geometry(recipe)
     ok = g["generation_batch"] % g["num_generations"] == 0
-    lines = [
-        f"GRPO: each generation batch holds {g['generation_batch']} completions = "
-        f"{g['prompts_per_generation']} prompts x {g['num_generations']} samples "
-        f"(per_device_train_batch_size {g['per_device']} x {g['processes']} process(es) x "
-        f"{g['accumulation']} accumulation step(s)); TRL counts completions, not prompts, in the batch size",
-        "rule: the generation batch must be a multiple of num_generations so every prompt's group is whole"
-        + ("" if ok else "  <-- VIOLATED: change per_device_train_batch_size or num_generations"),
-        f"rollout backend: {recipe.rollout.backend}"
-        + (f" ({recipe.rollout.vllm.mode})" if recipe.rollout.backend == "vllm" else ""),
-        "rewards: " + ", ".join(f"{r.name} x{r.weight:g}" for r in recipe.rewards),
-    ]
-    return lines
+    return "rule: the generation batch must be a multiple of num_generations so every prompt's group is whole" + (
+        "" if ok else "  <-- VIOLATED: change per_device_train_batch_size or num_generations"
+    )
+
+
+def rewards_line(recipe: Recipe) -> str:
+    return "rewards: " + ", ".join(f"{r.name} x{r.weight:g}" for r in recipe.rewards)
+
+
+def plan(recipe: Recipe) -> list[str]:
+    g = batch_geometry(recipe)
+    return standard_plan(
+        recipe,
+        [
+            f"GRPO: each generation batch holds {g['generation_batch']} completions = "
+            f"{g['prompts_per_generation']} prompts x {g['num_generations']} samples "
+            f"(per_device_train_batch_size {g['per_device']} x {g['processes']} process(es) x "
+            f"{g['accumulation']} accumulation step(s)); TRL counts completions, not prompts, in the batch size",
+            group_rule_line(recipe),
+            f"rollout backend: {recipe.rollout.backend}"
+            + (f" ({recipe.rollout.vllm.mode})" if recipe.rollout.backend == "vllm" else ""),
+            rewards_line(recipe),
+        ],
+    )
 
 
 def reward_functions(recipe: Recipe):
@@ -77,10 +115,11 @@ def reward_functions(recipe: Recipe):
 
 
 def build_trainer(recipe: Recipe, run: RunDir, trainer_class: Any = None):
-    """The configured GRPOTrainer (or a subclass, e.g. NFT's) with model, data and rewards from the recipe."""
+    """The configured GRPOTrainer (or a subclass, e.g. NFT's) with model, data and rewards from the recipe; the
+    trainer's own option keys never reach GRPOConfig (`config_kwargs` strips them)."""
     from trl import GRPOConfig, GRPOTrainer
 
-    from posttrain.models import peft_config
+    from posttrain.models.loading import peft_config
 
     model, tokenizer = load_model_and_tokenizer(recipe, run)
     needs_answer = any(r.name in ("numeric_match", "math_verify") for r in recipe.rewards)

@@ -1,5 +1,6 @@
 """The NFT loss (Chen et al. 2025, "Bridging Supervised Learning and Reinforcement Learning in Math Reasoning",
-Eq. 8-9; official code NVlabs/NFT) as a pure function of tensors, and the group statistics it needs.
+Eq. 8-9; official code NVlabs/NFT) as a pure function of tensors, and the group statistics it needs. Its options
+are the trainer's `NFTOptions` (posttrain.trainers.nft), a torch-free dataclass.
 
 Per question q with K answers from pi_old, verifier r in {0, 1} and r_hat_q = mean r over the group:
 
@@ -21,39 +22,9 @@ masked ones included, exactly as TRL counts zero-advantage ones.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import torch
-
-Weight = Literal["one_minus_rhat", "sqrt", "one"]
-Aggregation = Literal["sum_const", "seq_mean", "token_mean"]
-
-
-@dataclass(frozen=True)
-class NFTOptions:
-    """NFT loss options (recipe `algorithm:` keys). RFT is `negatives=False, weight="one"`."""
-
-    weight: Weight = "one_minus_rhat"  # omega(q): 1-r_hat (Dr. GRPO), sqrt((1-r_hat)/r_hat) (GRPO), 1 (RFT)
-    neg_clip_eps: float = 1.0  # eps in max_v(., eps): the negative likelihood ratio never goes below it (forward)
-    rhat_clamp: float = 0.02  # r_hat is clamped to [c, 1 - c] so omega and 1/(1 - r_hat) stay finite
-    logratio_cap: float = 10.0  # log R is capped before exp so one token cannot overflow the negative term
-    correct_threshold: float = 0.5  # reward >= threshold counts as correct (binary verifiers give 0 or 1)
-    aggregation: Aggregation = "sum_const"
-    loss_const: float | None = None  # C in sum_const (sum / (B * C)); None = max completion length (Dr. GRPO's)
-    negatives: bool = True  # the implicit-negative term; False with weight "one" is RFT
-    positives: bool = True  # False = the "negatives only" ablation
-    mask_uninformative: bool = True  # drop all-correct / all-wrong groups (RFT keeps all-correct: it is SFT on them)
-
-    def __post_init__(self) -> None:
-        if self.weight not in ("one_minus_rhat", "sqrt", "one"):
-            raise ValueError(f"NFT weight must be one_minus_rhat, sqrt or one, got {self.weight!r}")
-        if self.aggregation not in ("sum_const", "seq_mean", "token_mean"):
-            raise ValueError(f"NFT aggregation must be sum_const, seq_mean or token_mean, got {self.aggregation!r}")
-        if not 0.0 <= self.rhat_clamp < 0.5:
-            raise ValueError(f"NFT rhat_clamp must be in [0, 0.5), got {self.rhat_clamp}")
-        if self.neg_clip_eps <= 0:
-            raise ValueError(f"NFT neg_clip_eps must be > 0 (it is the floor inside a log), got {self.neg_clip_eps}")
 
 
 def group_correctness(
@@ -71,7 +42,8 @@ def group_correctness(
     return correct, r_hat, informative
 
 
-def omega(r_hat: torch.Tensor, weight: Weight) -> torch.Tensor:
+def omega(r_hat: torch.Tensor, weight: str) -> torch.Tensor:
+    """omega(q) of Eq. 8: 1 - r_hat (Dr. GRPO), sqrt((1 - r_hat) / r_hat) (GRPO) or 1 (RFT)."""
     if weight == "one_minus_rhat":
         return 1.0 - r_hat
     if weight == "sqrt":
@@ -86,9 +58,11 @@ def nft_loss(
     correct: torch.Tensor,
     r_hat: torch.Tensor,
     informative: torch.Tensor,
-    options: NFTOptions,
+    options: Any,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """NFT loss of one micro-batch (B sequences x T tokens) and detached stats (pos/neg parts, clip fraction)."""
+    """NFT loss of one micro-batch (B sequences x T tokens) and detached stats (pos/neg parts, clip fraction).
+
+    `options` is an `NFTOptions` (posttrain.trainers.nft: its fields and their meaning)."""
     mask = completion_mask.to(per_token_logps.dtype)
     r_hat = r_hat.clamp(options.rhat_clamp, 1.0 - options.rhat_clamp).unsqueeze(1).to(per_token_logps.dtype)
     pos = correct.bool().unsqueeze(1)

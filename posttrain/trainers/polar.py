@@ -10,20 +10,21 @@ posttrain's; the loop, checkpointing, accelerate/DeepSpeed plumbing and logging 
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.errors import RecipeError
+from posttrain.errors import RewardError
 from posttrain.recipe import Recipe
+from posttrain.registry import TrainerSpec, trainer_options
 from posttrain.runs import RunDir
 from posttrain.trainers.base import (
     RunResult,
     config_kwargs,
     load_eval_data,
     load_train_data,
-    quiet_library_progress,
+    policy_source,
     run_training,
+    standard_plan,
 )
 
 STAGES = ("pretrain", "finetune")
@@ -31,13 +32,24 @@ STAGES = ("pretrain", "finetune")
 
 @dataclass(frozen=True)
 class PolarOptions:
-    """Recipe `algorithm:` keys of `trainer: polar`."""
+    """POLAR's own `algorithm:` keys."""
 
-    stage: str = "pretrain"
-    wrapper: str | None = None  # None = the stage's: "pretrain" (no "\n" between prompt and response) or "sft"
-    max_length: int = 4096
-    max_response_length: int = 1024
-    eval_batch_size: int = 64
+    stage: str = field(default="pretrain", metadata={"help": "pretrain (policy discrimination) or finetune (rankings)"})
+    wrapper: str | None = field(
+        default=None,
+        metadata={"help": "pretrain (no newline between prompt and response) or sft; default: the stage's"},
+    )
+    max_length: int = field(default=4096, metadata={"help": "tokens per scored sequence"})
+    max_response_length: int = field(default=1024, metadata={"help": "tokens kept of each response (its head)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "sequences per forward in held-out scoring"})
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"algorithm.stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
+        try:
+            self.layout()
+        except RewardError as err:
+            raise ValueError(f"algorithm: {err}") from err
 
     def layout(self):
         from reward_models.polar import PolarLayout
@@ -46,151 +58,58 @@ class PolarOptions:
         return PolarLayout(wrapper, self.max_length, self.max_response_length)
 
 
-def options_from(recipe: Recipe) -> PolarOptions:
-    opts = PolarOptions(**recipe.algorithm)
-    if opts.stage not in STAGES:
-        raise RecipeError(f"{recipe.where}: algorithm.stage must be one of {', '.join(STAGES)}, got '{opts.stage}'")
-    try:
-        opts.layout()
-    except Exception as err:  # RewardError from the layout check, with the recipe named
-        raise RecipeError(f"{recipe.where}: algorithm: {err}") from err
-    return opts
+SPEC = TrainerSpec(
+    name="polar",
+    description="POLAR reward model: policy-discriminative pretraining and fine-tuning on (prompt, reference, "
+    "chosen, rejected) (Dou et al. 2025; over transformers Trainer)",
+    options=PolarOptions,
+    library_config="transformers.training_args:TrainingArguments",
+    curves=("loss",),
+)
 
 
 def plan(recipe: Recipe) -> list[str]:
-    opts = options_from(recipe)
+    opts = trainer_options(recipe)
     layout = opts.layout()
     t = recipe.training
     pairs = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
-    return [
-        f"POLAR {opts.stage}: Bradley-Terry loss on (prompt, reference, chosen, rejected) rows; {pairs} triplets "
-        f"({2 * pairs} sequences) per optimizer step per process",
-        f"layout: {layout.wrapper} wrapper, max_length {layout.max_length}, responses cut to "
-        f"{layout.max_response_length} tokens (head kept), prompt keeps its tail",
-    ]
-
-
-def load_reward_model(recipe: Recipe, run: RunDir, polar_tokens: bool = True):
-    """A sequence classifier (one bias-free scalar head) over the recipe's model, with POLAR's tokens added."""
-    from transformers import AutoModelForSequenceClassification
-
-    from posttrain.errors import ModelError
-    from posttrain.models import load_kwargs, load_tokenizer, materialise_tiny, model_source, resolve_precision
-    from reward_models.polar import add_polar_tokens
-
-    quiet_library_progress()
-    source = str(materialise_tiny(recipe, run.path)) if recipe.model.tiny else model_source(recipe)
-    tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
-    precision = resolve_precision(recipe.training.get("precision", "auto"))
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, **load_kwargs(recipe.model, precision)
-        )
-    except (OSError, ValueError) as err:
-        raise ModelError(f"could not load '{source}' as a reward model (sequence classifier): {err}") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if polar_tokens:
-        add_polar_tokens(model, tokenizer)
-    return model, tokenizer
-
-
-def encode_rows(rows, encoder, origin: str):
-    """Pre-tokenise each triplet into chosen/rejected id lists (datasets.map: cached, parallel on big sets)."""
-
-    def encode(row: dict[str, Any]) -> dict[str, list[int]]:
-        return {
-            "chosen_ids": encoder.encode(row["prompt"], row["reference"], row["chosen"]),
-            "rejected_ids": encoder.encode(row["prompt"], row["reference"], row["rejected"]),
-        }
-
-    return rows.map(encode, remove_columns=rows.column_names, desc=f"tokenising {origin}")
-
-
-class TripletCollator:
-    """Right-pads [chosen..., rejected...] of a batch into one (2B, T) tensor, so one forward scores both."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        from reward_models.polar import pad_batch
-
-        seqs = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
-        input_ids, attention_mask = pad_batch(seqs, self.pad_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def _make_trainer_class():
-    import torch
-    from transformers import Trainer
-
-    from reward_models.polar import bt_loss, sequence_scores
-
-    class PolarTrainer(Trainer):
-        """transformers' Trainer with the POLAR pairwise loss and its accuracy/score/margin metrics."""
-
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **kwargs)
-            # compute_loss returns a per-micro-batch mean, so let Trainer divide by the accumulation steps.
-            self.model_accepts_loss_kwargs = False
-            self._polar_metrics: dict[str, list[float]] = defaultdict(list)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            scores = sequence_scores(model, inputs["input_ids"], inputs["attention_mask"])
-            chosen, rejected = scores.chunk(2)
-            loss = bt_loss(chosen, rejected)
-            with torch.no_grad():
-                stats = torch.stack(
-                    [(chosen > rejected).float().mean(), chosen.mean(), rejected.mean(), (chosen - rejected).mean()]
-                )
-                stats = self.accelerator.gather_for_metrics(stats.unsqueeze(0)).mean(0).tolist()
-            for name, value in zip(("accuracy", "chosen_score", "rejected_score", "margin"), stats):
-                self._polar_metrics[name].append(value)
-            return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
-
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "loss" in logs and self._polar_metrics:
-                logs.update({k: sum(v) / len(v) for k, v in self._polar_metrics.items()})
-                self._polar_metrics.clear()
-            super().log(logs, start_time)
-
-    return PolarTrainer
+    return standard_plan(
+        recipe,
+        [
+            f"POLAR {opts.stage}: Bradley-Terry loss on (prompt, reference, chosen, rejected) rows; {pairs} "
+            f"triplets ({2 * pairs} sequences) per optimizer step per process",
+            f"layout: {layout.wrapper} wrapper, max_length {layout.max_length}, responses cut to "
+            f"{layout.max_response_length} tokens (head kept), prompt keeps its tail",
+        ],
+    )
 
 
 def triplet_metrics(model: Any, tokenizer: Any, rows, layout, batch_size: int = 64) -> dict[str, float]:
-    """Held-out pairwise accuracy, BT loss and mean scores of a POLAR RM on triplet rows."""
-    import math
-
+    """Held-out pairwise accuracy, BT loss, margin and mean scores of a POLAR RM on triplet rows."""
+    from posttrain.evaluation.metrics import preference_metrics
     from reward_models.polar import PolarScorer
 
     was_training = model.training
     device = str(next(model.parameters()).device)
     scorer = PolarScorer(model, tokenizer, layout, batch_size=batch_size, device=device)
-    n = len(rows)
     chosen, rejected = scorer.score_triplets(rows)
     model.train(was_training)
-    margins = [c - r for c, r in zip(chosen, rejected)]
-    # -log sigmoid(m) = log(1 + e^-m), computed without overflow for large |m|.
-    losses = [max(-m, 0.0) + math.log1p(math.exp(-abs(m))) for m in margins]
-    return {
-        "accuracy": sum(m > 0 for m in margins) / n,
-        "loss": sum(losses) / n,
-        "chosen_score": sum(chosen) / n,
-        "rejected_score": sum(rejected) / n,
-        "margin": sum(margins) / n,
-    }
+    found = preference_metrics(chosen, rejected)
+    return {k: found[k] for k in ("accuracy", "loss", "chosen_score", "rejected_score", "margin")}
 
 
 def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     from transformers import TrainingArguments
 
+    from posttrain.models.loading import resolve_precision
+    from posttrain.models.reward import load_reward_model
+    from posttrain.trainers.polar_trainer import PolarTrainer, TripletCollator, encode_rows
     from reward_models.polar import PolarEncoder
 
-    opts = options_from(recipe)
+    opts = trainer_options(recipe)
     layout = opts.layout()
-    model, tokenizer = load_reward_model(recipe, run)
+    precision = resolve_precision(recipe.training.get("precision") or "auto")
+    model, tokenizer = load_reward_model(policy_source(recipe, run), recipe.model, precision)
     encoder = PolarEncoder(tokenizer, layout)
     rows = load_train_data(recipe, schema="polar_triplet")
     train_set = encode_rows(rows, encoder, f"{recipe.where}: data.train")
@@ -198,11 +117,9 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     eval_rows = load_eval_data(recipe, schema="polar_triplet")
 
     kwargs = config_kwargs(recipe, run)
-    for key in ("stage", "wrapper", "max_length", "max_response_length", "eval_batch_size"):
-        kwargs.pop(key, None)  # posttrain's options, not TrainingArguments fields
     kwargs["remove_unused_columns"] = False  # the collator reads chosen_ids/rejected_ids
     args = TrainingArguments(**kwargs)
-    trainer = _make_trainer_class()(
+    trainer = PolarTrainer(
         model=model, args=args, train_dataset=train_set, data_collator=TripletCollator(tokenizer.pad_token_id)
     )
 

@@ -9,20 +9,40 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.recipe import Recipe
+from posttrain.registry import TrainerSpec
 from posttrain.runs import RunDir
-from posttrain.trainers.base import RunResult, config_kwargs, load_eval_data, load_train_data, run_training
+from posttrain.trainers.base import (
+    RunResult,
+    config_kwargs,
+    load_eval_data,
+    load_train_data,
+    policy_source,
+    run_training,
+    standard_plan,
+)
+
+SPEC = TrainerSpec(
+    name="reward",
+    description="classic Bradley-Terry reward model on (prompt, chosen, rejected), no reference: POLAR's baseline "
+    "(TRL RewardTrainer)",
+    library_config="trl.trainer.reward_config:RewardConfig",
+    method_keys=frozenset({"center_rewards_coefficient", "max_length"}),
+    curves=("loss",),
+)
 
 
 def plan(recipe: Recipe) -> list[str]:
     t = recipe.training
     pairs = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
-    return [f"Bradley-Terry reward model on (prompt, chosen, rejected), no reference; {pairs} pairs per optimizer "
-            "step per process (TRL RewardTrainer)"]  # fmt: skip
+    return standard_plan(recipe, [f"Bradley-Terry reward model on (prompt, chosen, rejected), no reference; {pairs} "
+                                  "pairs per optimizer step per process (TRL RewardTrainer)"])  # fmt: skip
 
 
 def pair_metrics(model: Any, tokenizer: Any, rows, batch_size: int = 64, max_length: int = 1024) -> dict[str, float]:
     """Pairwise accuracy and mean margin of a sequence-classifier RM on preference rows."""
     import torch
+
+    from posttrain.evaluation.metrics import preference_metrics
 
     was_training = model.training
     model.eval()
@@ -48,17 +68,18 @@ def pair_metrics(model: Any, tokenizer: Any, rows, batch_size: int = 64, max_len
         chosen += score(chosen_texts[start : start + batch_size])
         rejected += score(rejected_texts[start : start + batch_size])
     model.train(was_training)
-    margins = [c - r for c, r in zip(chosen, rejected)]
-    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "margin": sum(margins) / len(margins)}
+    found = preference_metrics(chosen, rejected)
+    return {"accuracy": found["accuracy"], "margin": found["margin"]}
 
 
 def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     from trl import RewardConfig, RewardTrainer
 
-    from posttrain.models import peft_config
-    from posttrain.trainers.polar import load_reward_model
+    from posttrain.models.loading import peft_config, resolve_precision
+    from posttrain.models.reward import load_reward_model
 
-    model, tokenizer = load_reward_model(recipe, run, polar_tokens=False)
+    precision = resolve_precision(recipe.training.get("precision") or "auto")
+    model, tokenizer = load_reward_model(policy_source(recipe, run), recipe.model, precision, polar_tokens=False)
     rows = load_train_data(recipe, schema="preference").select_columns(["prompt", "chosen", "rejected"])
     eval_rows = load_eval_data(recipe, schema="preference")
     kwargs = config_kwargs(recipe, run)

@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 from posttrain.recipe import Recipe
+from posttrain.registry import TrainerSpec
 from posttrain.runs import RunDir
-from posttrain.trainers.base import RunResult, config_kwargs, load_model_and_tokenizer, load_train_data, run_training
+from posttrain.trainers.base import (
+    RunResult,
+    config_kwargs,
+    load_model_and_tokenizer,
+    load_train_data,
+    run_training,
+    standard_plan,
+)
+
+SPEC = TrainerSpec(
+    name="sft",
+    description="supervised fine-tuning on prompt/completion or chat data (TRL SFTTrainer)",
+    library_config="trl.trainer.sft_config:SFTConfig",
+    method_keys=frozenset({"completion_only_loss", "assistant_only_loss", "loss_type", "packing", "max_length"}),
+    curves=("loss",),
+)
 
 
 def plan(recipe: Recipe) -> list[str]:
     t = recipe.training
     batch = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
-    return [
-        f"SFT on data.train, loss on completions only; {batch} sequences per optimizer step per process",
-    ]
+    return standard_plan(
+        recipe, [f"SFT on data.train, loss on completions only; {batch} sequences per optimizer step per process"]
+    )
 
 
 def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     from trl import SFTConfig, SFTTrainer
 
-    from posttrain.models import peft_config
+    from posttrain.models.loading import peft_config
 
     model, tokenizer = load_model_and_tokenizer(recipe, run)
     rows = load_train_data(recipe, schema="prompt_completion")

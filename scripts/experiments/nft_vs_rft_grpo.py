@@ -49,7 +49,7 @@ def data_overrides(setting: str) -> list[str]:
 
 
 def run(recipe: str, out: Path, overrides: list[str]):
-    from posttrain.recipe import load_recipe
+    from posttrain.registry import load_and_validate as load_recipe
     from posttrain.runs import RunDir
     from posttrain.train import train_recipe
 

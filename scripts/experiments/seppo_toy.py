@@ -50,7 +50,7 @@ def train(recipe: dict, run_dir: Path) -> float:
     """Train `recipe` into `run_dir` unless it finished earlier; the seconds training took (recorded beside it)."""
     import yaml
 
-    from posttrain.recipe import load_recipe
+    from posttrain.registry import load_and_validate as load_recipe
     from posttrain.train import train_recipe
 
     seconds_file = run_dir.parent / f"{run_dir.name}.seconds"
@@ -83,7 +83,7 @@ def write_pretrain_data(folder: Path, n: int, seed: int) -> None:
 
 def set_clip_sample(model: Path, value: bool) -> None:
     """Set DDPM's x0 clipping to [-1, 1] in a pipeline dir's scheduler config. The tiny pixel stack clips by default
-    (posttrain.tiny_diffusion: without it DDIM draws saturated noise that the saturation reward scores as colourful);
+    (posttrain.models.tiny_diffusion: without it DDIM draws saturated noise that the saturation reward scores as colourful);
     --no-clip-sample turns it off to reproduce that. The arms copy the base's scheduler dir, so they inherit it."""
     path = model / "scheduler" / "scheduler_config.json"
     config = json.loads(path.read_text())
@@ -128,8 +128,8 @@ def evaluate(model: Path, args, cache: Path) -> list[float]:
     """Per-image saturation of the model's evaluation images (cached: the noise is fixed, so is the result)."""
     if cache.exists():
         return json.loads(cache.read_text())["scores"]
-    from posttrain.diffusion import load_stack
-    from posttrain.evaluation.diffusion import sample_images
+    from posttrain.models.diffusion import load_stack
+    from posttrain.rollout.diffusion import sample_images
     from reward_models.image import image_scorer
 
     prompts = eval_prompts(args)
@@ -322,8 +322,8 @@ def sample_grid(args, seed: int, path: Path, per_color: int = 4) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from posttrain.diffusion import load_stack
-    from posttrain.evaluation.diffusion import sample_images
+    from posttrain.models.diffusion import load_stack
+    from posttrain.rollout.diffusion import sample_images
     from reward_models.image import image_grid
 
     prompts = eval_prompts(args)

@@ -85,39 +85,3 @@ def model_space_to_images(stack: DiffusionStack, x: torch.Tensor) -> torch.Tenso
     if not stack.pixel:
         x = stack.vae.decode(x.to(stack.vae.dtype) / stack.vae.config.scaling_factor).sample
     return x.float().clamp(-1, 1)
-
-
-@torch.no_grad()
-def ddim_sample(
-    unet: Any,
-    scheduler_config: dict,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    shape: tuple[int, ...],
-    steps: int = 50,
-    guidance_scale: float = 7.5,
-    generator: torch.Generator | None = None,
-    eta: float = 0.0,
-) -> torch.Tensor:
-    """Full reverse diffusion with DDIM and classifier-free guidance; returns samples in the UNet's space.
-
-    `cond`/`uncond` are (B, L, D) text states (uncond = the empty prompt's). Noise is drawn on the CPU from
-    `generator`, so a seed gives the same samples on any device.
-    """
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(steps)
-    device = cond.device
-    dtype = next(unet.parameters()).dtype
-    x = torch.randn(shape, generator=generator).to(device, dtype) * scheduler.init_noise_sigma
-    context = torch.cat([uncond, cond]).to(dtype) if guidance_scale != 1.0 else cond.to(dtype)
-    for t in scheduler.timesteps:
-        x_in = torch.cat([x, x]) if guidance_scale != 1.0 else x
-        x_in = scheduler.scale_model_input(x_in, t)
-        eps = unet(x_in, t, encoder_hidden_states=context).sample
-        if guidance_scale != 1.0:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        x = scheduler.step(eps, t, x, eta=eta, generator=generator).prev_sample
-    return x

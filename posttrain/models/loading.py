@@ -1,4 +1,5 @@
-"""Load a policy and its tokenizer as a recipe's `model:` section says (dtype, LoRA, tiny models)."""
+"""Load a causal LM and its tokenizer as a recipe's `model:` section says (dtype, attention, LoRA config, tiny
+models). Functions take the model options (`ModelSection`), never a whole recipe."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ModelError
-from posttrain.recipe import ModelSection, Recipe
+from posttrain.recipe import ModelSection
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -23,25 +24,33 @@ def resolve_precision(setting: str = "auto") -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def model_source(recipe: Recipe) -> str:
-    """The path or hub id the policy loads from (tiny models are materialised into the run dir first)."""
-    if recipe.model.path is None:
-        raise ModelError(f"{recipe.where}: model.path is not set")
-    return recipe.resolve_path(recipe.model.path)
-
-
-def materialise_tiny(recipe: Recipe, into: Path) -> Path:
-    """Build the recipe's `model.tiny` spec as a model dir under `into` (once) and return its path."""
-    from posttrain.tiny import TinySpec, save_tiny_model
+def materialise_tiny(tiny: dict[str, Any], into: Path) -> Path:
+    """Build a `model.tiny` spec (keyword args of `TinySpec`) as a model dir `into/base_model` (once; a resumed run
+    reuses it) and return its path."""
+    from posttrain.models.tiny import TinySpec, save_tiny_model
 
     try:
-        spec = TinySpec(**(recipe.model.tiny or {}))
+        spec = TinySpec(**tiny)
     except TypeError as err:
-        raise ModelError(f"{recipe.where}: bad model.tiny spec: {err}") from err
+        raise ModelError(f"bad model.tiny spec: {err}") from err
     target = into / "base_model"
     if not (target / "config.json").exists():
         save_tiny_model(target, spec)
     return target
+
+
+def quiet_library_progress() -> None:
+    """Silence datasets'/transformers' per-map and per-save bars: a run's own progress bar is the one it shows."""
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    # TRL 1.16 calls transformers 5's deprecated `is_gradient_checkpointing` on every save; nothing for users to do.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
@@ -50,7 +59,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise ModelError(_load_error(path, "tokenizer", err)) from err
+        raise ModelError(load_error(path, "tokenizer", err)) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -78,7 +87,7 @@ def load_policy(path: str, section: ModelSection, precision: str = "fp32"):
     try:
         return AutoModelForCausalLM.from_pretrained(path, **load_kwargs(section, precision))
     except OSError as err:
-        raise ModelError(_load_error(path, "model", err)) from err
+        raise ModelError(load_error(path, "model", err)) from err
 
 
 def peft_config(section: ModelSection):
@@ -97,7 +106,7 @@ def peft_config(section: ModelSection):
     )
 
 
-def _load_error(path: str, what: str, err: Exception) -> str:
+def load_error(path: str, what: str, err: Exception) -> str:
     if Path(path).exists():
         return f"could not load the {what} from '{path}': {err}"
     if path.startswith((".", "/", "~")) or Path(path).suffix:

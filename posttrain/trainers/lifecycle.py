@@ -1,0 +1,99 @@
+"""The run lifecycle every trainer shares, whatever runs its loop (a TRL/transformers Trainer or SePPO's own):
+
+1. `start`: resume from the last complete checkpoint when asked (refused without one);
+2. `record_evaluation`: held-out results before training (not on resume) and after, to eval/<name>.<tag>.json
+   (and a sample grid .png where the result has one), the metrics to metrics.jsonl;
+3. `save_final`: the trained model written to final.tmp/ and swapped in as final/ atomically;
+4. `finish`: report.md with the trainer's own curves.
+
+The run-dir contract itself is `posttrain.runs`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ModelError, PosttrainError
+from posttrain.recipe import Recipe
+from posttrain.registry import get_spec
+from posttrain.runs import RunDir
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    stage: str
+    train_seconds: float
+    global_step: int
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+
+
+def model_source(recipe: Recipe) -> str:
+    """The path or hub id `model.path` names (relative to the recipe file when it exists there)."""
+    if recipe.model.path is None:
+        raise ModelError(f"{recipe.where}: model.path is not set")
+    return recipe.resolve_path(recipe.model.path)
+
+
+def start(run: RunDir, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); `--resume` without a complete one is refused."""
+    if not resume:
+        return None
+    checkpoint = run.last_checkpoint()
+    if checkpoint is None:
+        raise PosttrainError(f"--resume: no complete checkpoint under {run.checkpoints}")
+    return checkpoint
+
+
+def record_evaluation(
+    run: RunDir,
+    stage: str,
+    tag: str,
+    step: int,
+    results: list[Any] = (),
+    scored: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Save held-out results (main process only) and log their metrics as one `<stage>:<tag>` record.
+
+    `results` are EvalResult-like (`name`, `save(path)`, `metrics()`, optional `grid` image); `scored` is a flat
+    metrics dict from a trainer's own evaluator (reward models), saved as eval/held_out.<tag>.json.
+    """
+    found: dict[str, float] = {}
+    if scored:
+        run.eval_dir.mkdir(parents=True, exist_ok=True)
+        (run.eval_dir / f"held_out.{tag}.json").write_text(json.dumps(scored, indent=1))
+        found.update(scored)
+    for res in results:
+        res.save(run.eval_dir / f"{res.name}.{tag}.json")
+        if getattr(res, "grid", None) is not None:
+            res.grid.save(run.eval_dir / f"{res.name}.{tag}.png")
+        found.update(res.metrics())
+    if found:
+        run.append_metrics({"step": step, "stage": f"{stage}:{tag}", **found})
+    return found
+
+
+def save_final(run: RunDir, write: Callable[[Path], None], is_main: bool, barrier: Callable[[], None]) -> Path:
+    """final/ swapped in atomically: `write(dir)` runs on every process (ZeRO-3 gathers shards for it), between
+    barriers; only the main process clears final.tmp/ before and swaps it in after."""
+    if is_main:
+        shutil.rmtree(run.final_tmp, ignore_errors=True)
+    barrier()
+    write(run.final_tmp)
+    barrier()
+    if is_main:
+        run.swap_in_final()
+    return run.final
+
+
+def finish(run: RunDir, recipe: Recipe, result: RunResult) -> None:
+    """report.md and curves.png of the run, with the curves its trainer names (main process only)."""
+    from posttrain.report import write_run_report
+
+    write_run_report(run, recipe, result, curves=get_spec(recipe.trainer, recipe.where).curves)
