@@ -268,7 +268,7 @@ def coerce(tp: Any, value: Any, dotted: str, ctx: Context, lenient: bool = False
     The one value coercer: posttrain's sections, each trainer's options and the library config fields all go
     through it. `lenient` is for a library's config (TRL, transformers): a type posttrain doesn't model (an enum,
     a scheduler name) accepts the value as given and the library's own __post_init__ judges it; a `str` field
-    also takes a bool (TRL maps e.g. `scale_rewards: false` to "none").
+    also takes a bool (TRL maps e.g. `scale_rewards: false` to "none"), a list field a single value.
     """
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -313,6 +313,8 @@ def coerce(tp: Any, value: Any, dotted: str, ctx: Context, lenient: bool = False
             raise ctx.error(dotted, f"'{dotted}' must be one of {options}, got {value!r}")
         return value
     if origin is list:
+        if lenient and not isinstance(value, list):
+            value = [value]  # libraries take one value for a list field (TRL: loss_type: sigmoid -> [sigmoid])
         if not isinstance(value, list):
             raise ctx.error(dotted, f"'{dotted}' must be a list, got {_describe(value)}")
         (item_tp,) = typing.get_args(tp) or (Any,)

@@ -206,3 +206,12 @@ def test_recipes_and_rewards_listings(capsys):
     assert main(["rewards"]) == 0
     out = capsys.readouterr().out
     assert "numeric_match" in out and "math_verify" in out
+
+
+def test_a_library_list_field_takes_a_single_value(tmp_path):
+    from posttrain.recipe import Context, coerce
+
+    ctx = Context("x.yaml")
+    assert coerce(list[str], "sigmoid", "algorithm.loss_type", ctx, lenient=True) == ["sigmoid"]
+    with pytest.raises(RecipeError, match="'seed_list' must be a list"):
+        coerce(list[int], 3, "seed_list", ctx)  # posttrain's own fields stay strict
