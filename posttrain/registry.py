@@ -32,6 +32,7 @@ TRAINERS: dict[str, str] = {
     "polar": "posttrain.trainers.polar",
     "reward": "posttrain.trainers.reward",
     "seppo": "posttrain.trainers.seppo",
+    "dpo": "posttrain.trainers.dpo",
 }
 
 # Library-config fields that the recipe's `rollout` section owns (set them there, not under training/algorithm).

@@ -1,0 +1,95 @@
+"""`trainer: dpo`: direct preference optimisation (Rafailov et al. 2023) over TRL's DPOTrainer.
+
+On (prompt, chosen, rejected) rows DPO minimises, against a frozen reference policy pi_ref (the starting model),
+
+    -log sigmoid( beta * [ (log pi(chosen) - log pi_ref(chosen)) - (log pi(rejected) - log pi_ref(rejected)) ] )
+
+(Eq. 7 of the paper; `algorithm.loss_type` picks TRL's variants). TRL owns the loss, the reference model and the
+log-prob bookkeeping; posttrain adds the recipe, the data, held-out generation before/after and the report.
+A pair whose chosen and rejected texts are identical states no preference (its gradient is exactly zero), so such
+rows are dropped before training, and the count is printed.
+"""
+
+from __future__ import annotations
+
+from posttrain.errors import DataError
+from posttrain.recipe import Recipe
+from posttrain.registry import TrainerSpec
+from posttrain.runs import RunDir
+from posttrain.trainers.base import (
+    RunResult,
+    config_kwargs,
+    load_model_and_tokenizer,
+    load_train_data,
+    run_training,
+    standard_plan,
+)
+
+SPEC = TrainerSpec(
+    name="dpo",
+    description="direct preference optimisation on (prompt, chosen, rejected) pairs against a frozen reference "
+    "(Rafailov et al. 2023; TRL DPOTrainer)",
+    library_config="trl.trainer.dpo_config:DPOConfig",
+    method_keys=frozenset(
+        {
+            "beta",
+            "loss_type",
+            "loss_weights",
+            "label_smoothing",
+            "use_weighting",
+            "ld_alpha",
+            "discopop_tau",
+            "f_divergence_type",
+            "f_alpha_divergence_coef",
+            "sync_ref_model",
+            "ref_model_sync_steps",
+            "ref_model_mixup_alpha",
+            "max_length",
+            "truncation_mode",
+        }
+    ),  # fmt: skip
+    curves=("loss", "rewards/margins", "rewards/accuracies"),
+)
+
+
+def plan(recipe: Recipe) -> list[str]:
+    t, a = recipe.training, recipe.algorithm
+    pairs = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
+    losses = " + ".join(a.get("loss_type") or ["sigmoid"])
+    return standard_plan(
+        recipe,
+        [
+            f"DPO ({losses} loss, beta {a.get('beta', 0.1):g}) on data.train's (prompt, "
+            f"chosen, rejected) rows against a frozen copy of the starting model; {pairs} pairs per optimizer step "
+            "per process",
+        ],
+    )
+
+
+def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
+    from trl import DPOConfig, DPOTrainer
+
+    from posttrain.models.loading import peft_config
+
+    model, tokenizer = load_model_and_tokenizer(recipe, run)
+    rows = load_train_data(recipe, schema="preference").select_columns(["prompt", "chosen", "rejected"])
+    rows = _preference_pairs(rows, f"{recipe.where}: data.train")
+    trainer = DPOTrainer(
+        model=model,
+        args=DPOConfig(**config_kwargs(recipe, run)),
+        train_dataset=rows,
+        processing_class=tokenizer,
+        peft_config=peft_config(recipe.model),
+    )
+    return run_training(recipe, trainer, tokenizer, run, resume)
+
+
+def _preference_pairs(rows, origin: str):
+    """The rows whose chosen and rejected differ; none left is an error naming the data."""
+    kept = rows.filter(lambda row: row["chosen"] != row["rejected"])
+    dropped = len(rows) - len(kept)
+    if len(kept) == 0:
+        raise DataError(f"{origin}: every row has chosen == rejected; DPO needs pairs that differ")
+    if dropped:
+        print(f"{origin}: {dropped} of {len(rows)} rows have chosen == rejected (no preference) and were dropped")
+    return kept
