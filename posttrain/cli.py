@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_data_polar_pretrain(args: argparse.Namespace) -> int:
-    from posttrain.data.polar import PretrainBuild, build_pretrain_triplets, read_prompts
+    from posttrain.data.polar import read_prompts
+    from posttrain.rollout.polar_pretrain import PretrainBuild, build_pretrain_triplets
 
     prompts = read_prompts(args.prompts)[: args.limit]
     build = PretrainBuild(policies=tuple(args.policies), max_new_tokens=args.max_new_tokens, seed=args.seed,

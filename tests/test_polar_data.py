@@ -8,16 +8,9 @@ import sys
 
 import pytest
 
-from posttrain.data.polar import (
-    PretrainBuild,
-    assign_pairs,
-    build_pretrain_triplets,
-    from_pairs,
-    from_rankings,
-    random_prefix,
-    truncate_loops,
-)
+from posttrain.data.polar import from_pairs, from_rankings, random_prefix, truncate_loops
 from posttrain.errors import DataError
+from posttrain.rollout.polar_pretrain import PretrainBuild, assign_pairs, build_pretrain_triplets
 
 
 class FakePolicy:
