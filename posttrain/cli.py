@@ -26,6 +26,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count, a size, a limit)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a seed)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="SFT then GRPO on a tiny CPU model: RL fixing what imitation got wrong")
     p.add_argument("--out", default="runs/quickstart", help="output dir (default runs/quickstart)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value in every stage's recipe (repeatable)")  # fmt: skip
     p.set_defaults(func=cmd_quickstart)
@@ -51,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     p.add_argument("--store", default="eval/results.db", help="SQLite results store (default eval/results.db)")
     p.add_argument("--samples-dir", default="eval/samples", help="per-sample outputs (jsonl per benchmark)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N rows per benchmark")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate at most N rows per benchmark")
     p.add_argument("--label", default=None, help="display name in the leaderboard (default: derived from --model)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("leaderboard", help="write leaderboard.md and leaderboard.html from the results store")
@@ -74,13 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--policies", nargs="+", required=True, metavar="MODEL", help="model dirs or hub ids (>= 2)")
     d.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl (a 'prompt' field)")
     d.add_argument("--out", required=True, help="output dir (triplets.jsonl, data_card.md); rerun to resume")
-    d.add_argument("--limit", type=int, default=None, help="use the first N prompts")
-    d.add_argument("--max-new-tokens", type=int, default=1024)
-    d.add_argument("--prefix-words", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+    d.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts")
+    d.add_argument("--max-new-tokens", type=positive_int, default=1024)
+    d.add_argument("--prefix-words", type=positive_int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="cut each prompt to a random prefix of MIN..MAX words (pretraining on ordinary text)")  # fmt: skip
     d.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    d.add_argument("--chunk", type=int, default=64, help="prompts per generate call and per shard append")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--chunk", type=positive_int, default=64, help="prompts per generate call and per shard append")
+    d.add_argument("--seed", type=non_negative_int, default=0)
     d.set_defaults(func=cmd_data_polar_pretrain)
     d = data.add_parser("polar-finetune", help="convert rankings or reference-carrying pairs into POLAR rows")
     d.add_argument("input", help="jsonl file")
@@ -94,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="build a tiny local model + tokenizer dir (no hub)")
     p.add_argument("--task", default="arithmetic", help="character set: arithmetic or text")
     p.add_argument("--out", required=True)
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=positive_int, default=128)
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=cmd_tiny_model)
     return parser
 
@@ -133,19 +153,33 @@ def cmd_data_polar_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from posttrain.recipe import to_yaml
-    from posttrain.train import dry_run_plan, load_and_validate, train_recipe
+    from posttrain.preflight import MachineError
+    from posttrain.train import load_and_validate, train_recipe
 
-    recipe = load_and_validate(args.recipe, args.overrides)
+    try:
+        recipe = load_and_validate(args.recipe, args.overrides)
+    except MachineError as err:
+        if not args.dry_run or getattr(err, "recipe", None) is None:
+            raise
+        _print_plan(err.recipe)  # a valid recipe this machine can't run: the plan, then why (exit 3)
+        print(f"# this machine cannot run it\n{err}", file=sys.stderr)
+        return 3
     if args.dry_run:
-        print(to_yaml(recipe))
-        print("# plan")
-        for line in dry_run_plan(recipe):
-            print(f"- {line}")
+        _print_plan(recipe)
         return 0
     result = train_recipe(recipe, resume=args.resume)
     print(f"run dir: {result.run_dir}  (final model: {result.run_dir}/final, report: {result.run_dir}/report.md)")
     return 0
+
+
+def _print_plan(recipe) -> None:
+    from posttrain.recipe import to_yaml
+    from posttrain.train import dry_run_plan
+
+    print(to_yaml(recipe))
+    print("# plan")
+    for line in dry_run_plan(recipe):
+        print(f"- {line}")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -178,7 +212,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if not Path(args.store).exists():
         raise PosttrainError(f"{args.store}: no results store yet; run `posttrain eval` first")
-    md, html = write_leaderboard(ResultsStore(args.store), Path(args.out), Path(args.runs), curves_for=run_curves)
+    md, html = write_leaderboard(
+        ResultsStore(args.store, create=False), Path(args.out), Path(args.runs), curves_for=run_curves
+    )
     print(f"wrote {md} and {html}")
     return 0
 

@@ -27,9 +27,9 @@ from posttrain.errors import RecipeError, suggest
 class LoraOptions:
     """peft LoRA adapter; `null` (the default) trains all weights."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = field(default=16, metadata={"ge": 1})
+    alpha: int = field(default=32, metadata={"gt": 0})
+    dropout: float = field(default=0.05, metadata={"ge": 0, "lt": 1})
     target_modules: str | list[str] = "all-linear"
 
 
@@ -64,7 +64,7 @@ class RewardSpec:
     """One reward: a built-in name (see `posttrain rewards`) or `package.module:function`."""
 
     name: str
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata={"finite": True})
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -73,10 +73,10 @@ class VLLMOptions:
     """How TRL drives vLLM: `colocate` shares the training GPUs, `server` talks to `trl vllm-serve`."""
 
     mode: Literal["colocate", "server"] = "colocate"
-    gpu_memory_utilization: float = 0.3
-    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = field(default=0.3, metadata={"gt": 0, "le": 1})
+    tensor_parallel_size: int = field(default=1, metadata={"ge": 1})
     server_host: str = "127.0.0.1"
-    server_port: int = 8000
+    server_port: int = field(default=8000, metadata={"ge": 1, "le": 65535})
 
 
 @dataclass
@@ -84,11 +84,11 @@ class RolloutSection:
     """Sampling of completions during RL (and for RFT / POLAR data building)."""
 
     backend: Literal["hf", "vllm"] = "hf"
-    num_generations: int = 8
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 disables top-k
+    num_generations: int = field(default=8, metadata={"ge": 2})  # a group of one has no relative advantage
+    max_new_tokens: int = field(default=256, metadata={"ge": 1})
+    temperature: float = field(default=1.0, metadata={"gt": 0})
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
+    top_k: int = field(default=0, metadata={"ge": 0})  # 0 disables top-k
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
 
@@ -100,11 +100,11 @@ class EvalSection:
     name: str = "heldout"  # metrics are logged as eval/<name>/accuracy
     grader: str = "numeric_match"  # see posttrain.evaluation.graders: math_verify, numeric_match, gsm8k_strict, ...
     suite: str | None = None  # an eval/suites/*.yaml file run alongside the held-out set
-    every_steps: int | None = None
-    max_new_tokens: int | None = None  # defaults to rollout.max_new_tokens
-    batch_size: int = 256
+    every_steps: int | None = field(default=None, metadata={"ge": 1})
+    max_new_tokens: int | None = field(default=None, metadata={"ge": 1})  # defaults to rollout.max_new_tokens
+    batch_size: int = field(default=256, metadata={"ge": 1})
     slice_column: str | None = None  # boolean/categorical column for per-slice accuracy (e.g. carry)
-    limit: int | None = None  # cap on rows per benchmark (held-out set and suite)
+    limit: int | None = field(default=None, metadata={"ge": 1})  # cap on rows per benchmark (held-out and suite)
 
 
 @dataclass
@@ -114,7 +114,7 @@ class Recipe:
     trainer: str = ""  # checked against the registry by posttrain.registry.load_and_validate
     name: str = ""
     description: str = ""
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0})
     output_dir: str | None = None
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -148,23 +148,36 @@ _INTERNAL = ("source", "raw", "overridden")
 # ----------------------------------------------------------------------------------------------- loading
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, problems: list | None = None) -> Recipe:
     """Read `path` (following `extends:`), apply `--set` overrides, validate the sections posttrain owns.
 
     The trainer-specific sections (`algorithm`, `training`) are left as read: callers that run a recipe use
-    `posttrain.registry.load_and_validate`, which calls this and then checks them.
+    `posttrain.registry.load_and_validate`, which calls this and then checks them. A file that can't be read is
+    one error at once; problems with values are collected into `problems` when given (the caller raises them all
+    together), else raised together here.
     """
     path = Path(path)
     raw = _read_with_extends(path, seen=())
     overridden = apply_overrides(raw, overrides or [], where=str(path))
-    return build_recipe(raw, source=path, overridden=overridden)
+    return build_recipe(raw, source=path, overridden=overridden, problems=problems)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a directory, not a recipe file (give a .yaml file, e.g. {path}/<name>.yaml)")
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line}); save the recipe as UTF-8"
+        ) from None
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read the recipe file ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -229,29 +242,59 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> se
 # -------------------------------------------------------------------------------------------- validation
 
 
-def build_recipe(raw: dict[str, Any], source: Path | None = None, overridden: set[str] | None = None) -> Recipe:
-    """Validate a merged recipe mapping into a `Recipe` (types, unknown keys, required values)."""
+def build_recipe(
+    raw: dict[str, Any], source: Path | None = None, overridden: set[str] | None = None, problems: list | None = None
+) -> Recipe:
+    """Validate a merged recipe mapping into a `Recipe` (types, ranges, unknown keys, required values).
+
+    Every problem is found, not only the first: into `problems` when given, else raised together at the end."""
     where = str(source) if source else "<recipe>"
-    ctx = Context(where, overridden or set())
+    found: list = [] if problems is None else problems
+    ctx = Context(where, overridden or set(), problems=found)
     recipe = coerce(Recipe, dict(raw), "", ctx)
+    recipe.rewards = [r for r in recipe.rewards if r is not None]  # an entry too broken to build is reported
     recipe.source = source
     recipe.raw = copy.deepcopy(raw)
     recipe.overridden = set(overridden or ())
     if not recipe.name:
         recipe.name = source.stem if source else recipe.trainer
     if recipe.model.path is None and recipe.model.tiny is None:
-        raise RecipeError(f"{where}: model needs 'path' (a local dir or hub id) or 'tiny' (a tiny local model spec)")
+        ctx.report(
+            RecipeError(f"{where}: model needs 'path' (a local dir or hub id) or 'tiny' (a tiny local model spec)")
+        )
     if recipe.model.path is not None and recipe.model.tiny is not None:
-        raise RecipeError(f"{where}: model has both 'path' and 'tiny'; keep one")
+        ctx.report(RecipeError(f"{where}: model has both 'path' and 'tiny'; keep one"))
+    if problems is None and found:
+        raise problems_error(where, found)
     return recipe
+
+
+class RecipeProblems(RecipeError):
+    """Several problems of one recipe, reported together; `problems` holds each message (file prefix removed)."""
+
+    def __init__(self, where: str, problems: list[str]):
+        self.where, self.problems = where, problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{where}: {len(problems)} problems (nothing was loaded or trained):\n{lines}")
+
+
+def problems_error(where: str, problems: list) -> Exception:
+    """One error for a recipe's problems: the problem itself when there is one, else all of them, one a line."""
+    if len(problems) == 1:
+        return problems[0]  # its own type (RecipeError, DataError, ...)
+    prefix = f"{where}: "
+    messages = list(dict.fromkeys(str(p).removeprefix(prefix) for p in problems))
+    return RecipeProblems(where, messages) if len(messages) > 1 else RecipeError(prefix + messages[0])
 
 
 @dataclass
 class Context:
-    """Where a value came from, for errors: the recipe file and the keys set with --set."""
+    """Where a value came from, for errors: the recipe file and the keys set with --set. With `problems` (a list),
+    `report` collects errors so that validation goes on and finds every problem of the recipe."""
 
     where: str
     overridden: set[str] = field(default_factory=set)
+    problems: list | None = None
 
     def error(self, dotted: str, message: str) -> RecipeError:
         origin = (
@@ -260,6 +303,28 @@ class Context:
             else ""
         )
         return RecipeError(f"{self.where}: {message}{origin}")
+
+    def report(self, err: Exception) -> None:
+        if self.problems is None:
+            raise err
+        self.problems.append(err)
+
+
+def bounds_problem(value: Any, bounds: typing.Mapping[str, Any]) -> str | None:
+    """What is wrong with a number against `bounds` (keys gt, ge, lt, le, finite), e.g. "must be > 0, got -1", or
+    None. Non-numbers and None pass (their type is checked elsewhere)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    ops = {"gt": (">", lambda a, b: a > b), "ge": (">=", lambda a, b: a >= b),
+           "lt": ("<", lambda a, b: a < b), "le": ("<=", lambda a, b: a <= b)}  # fmt: skip
+    rules = [(sym, bound, ok) for key, (sym, ok) in ops.items() if (bound := bounds.get(key)) is not None]
+    finite = value == value and value not in (float("inf"), float("-inf"))
+    if (rules or bounds.get("finite")) and not finite:
+        return f"must be a finite number, got {value!r}"
+    if all(ok(value, bound) for _, bound, ok in rules):
+        return None
+    wanted = " and ".join(f"{sym} {bound:g}" for sym, bound, _ in rules)
+    return f"must be {wanted}, got {value!r}"
 
 
 def coerce(tp: Any, value: Any, dotted: str, ctx: Context, lenient: bool = False) -> Any:
@@ -272,25 +337,7 @@ def coerce(tp: Any, value: Any, dotted: str, ctx: Context, lenient: bool = False
     """
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ctx.error(dotted, f"'{dotted}' must be a mapping, got {_describe(value)}")
-        hints = typing.get_type_hints(tp)
-        names = [f.name for f in dataclasses.fields(tp) if f.name not in _INTERNAL]
-        for key in value:
-            if key not in names:
-                section = f"'{dotted}'" if dotted else ""
-                full = f"{dotted}.{key}" if dotted else key
-                place = f"in {section}" if section else "at the top level"
-                raise ctx.error(full, f"unknown key '{key}' {place}{suggest(key, names)}")
-        kwargs = {}
-        for f in dataclasses.fields(tp):
-            if f.name in value:
-                kwargs[f.name] = coerce(
-                    hints[f.name], value[f.name], f"{dotted}.{f.name}" if dotted else f.name, ctx, lenient
-                )
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ctx.error(dotted, f"missing required key '{f.name}' in '{dotted or 'recipe'}'")
-        return tp(**kwargs)
+        return _coerce_dataclass(tp, value, dotted, ctx, lenient)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -328,6 +375,37 @@ def coerce(tp: Any, value: Any, dotted: str, ctx: Context, lenient: bool = False
     if lenient and isinstance(tp, type) and tp not in (bool, int, float, str):
         return value
     return _scalar(tp, value, lambda msg: ctx.error(dotted, f"'{dotted}' {msg}"))
+
+
+def _coerce_dataclass(tp: Any, value: Any, dotted: str, ctx: Context, lenient: bool) -> Any:
+    """A section: unknown keys named with the nearest valid one, each field coerced and range-checked (bounds in
+    the field's metadata). Each bad key is reported on its own; the field keeps its default so checks go on."""
+    if not isinstance(value, dict):
+        raise ctx.error(dotted, f"'{dotted}' must be a mapping, got {_describe(value)}")
+    hints = typing.get_type_hints(tp)
+    names = [f.name for f in dataclasses.fields(tp) if f.name not in _INTERNAL]
+    for key in value:
+        if key not in names:
+            section = f"'{dotted}'" if dotted else ""
+            full = f"{dotted}.{key}" if dotted else key
+            place = f"in {section}" if section else "at the top level"
+            ctx.report(ctx.error(full, f"unknown key '{key}' {place}{suggest(str(key), names)}"))
+    kwargs = {}
+    for f in dataclasses.fields(tp):
+        full = f"{dotted}.{f.name}" if dotted else f.name
+        if f.name in value:
+            try:
+                kwargs[f.name] = coerce(hints[f.name], value[f.name], full, ctx, lenient)
+                wrong = bounds_problem(kwargs[f.name], f.metadata)
+                if wrong:
+                    raise ctx.error(full, f"'{full}' {wrong}")
+            except RecipeError as err:
+                kwargs.pop(f.name, None)
+                ctx.report(err)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            ctx.report(ctx.error(dotted, f"missing required key '{f.name}' in '{dotted or 'recipe'}'"))
+            return None  # reported; the caller drops it (e.g. a reward entry without a name)
+    return tp(**kwargs)
 
 
 def _scalar(tp: Any, value: Any, fail: typing.Callable[[str], Exception]) -> Any:

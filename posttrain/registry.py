@@ -20,8 +20,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import RecipeError, RewardError, suggest
-from posttrain.recipe import Context, Recipe, coerce, load_recipe
+from posttrain.errors import PosttrainError, RecipeError, suggest
+from posttrain.recipe import Context, Recipe, bounds_problem, coerce, load_recipe, problems_error
 
 # trainer name -> module with SPEC, plan(recipe) and train(recipe, run, resume). Adding a trainer = one line here.
 TRAINERS: dict[str, str] = {
@@ -53,7 +53,8 @@ class PosttrainTraining:
     """`training:` keys posttrain owns for every trainer (no library config has them)."""
 
     time_budget_s: float | None = field(
-        default=None, metadata={"help": "stop training after this many seconds of wall time (checkpoint kept)"}
+        default=None,
+        metadata={"help": "stop training after this many seconds of wall time (checkpoint kept)", "gt": 0},
     )
     precision: typing.Literal["auto", "fp32", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "auto = bf16 on a bf16-capable GPU, fp32 on CPU"}
@@ -71,6 +72,10 @@ class TrainerSpec:
     method_keys: frozenset[str] = frozenset()  # library-config fields that define the method: under `algorithm:`
     needs_rewards: bool = False
     curves: tuple[str, ...] = ("loss",)  # logged metrics the run report plots, one panel each
+    # Row schemas (posttrain.data.schemas) checked before any model loads: data.train, and the held-out set
+    # (eval.data or data.eval). None: the trainer reads that data its own way (e.g. images) and checks it itself.
+    train_schema: str | None = None
+    eval_schema: str | None = None
 
     def option_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.options)) if self.options else ()
@@ -119,52 +124,101 @@ def allowed_keys(spec: TrainerSpec) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def load_and_validate(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file (`extends:`, `--set`) and validate all of it, trainer sections included, before any model
-    or dataset is loaded. What `posttrain train` and every caller that runs a recipe use."""
-    recipe = load_recipe(path, overrides)
-    validate_recipe(recipe)
+    """Read a recipe file (`extends:`, `--set`) and validate all of it, trainer sections, data, rewards and run dir
+    included, before any model is loaded. Every problem found is reported in one error (`RecipeProblems` when
+    there are several). What `posttrain train`, `--dry-run` and every caller that runs a recipe use."""
+    problems: list = []
+    recipe = load_recipe(path, overrides, problems=problems)
+    validate_recipe(recipe, problems)
     return recipe
 
 
-def validate_recipe(recipe: Recipe) -> None:
-    """Trainer-level checks: the trainer exists, algorithm/training keys exist with the right types, the trainer's
-    options accept their values, rewards and the eval grader/suite resolve."""
-    spec = get_spec(recipe.trainer, recipe.where)
-    algorithm_types, training_types = allowed_keys(spec)
-    ctx = Context(recipe.where, recipe.overridden)
-    misplaced = set(spec.method_keys) | set(spec.option_names())
-    for key in recipe.training:
-        if key in misplaced:
-            raise RecipeError(
-                f"{recipe.where}: '{key}' is an algorithm option: put it under 'algorithm', not 'training'"
-            )
-        if key in ROLLOUT_OWNED:
-            raise RecipeError(f"{recipe.where}: '{key}' is set in the 'rollout' section (see docs/recipes.md), not 'training'")  # fmt: skip
-        if key in RECIPE_OWNED:
-            raise RecipeError(f"{recipe.where}: 'training.{key}' is set elsewhere in the recipe (see docs/recipes.md)")
-    own_training = tuple(f.name for f in dataclasses.fields(PosttrainTraining))
-    recipe.algorithm = _coerce_section(recipe.algorithm, algorithm_types, "algorithm", ctx, spec.option_names())
-    recipe.training = _coerce_section(recipe.training, training_types, "training", ctx, own_training)
-    trainer_options(recipe)  # the options dataclass checks its own values
-    if spec.needs_rewards and not recipe.rewards:
-        raise RecipeError(f"{recipe.where}: trainer '{spec.name}' needs at least one entry under 'rewards'")
+def validate_recipe(recipe: Recipe, problems: list | None = None) -> None:
+    """Trainer-level checks: the trainer exists; algorithm/training keys exist with the right types and ranges and
+    the library's choices; the trainer's options accept their values; the trainer's own cross-checks (its
+    module's `problems(recipe)`); data sources open with the trainer's schema; rewards import with valid kwargs;
+    the eval grader/suite resolve; the rollout backend can run here; the run dir is not a file.
+
+    Problems go into `problems` when given, and are raised together at the end (also when some came earlier)."""
+    from posttrain import preflight
+
+    found: list = [] if problems is None else problems
+    spec = None
+    try:
+        spec = get_spec(recipe.trainer, recipe.where)
+    except RecipeError as err:
+        found.append(err)
+    if spec is not None:
+        _validate_trainer_sections(recipe, spec, found)
+        preflight.check_data(recipe, spec.train_schema, spec.eval_schema, found)
     if recipe.data.train is None:
-        raise RecipeError(f"{recipe.where}: missing 'data.train' (a data source: path, or synthetic)")
-    _validate_eval_and_rewards(recipe)
+        found.append(RecipeError(f"{recipe.where}: missing 'data.train' (a data source: path, or synthetic)"))
+    _validate_eval(recipe, found)
+    preflight.check_rewards(recipe, found)
+    preflight.check_rollout_backend(recipe, found)
+    preflight.check_run_dir(recipe, found)
+    if not found:
+        return
+    err = problems_error(recipe.where, found)
+    if all(isinstance(p, preflight.MachineError) for p in found):
+        err = preflight.MachineError(str(err))
+        err.recipe = recipe  # `--dry-run` still prints the plan of a recipe this machine can't run
+    raise err
+
+
+def _validate_trainer_sections(recipe: Recipe, spec: TrainerSpec, found: list) -> None:
+    from posttrain import preflight
+
+    algorithm_types, training_types = allowed_keys(spec)
+    ctx = Context(recipe.where, recipe.overridden, problems=found)
+    misplaced = set(spec.method_keys) | set(spec.option_names())
+    for key in list(recipe.training):
+        if key in misplaced:
+            found.append(RecipeError(f"{recipe.where}: '{key}' is an algorithm option: put it under 'algorithm', not 'training'"))  # fmt: skip
+        elif key in ROLLOUT_OWNED:
+            found.append(RecipeError(f"{recipe.where}: '{key}' is set in the 'rollout' section (see docs/recipes.md), not 'training'"))  # fmt: skip
+        elif key in RECIPE_OWNED:
+            found.append(RecipeError(f"{recipe.where}: 'training.{key}' is set elsewhere in the recipe (see docs/recipes.md)"))  # fmt: skip
+        else:
+            continue
+        recipe.training.pop(key)
+    own_training = {f.name: f for f in dataclasses.fields(PosttrainTraining)}
+    own_options = {f.name: f for f in dataclasses.fields(spec.options)} if spec.options else {}
+    recipe.algorithm = _coerce_section(recipe.algorithm, algorithm_types, "algorithm", ctx, own_options)
+    recipe.training = _coerce_section(recipe.training, training_types, "training", ctx, own_training)
+    try:
+        trainer_options(recipe)  # the options dataclass checks its own values
+    except RecipeError as err:
+        found.append(err)
+    preflight.check_library_values(recipe, spec.library_config, found)
+    if spec.needs_rewards and not recipe.rewards and not recipe.raw.get("rewards"):
+        found.append(RecipeError(f"{recipe.where}: trainer '{spec.name}' needs at least one entry under 'rewards'"))
+    own_checks = getattr(trainer_module(spec.name), "problems", None)
+    if own_checks is not None:
+        found.extend(RecipeError(f"{recipe.where}: {message}") for message in own_checks(recipe))
 
 
 def _coerce_section(
-    values: dict[str, Any], types_: dict[str, Any], section: str, ctx: Context, own: tuple[str, ...]
+    values: dict[str, Any], types_: dict[str, Any], section: str, ctx: Context, own: dict[str, dataclasses.Field]
 ) -> dict[str, Any]:
-    """Unknown keys named with the nearest valid one; posttrain's own options typed strictly, library fields
-    leniently (the library's __post_init__ has the last word on those)."""
+    """Unknown keys named with the nearest valid one; posttrain's own options typed strictly and range-checked
+    (bounds in their field metadata), library fields leniently (the library's __post_init__ and
+    `preflight.check_library_values` judge those). A bad key is reported and left out, so checks go on."""
     out = {}
     for key, value in values.items():
         dotted = f"{section}.{key}"
         if key not in types_:
-            raise ctx.error(dotted, f"unknown key '{key}' in {section}{suggest(key, types_)}")
+            ctx.report(ctx.error(dotted, f"unknown key '{key}' in {section}{suggest(key, types_)}"))
+            continue
         lenient = key not in own
-        out[key] = None if value is None and lenient else coerce(types_[key], value, dotted, ctx, lenient)
+        try:
+            out[key] = None if value is None and lenient else coerce(types_[key], value, dotted, ctx, lenient)
+            wrong = None if lenient else bounds_problem(out[key], own[key].metadata)
+            if wrong:
+                raise ctx.error(dotted, f"'{dotted}' {wrong}")
+        except RecipeError as err:
+            out.pop(key, None)
+            ctx.report(err)
     return out
 
 
@@ -191,21 +245,18 @@ def library_kwargs(recipe: Recipe) -> dict[str, Any]:
     return {k: v for k, v in {**recipe.training, **recipe.algorithm}.items() if k not in own}
 
 
-def _validate_eval_and_rewards(recipe: Recipe) -> None:
+def _validate_eval(recipe: Recipe, found: list) -> None:
     from posttrain.evaluation.suite import GRADER_NAMES, load_suite
-    from reward_models import resolve_reward
 
     if recipe.eval.grader not in GRADER_NAMES:
-        raise RecipeError(
-            f"{recipe.where}: unknown eval.grader '{recipe.eval.grader}'{suggest(recipe.eval.grader, GRADER_NAMES)} "
-            f"(graders: {', '.join(GRADER_NAMES)})"
+        found.append(
+            RecipeError(
+                f"{recipe.where}: unknown eval.grader '{recipe.eval.grader}'{suggest(recipe.eval.grader, GRADER_NAMES)} "
+                f"(graders: {', '.join(GRADER_NAMES)})"
+            )
         )
     if recipe.eval.suite is not None:
-        load_suite(recipe.resolve_path(recipe.eval.suite))  # fails early on a bad suite
-    for name in [spec.name for spec in recipe.rewards]:
-        if ":" in name:
-            continue  # user code is imported when training starts; importing it here could be slow or side-effecting
         try:
-            resolve_reward(name)
-        except RewardError as err:
-            raise RecipeError(f"{recipe.where}: {err}") from err
+            load_suite(recipe.resolve_path(recipe.eval.suite))  # fails early on a bad suite
+        except PosttrainError as err:
+            found.append(RecipeError(f"{recipe.where}: eval.suite: {err}"))

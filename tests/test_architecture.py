@@ -16,7 +16,7 @@ FLOORS = [
     ("posttrain.cli", "posttrain.quickstart", "posttrain.__main__"),
     ("posttrain.train",),
     ("posttrain.trainers",),
-    ("posttrain.registry",),
+    ("posttrain.registry", "posttrain.preflight"),
     ("posttrain.evaluation",),
     ("posttrain.rollout",),
     ("posttrain.data",),

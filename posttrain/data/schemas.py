@@ -20,6 +20,7 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
     "polar_triplet": ("prompt", "reference", "chosen", "rejected"),
     "prompt_image": ("prompt", "image"),
+    "prompt": ("prompt",),
 }
 
 # The recipe section an origin names ("x.yaml: data.train", "x.yaml: eval.data"), to point at its columns option.
@@ -36,18 +37,20 @@ class ImageRow:
     where: str = ""  # "file: row N" for error messages
 
 
-def validate(ds: Dataset, schema: str, origin: str, *, row_numbers: Sequence[int] | None = None) -> None:
-    """Raise DataError for an unknown schema, an empty dataset, a missing column, or the first row missing a field.
+def validate(
+    ds: Dataset, schema: str | Sequence[str], origin: str, *, row_numbers: Sequence[int] | None = None
+) -> None:
+    """`schema` is a name in SCHEMAS or a sequence of field names. Raise DataError for an unknown schema, an empty dataset, a missing column, or the first row missing a field.
 
     A field is missing when it is null (the json loader fills keys absent from a row with None), NaN, a blank
     string or an empty list. Rows are numbered from 1; `row_numbers` gives each row's number in its file instead
     (`load_source` passes the line numbers of a shuffled or subset jsonl file).
     """
-    if schema not in SCHEMAS:
+    if isinstance(schema, str) and schema not in SCHEMAS:
         raise DataError(f"{origin}: unknown schema '{schema}' (known: {', '.join(SCHEMAS)})")
     if len(ds) == 0:
         raise DataError(f"{origin}: has no rows")
-    fields = SCHEMAS[schema]
+    fields = SCHEMAS[schema] if isinstance(schema, str) else tuple(schema)  # a schema, or the fields themselves
     for name in fields:
         if name not in ds.column_names:
             section = _SECTION.search(origin)

@@ -77,14 +77,28 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 class ResultsStore:
-    def __init__(self, path: str | Path = DEFAULT_PATH):
+    def __init__(self, path: str | Path = DEFAULT_PATH, create: bool = True):
+        """Open (and with `create`, make) the store; readers pass create=False so that a wrong path never turns
+        into a new, empty database."""
         self.path = Path(path)
         self._check_file()
+        if not create and (not self.path.is_file() or self.path.stat().st_size == 0):
+            state = "is an empty file" if self.path.is_file() else "does not exist"
+            raise StoreError(f"{self.path}: {state}, not a results store; run `posttrain eval` first (nothing written)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with self._connect() as conn:
-                conn.executescript(_SCHEMA)
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                if create:
+                    conn.executescript(_SCHEMA)
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                else:
+                    conn.execute("SELECT count(*) FROM results").fetchone()
+        except sqlite3.OperationalError as err:
+            if "locked" in str(err) or "busy" in str(err):
+                raise StoreError(
+                    f"{self.path}: the results store is locked by another writer (waited 30 s); retry when it finishes"
+                ) from err
+            raise StoreError(f"{self.path}: not a posttrain results database ({err})") from err
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{self.path}: not a posttrain results database ({err})") from err
 

@@ -30,6 +30,8 @@ SPEC = TrainerSpec(
     description="direct preference optimisation on (prompt, chosen, rejected) pairs against a frozen reference "
     "(Rafailov et al. 2023; TRL DPOTrainer)",
     library_config="trl.trainer.dpo_config:DPOConfig",
+    train_schema="preference",
+    eval_schema="prompt_answer",
     method_keys=frozenset(
         {
             "beta",

@@ -36,6 +36,8 @@ SPEC = TrainerSpec(
     method_keys=GRPO_METHOD_KEYS,
     needs_rewards=True,
     curves=("reward", "loss"),
+    train_schema="prompt",
+    eval_schema="prompt_answer",
 )
 
 
@@ -84,6 +86,22 @@ def group_rule_line(recipe: Recipe) -> str:
     return "rule: the generation batch must be a multiple of num_generations so every prompt's group is whole" + (
         "" if ok else "  <-- VIOLATED: change per_device_train_batch_size or num_generations"
     )
+
+
+def problems(recipe: Recipe) -> list[str]:
+    """Batch rules TRL checks only once the model is loaded (GRPOConfig.__post_init__), with the fix: every
+    prompt's group of `num_generations` must fit whole in the generation batch, on the processes of this launch."""
+    import os
+
+    g = batch_geometry(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+    if g["generation_batch"] % g["num_generations"] == 0:
+        return []
+    return [
+        f"rollout.num_generations ({g['num_generations']}) must divide the generation batch ({g['generation_batch']} "
+        f"= training.per_device_train_batch_size {g['per_device']} x {g['processes']} process(es) x "
+        f"{g['generation_batch'] // max(g['per_device'] * g['processes'], 1)} step(s) per generation); change "
+        "per_device_train_batch_size or num_generations"
+    ]
 
 
 def rewards_line(recipe: Recipe) -> str:

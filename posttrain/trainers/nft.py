@@ -16,6 +16,7 @@ from posttrain.registry import TrainerSpec, trainer_options
 from posttrain.runs import RunDir
 from posttrain.trainers.base import RunResult, run_training, standard_plan
 from posttrain.trainers.grpo import GRPO_METHOD_KEYS, batch_geometry, build_trainer, group_rule_line, rewards_line
+from posttrain.trainers.grpo import problems as grpo_problems
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,10 @@ SPEC = TrainerSpec(
     method_keys=GRPO_METHOD_KEYS,
     needs_rewards=True,
     curves=("reward", "loss"),
+    train_schema="prompt",
+    eval_schema="prompt_answer",
 )
+problems = grpo_problems  # the same batch rules: NFT samples through TRL's GRPO machinery
 
 
 def trainer_class():

@@ -64,6 +64,8 @@ SPEC = TrainerSpec(
     "chosen, rejected) (Dou et al. 2025; over transformers Trainer)",
     options=PolarOptions,
     library_config="transformers.training_args:TrainingArguments",
+    train_schema="polar_triplet",
+    eval_schema="polar_triplet",
     curves=("loss",),
 )
 

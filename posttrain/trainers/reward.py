@@ -26,6 +26,8 @@ SPEC = TrainerSpec(
     description="classic Bradley-Terry reward model on (prompt, chosen, rejected), no reference: POLAR's baseline "
     "(TRL RewardTrainer)",
     library_config="trl.trainer.reward_config:RewardConfig",
+    train_schema="preference",
+    eval_schema="preference",
     method_keys=frozenset({"center_rewards_coefficient", "max_length"}),
     curves=("loss",),
 )

@@ -32,7 +32,10 @@ SPEC = TrainerSpec(
     method_keys=nft.SPEC.method_keys,
     needs_rewards=True,
     curves=nft.SPEC.curves,
+    train_schema=nft.SPEC.train_schema,
+    eval_schema=nft.SPEC.eval_schema,
 )
 
 plan = nft.plan
+problems = nft.problems
 train = nft.train

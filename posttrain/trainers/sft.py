@@ -18,6 +18,8 @@ SPEC = TrainerSpec(
     name="sft",
     description="supervised fine-tuning on prompt/completion or chat data (TRL SFTTrainer)",
     library_config="trl.trainer.sft_config:SFTConfig",
+    train_schema="prompt_completion",
+    eval_schema="prompt_answer",
     method_keys=frozenset({"completion_only_loss", "assistant_only_loss", "loss_type", "packing", "max_length"}),
     curves=("loss",),
 )
