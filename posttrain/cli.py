@@ -13,8 +13,6 @@ from pathlib import Path
 import posttrain  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 from posttrain.errors import PosttrainError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -154,10 +152,11 @@ def cmd_data_polar_finetune(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from posttrain.preflight import MachineError
+    from posttrain.shipped import find_shipped
     from posttrain.train import load_and_validate, train_recipe
 
     try:
-        recipe = load_and_validate(args.recipe, args.overrides)
+        recipe = load_and_validate(find_shipped(args.recipe), args.overrides)
     except MachineError as err:
         if not args.dry_run or getattr(err, "recipe", None) is None:
             raise
@@ -168,6 +167,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_plan(recipe)
         return 0
     result = train_recipe(recipe, resume=args.resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0  # one summary per launch, not one per process
     print(f"run dir: {result.run_dir}  (final model: {result.run_dir}/final, report: {result.run_dir}/report.md)")
     return 0
 
@@ -194,10 +197,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from posttrain.evaluation.store import ResultsStore
     from posttrain.evaluation.suite_runner import format_outcomes, run_suite
+    from posttrain.shipped import find_shipped
 
     store = ResultsStore(args.store)
     outcomes = run_suite(
-        args.model, args.suite, backend=args.backend, store=store, samples_dir=Path(args.samples_dir),
+        args.model, find_shipped(args.suite, "suites"), backend=args.backend, store=store, samples_dir=Path(args.samples_dir),
         limit=args.limit, label=args.label, batch_size=args.batch_size,
     )  # fmt: skip
     print(format_outcomes(outcomes))
@@ -222,11 +226,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_recipes(args: argparse.Namespace) -> int:
     import yaml
 
-    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+    from posttrain.shipped import recipes_dir
+
+    root = recipes_dir()
+    for path in sorted(root.rglob("*.yaml")):
         if path.parent.name == "accelerate":
             continue
         data = yaml.safe_load(path.read_text()) or {}
-        print(f"{str(path.relative_to(RECIPES_DIR)):42s} {data.get('description', '')}")
+        print(f"{str(path.relative_to(root)):42s} {data.get('description', '')}")
     return 0
 
 

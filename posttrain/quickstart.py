@@ -16,10 +16,11 @@ from pathlib import Path
 
 from posttrain.report import plot_accuracy_bars, plot_curves
 from posttrain.runs import RunDir, write_atomic
+from posttrain.shipped import recipes_dir
 from posttrain.train import load_and_validate as load_recipe
 from posttrain.train import train_recipe
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = recipes_dir()  # the checkout's recipes/, or the copies a wheel ships
 SLICES = ("eval/arithmetic/accuracy", "eval/arithmetic/accuracy[carry=True]", "eval/arithmetic/accuracy[carry=False]")
 LABELS = {"eval/arithmetic/accuracy": "all", "eval/arithmetic/accuracy[carry=True]": "carry",
           "eval/arithmetic/accuracy[carry=False]": "no carry"}  # fmt: skip

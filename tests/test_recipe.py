@@ -5,11 +5,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.cli import RECIPES_DIR, main
+from posttrain.cli import main
 from posttrain.errors import RecipeError
 from posttrain.recipe import to_yaml
 from posttrain.registry import TRAINERS
 from posttrain.registry import load_and_validate as load_recipe
+from posttrain.shipped import recipes_dir
+
+RECIPES_DIR = recipes_dir()
 
 BASE = {
     "trainer": "grpo",

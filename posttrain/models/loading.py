@@ -3,6 +3,8 @@ models). Functions take the model options (`ModelSection`), never a whole recipe
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,23 @@ def materialise_tiny(tiny: dict[str, Any], into: Path) -> Path:
     except TypeError as err:
         raise ModelError(f"bad model.tiny spec: {err}") from err
     target = into / "base_model"
-    if not (target / "config.json").exists():
-        save_tiny_model(target, spec)
+    build_once(target, lambda tmp: save_tiny_model(tmp, spec))
     return target
+
+
+def build_once(target: Path, build: Callable[[Path], Any]) -> None:
+    """Write a model dir once per run, safely under a multi-process launch: the main process builds it into
+    `<target>.tmp` and renames it into place (so a half-written dir is never taken for a model), the others
+    wait at accelerate's barrier and then find it there. A resumed run reuses it."""
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        if (target / "config.json").exists() or (target / "model_index.json").exists():
+            return
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        tmp.rename(target)
 
 
 def quiet_library_progress() -> None:

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Packaging check (CI): build the sdist and wheel, install the wheel (not editable) into a fresh venv, and run what
+# a new user runs, from a directory outside the checkout: `posttrain recipes`, `--dry-run` of every shipped recipe
+# (0, or 3 = valid but not runnable on this machine: vLLM/GPU recipes, POLAR data an earlier step writes) and a
+# shortened `posttrain quickstart`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+WORK=$(mktemp -d)
+python -m pip install -q build
+python -m build -q --outdir "$WORK/dist" . >/dev/null
+ls "$WORK/dist"
+python -m tarfile -l "$WORK"/dist/posttrain-*.tar.gz > "$WORK/sdist.txt"
+python -m zipfile -l "$WORK"/dist/posttrain-*.whl > "$WORK/wheel.txt"
+grep "recipes/sft/arithmetic.yaml" "$WORK/sdist.txt" > /dev/null
+grep "posttrain/_shipped/eval/suites/arithmetic.yaml" "$WORK/wheel.txt" > /dev/null
+python3 -m venv "$WORK/venv"
+"$WORK/venv/bin/pip" install -q torch==2.13.0
+"$WORK/venv/bin/pip" install -q "$WORK"/dist/posttrain-*.whl
+mkdir -p "$WORK/outside" && cd "$WORK/outside"
+PT="$WORK/venv/bin/posttrain"
+"$PT" recipes > recipes.txt
+n=$(wc -l < recipes.txt)
+echo "posttrain recipes: $n recipes listed from the wheel"
+[ "$n" -ge 10 ]
+while read -r name _; do
+  set +e
+  "$PT" train "recipes/$name" --dry-run > /dev/null 2> err.txt
+  rc=$?
+  set -e
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then
+    echo "dry-run of shipped recipe $name failed (rc $rc):" >&2; cat err.txt >&2; exit 1
+  fi
+  echo "dry-run recipes/$name: rc $rc"
+done < recipes.txt
+"$PT" quickstart --out qs --set training.max_steps=3 --set eval.limit=16 > qs.txt
+grep -q "report:" qs.txt && test -f qs/report.md
+echo "quickstart from the wheel: ok"
+cd "$REPO" && rm -rf "$WORK"
