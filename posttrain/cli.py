@@ -44,6 +44,17 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
+def memory_size(text: str) -> str:
+    """argparse type: a memory size such as 80GiB."""
+    from posttrain.models.memory import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe value, e.g. --set training.learning_rate=1e-5 (repeatable)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe and plan only")
+    p.add_argument("--gpu-memory", default="80GiB", type=memory_size,
+                   help="device size the --dry-run memory plan assumes (default 80GiB)")  # fmt: skip
+    p.add_argument("--accelerate-config", default=None, metavar="YAML",
+                   help="accelerate config for the memory plan (default: the recipe's accelerate_config)")  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="SFT then GRPO on a tiny CPU model: RL fixing what imitation got wrong")
@@ -160,11 +175,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except MachineError as err:
         if not args.dry_run or getattr(err, "recipe", None) is None:
             raise
-        _print_plan(err.recipe)  # a valid recipe this machine can't run: the plan, then why (exit 3)
+        _print_plan(err.recipe, args)  # a valid recipe this machine can't run: the plan, then why (exit 3)
         print(f"# this machine cannot run it\n{err}", file=sys.stderr)
         return 3
     if args.dry_run:
-        _print_plan(recipe)
+        _print_plan(recipe, args)
         return 0
     result = train_recipe(recipe, resume=args.resume)
     from accelerate import PartialState
@@ -175,13 +190,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_plan(recipe) -> None:
+def _print_plan(recipe, args: argparse.Namespace) -> None:
     from posttrain.recipe import to_yaml
     from posttrain.train import dry_run_plan
 
     print(to_yaml(recipe))
     print("# plan")
-    for line in dry_run_plan(recipe):
+    for line in dry_run_plan(recipe, args.gpu_memory, args.accelerate_config):
         print(f"- {line}")
 
 

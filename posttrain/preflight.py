@@ -274,6 +274,24 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def check_launch(recipe: Recipe, problems: list) -> None:
+    """`accelerate_config` names a readable accelerate config file (the memory plan reads it)."""
+    from posttrain.models.memory import read_launch
+
+    if recipe.accelerate_config is None:
+        return
+    path = Path(recipe.resolve_path(recipe.accelerate_config))
+    if not path.is_file():
+        problems.append(RecipeError(f"{recipe.where}: accelerate_config: file not found: {recipe.accelerate_config}"))
+        return
+    try:
+        read_launch(path)
+    except Exception as err:  # YAML errors, non-numeric process counts: all mean the file is not a usable config
+        problems.append(
+            RecipeError(f"{recipe.where}: accelerate_config {path}: not a usable accelerate config ({err})")
+        )
+
+
 def check_run_dir(recipe: Recipe, problems: list) -> None:
     """The run dir (output_dir) must be a directory or not exist yet; a file in its place (or above it) is named."""
     path = recipe.run_dir()

@@ -116,6 +116,9 @@ class Recipe:
     description: str = ""
     seed: int = field(default=0, metadata={"ge": 0})
     output_dir: str | None = None
+    # The accelerate config this recipe is launched with (processes, ZeRO stage), relative to the recipe file:
+    # `--dry-run`'s memory plan reads it; `accelerate launch --config_file` is still how it is launched.
+    accelerate_config: str | None = None
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     rewards: list[RewardSpec] = field(default_factory=list)

@@ -157,6 +157,7 @@ def validate_recipe(recipe: Recipe, problems: list | None = None) -> None:
     preflight.check_rewards(recipe, found)
     preflight.check_rollout_backend(recipe, found)
     preflight.check_run_dir(recipe, found)
+    preflight.check_launch(recipe, found)
     if not found:
         return
     err = problems_error(recipe.where, found)

@@ -26,7 +26,7 @@ def train_recipe(recipe: Recipe, resume: bool = False):
     return module.train(recipe, run, resume=resume)
 
 
-def dry_run_plan(recipe: Recipe) -> list[str]:
+def dry_run_plan(recipe: Recipe, gpu_memory: str = "80GiB", accelerate_config: str | None = None) -> list[str]:
     """What `train` would do, without loading weights or importing the trainer's library."""
     module = trainer_module(recipe.trainer, recipe.where)
     spec = module.SPEC
@@ -35,7 +35,22 @@ def dry_run_plan(recipe: Recipe) -> list[str]:
     budget = recipe.training.get("time_budget_s")
     if budget is not None:
         lines.append(f"time budget: stops after {budget:.0f} s of training")
-    return lines
+    return lines + memory_lines(recipe, gpu_memory, accelerate_config)
+
+
+def memory_lines(recipe: Recipe, gpu_memory: str = "80GiB", accelerate_config: str | None = None) -> list[str]:
+    """The recipe's memory plan per device on its accelerate config (posttrain.models.memory), or why there is
+    none (a tiny or diffusion model, an unknown hub model)."""
+    from posttrain.models.memory import model_shape, parse_size, plan_for, read_launch
+
+    if recipe.model.tiny is not None:
+        return ["memory plan: a tiny local model (a few MB); none needed"]
+    config = accelerate_config or (recipe.resolve_path(recipe.accelerate_config) if recipe.accelerate_config else None)
+    source = recipe.resolve_path(recipe.model.path or "")
+    plan = plan_for(recipe, read_launch(config), parse_size(gpu_memory), model_shape(source))
+    if plan is None:
+        return [f"memory plan: the shape of '{source}' is unknown here (not a causal LM with a readable config.json)"]
+    return plan.lines()
 
 
 def _model_line(recipe: Recipe) -> str:

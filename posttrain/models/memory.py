@@ -1,0 +1,274 @@
+"""The memory plan of a recipe, per device, before any GPU time is spent ("how much memory do I need / why OOM").
+
+Terms, each marked exact or estimate:
+- model states, exact given the parameter count: weights, gradients and AdamW states, with DeepSpeed's accounting
+  per ZeRO stage (the one its `estimate_zero2/3_model_states_mem_needs` use: 16-bit weights and gradients, fp32
+  master weights, momentum, variance and gradient partitions = 16 bytes per trainable parameter, sharded over the
+  processes from stage 1 on; gradients from stage 2; weights from stage 3, plus the largest layer gathered);
+  without DeepSpeed, weights, gradients and both AdamW states in the training dtype; LoRA trains only the adapters;
+- the reference model (KL with `beta > 0`, full fine-tuning only: LoRA's reference is the base with adapters off);
+- vLLM's share of the device when it is colocated (`gpu_memory_utilization`, exact: vLLM reserves it);
+- estimates: the logits of the log-prob pass (batch x completion tokens x vocabulary, 16-bit logits plus the fp32
+  log-softmax; often the largest term in GRPO) and the activations kept for backward (per layer about
+  2 bytes x batch x tokens x (7h + 2 h_kv + 4 I) with SDPA/flash attention; with gradient checkpointing only each
+  layer's input plus one layer recomputed).
+
+The model's shape comes from a local `config.json`, the hub cache, or `KNOWN_SHAPES` (the hub models the shipped
+recipes name, copied from their config.json), so `--dry-run` works offline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs of a decoder-only transformer (Llama/Qwen2/InternLM2 layout)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+    qkv_bias: bool = False
+
+    @property
+    def params(self) -> int:
+        h, kv = self.hidden, self.hidden * self.kv_heads // self.heads
+        attention = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.qkv_bias else 0)
+        layer = attention + 3 * h * self.intermediate + 2 * h
+        return self.vocab * h * (1 if self.tied else 2) + self.layers * layer + h
+
+    @property
+    def largest_layer_params(self) -> int:
+        """The biggest single module (DeepSpeed ZeRO-3 gathers one at a time): the embedding, for these models."""
+        h = self.hidden
+        return max(self.vocab * h, 3 * h * self.intermediate)
+
+    @property
+    def kv_hidden(self) -> int:
+        return self.hidden * self.kv_heads // self.heads
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden=config["hidden_size"],
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            intermediate=config["intermediate_size"],
+            vocab=config["vocab_size"],
+            tied=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+        )
+
+
+_QWEN25_15B = ModelShape(1536, 28, 12, 2, 8960, 151936, tied=True, qkv_bias=True)
+_QWEN25_7B = ModelShape(3584, 28, 28, 4, 18944, 152064, tied=False, qkv_bias=True)
+# From each model's config.json on the hub (hidden, layers, heads, kv heads, intermediate, vocab, tied).
+KNOWN_SHAPES: dict[str, ModelShape] = {
+    "Qwen/Qwen2.5-Math-1.5B": _QWEN25_15B,
+    "Qwen/Qwen2.5-1.5B": _QWEN25_15B,
+    "Qwen/Qwen2.5-1.5B-Instruct": _QWEN25_15B,
+    "Qwen/Qwen2.5-Math-7B": _QWEN25_7B,
+    "Qwen/Qwen2.5-7B": _QWEN25_7B,
+    "Qwen/Qwen2.5-7B-Instruct": _QWEN25_7B,
+    "internlm/POLAR-1_8B": ModelShape(2048, 24, 16, 8, 8192, 92544),
+    "internlm/POLAR-7B": ModelShape(4096, 32, 32, 8, 14336, 92544),
+}
+
+
+def model_shape(source: str) -> ModelShape | None:
+    """The shape of a model dir or hub id: its config.json (local, or in the hub cache), else KNOWN_SHAPES."""
+    path = Path(source) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+            path = Path(cached) if isinstance(cached, str) else path
+        except Exception:  # not a valid repo id, no cache: fall through to the table
+            pass
+    if path.is_file():
+        try:
+            return ModelShape.from_config(json.loads(path.read_text()))
+        except (KeyError, TypeError, json.JSONDecodeError):
+            return None
+    return KNOWN_SHAPES.get(source)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The parts of an accelerate config the plan needs."""
+
+    processes: int = 1
+    zero_stage: int | None = None  # None: no DeepSpeed (DDP or one process)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    source: str = "one process, no DeepSpeed"
+
+
+def read_launch(path: str | Path | None) -> Launch:
+    if path is None:
+        return Launch()
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    ds = data.get("deepspeed_config") or {}
+    stage = ds.get("zero_stage") if data.get("distributed_type") == "DEEPSPEED" else None
+    return Launch(
+        processes=int(data.get("num_processes", 1)) * max(int(data.get("num_machines", 1)), 1),
+        zero_stage=None if stage is None else int(stage),
+        offload_optimizer=ds.get("offload_optimizer_device", "none") not in ("none", None),
+        offload_params=ds.get("offload_param_device", "none") not in ("none", None),
+        source=str(path),
+    )
+
+
+def parse_size(text: str) -> int:
+    """'80GiB', '80GB', '141 GiB', '24g' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b)?\s*", str(text), re.I)
+    if not match:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 80GiB)")
+    power = " kmgt".index(match.group(2).lower() or " ")
+    base = 1024 if (match.group(3) or "ib").lower() == "ib" else 1000
+    return int(float(match.group(1)) * base**power)
+
+
+@dataclass
+class Term:
+    name: str
+    bytes: float
+    exact: bool
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    terms: list[Term] = field(default_factory=list)
+    device_bytes: int = 80 * GIB
+    launch: Launch = field(default_factory=Launch)
+
+    @property
+    def total(self) -> float:
+        return sum(t.bytes for t in self.terms)
+
+    def lines(self) -> list[str]:
+        zero = f"ZeRO-{self.launch.zero_stage}" if self.launch.zero_stage is not None else "no DeepSpeed"
+        out = [
+            f"memory plan per device ({self.launch.processes} process(es), {zero}, from {self.launch.source}; "
+            f"device {self.device_bytes / GIB:.0f} GiB assumed, --gpu-memory to change):"
+        ]
+        for t in self.terms:
+            kind = "exact" if t.exact else "estimate"
+            out.append(f"  {t.name:<38s} {t.bytes / GIB:8.2f} GiB  {kind}{'; ' + t.note if t.note else ''}")
+        verdict = "fits" if self.total <= self.device_bytes else "DOES NOT FIT"
+        out.append(f"  {'total':<38s} {self.total / GIB:8.2f} GiB  {verdict}")
+        if self.total > self.device_bytes:
+            out.append("  " + self.advice())
+        return out
+
+    def advice(self) -> str:
+        biggest = max(self.terms, key=lambda t: t.bytes)
+        knobs = {
+            "logits": "lower training.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
+            "batch) or rollout.max_new_tokens",
+            "activations": "model.gradient_checkpointing: true, or a smaller per_device_train_batch_size",
+            "optimizer": "a higher ZeRO stage or more processes (states shard over them), or model.lora",
+            "gradients": "ZeRO-2/3 (gradients shard over the processes), or model.lora",
+            "weights": "ZeRO-3 (weights shard over the processes), or model.lora with a 16-bit base",
+            "reference": "algorithm.beta: 0 (no reference model) or model.lora (the base is the reference)",
+            "vllm": "a lower rollout.vllm.gpu_memory_utilization or vllm mode: server on other GPUs",
+        }
+        knob = next((v for k, v in knobs.items() if biggest.name.startswith(k)), "a smaller batch")
+        return f"the largest term is {biggest.name} ({biggest.bytes / GIB:.1f} GiB): {knob}"
+
+
+def lora_params(shape: ModelShape, r: int) -> int:
+    """Adapter parameters of `all-linear` LoRA: r x (in + out) for each of the 7 projections of every layer."""
+    h, kv, inter = shape.hidden, shape.kv_hidden, shape.intermediate
+    per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + inter) * 3)
+    return shape.layers * per_layer
+
+
+def model_state_terms(
+    params: int, trainable: int, weight_bytes: int, launch: Launch, largest_layer: int = 0
+) -> list[Term]:
+    """Weights, gradients and optimizer states per device. Under DeepSpeed, the accounting of its own
+    `estimate_zero2_model_states_mem_needs` (stages 1-2: full 16-bit weights and gradients, 16 bytes of fp32 master
+    weight, momentum, variance and gradient partition per trainable parameter sharded over the processes) and
+    `estimate_zero3_model_states_mem_needs` (weights sharded too, plus the largest layer's weights and gradients
+    gathered); generalised to LoRA, where only the adapters have gradients and optimizer states."""
+    n, stage, w = launch.processes, launch.zero_stage, weight_bytes
+    if stage is None:
+        return [
+            Term("weights", params * w, True),
+            Term("gradients", trainable * w, True),
+            Term("optimizer (AdamW m, v)", 2 * trainable * w, True),
+        ]
+    bits = f"{8 * w}-bit"
+    optimizer = Term("optimizer (fp32 master, m, v, grads)", 0.0 if launch.offload_optimizer else 16 * trainable / n,
+                     True, "offloaded to CPU" if launch.offload_optimizer else f"sharded over {n}")  # fmt: skip
+    if stage < 3:
+        gradients = 0.0 if launch.offload_optimizer else trainable * w
+        return [Term(f"weights ({bits})", params * w, True), Term(f"gradients ({bits})", gradients, True), optimizer]
+    weights = 0.0 if launch.offload_params or launch.offload_optimizer and launch.offload_params else params * w / n
+    return [
+        Term(f"weights ({bits})", weights, True, "offloaded" if launch.offload_params else f"sharded over {n}"),
+        Term("largest layer, gathered", 2 * w * largest_layer, True, "its weights and gradients"),
+        optimizer,
+    ]
+
+
+def plan_for(recipe: Any, launch: Launch, device_bytes: int, shape: ModelShape | None) -> MemoryPlan | None:
+    """The plan of a causal-LM recipe (None when the model's shape is unknown, e.g. a diffusion model)."""
+    if shape is None:
+        return None
+    t, a, r = recipe.training, recipe.algorithm, recipe.rollout
+    weight_bytes = 2 if (recipe.model.dtype in ("bfloat16", "float16") or t.get("precision") in ("bf16", "fp16")) else 4
+    lora = recipe.model.lora
+    trainable = lora_params(shape, lora.r) if lora else shape.params
+    plan = MemoryPlan(device_bytes=device_bytes, launch=launch)
+    plan.terms += model_state_terms(shape.params, trainable, weight_bytes, launch, shape.largest_layer_params)
+    if a.get("beta", 0) and not lora:
+        share = launch.processes if launch.zero_stage == 3 else 1
+        plan.terms.append(Term("reference model", shape.params * weight_bytes / share, True, "beta > 0"))
+    for reward in recipe.rewards:
+        judge = model_shape(str(reward.kwargs.get("model", ""))) if reward.kwargs.get("model") else None
+        if judge is not None:
+            plan.terms.append(Term(f"reward model {reward.name} (16-bit)", judge.params * 2, True, "inference only"))
+    if r.backend == "vllm" and r.vllm.mode == "colocate":
+        plan.terms.append(Term("vllm (colocated)", r.vllm.gpu_memory_utilization * device_bytes, True,
+                               "rollout.vllm.gpu_memory_utilization"))  # fmt: skip
+    batch = int(t.get("per_device_train_batch_size", 8))
+    generated = recipe.trainer in ("grpo", "nft", "rft")
+    scored = recipe.trainer in ("reward", "polar")
+    prompt = int(t.get("max_prompt_length") or 512)
+    tokens = prompt + r.max_new_tokens if generated else int(t.get("max_length") or 1024)
+    logit_tokens = r.max_new_tokens if generated else tokens
+    if not scored:
+        # 16-bit logits and their gradient for the batch, plus one row's fp32 log-softmax at a time (TRL's
+        # selective_log_softmax loops over rows for 16-bit logits).
+        rows = batch * (2 if recipe.trainer == "dpo" else 1)
+        logits = rows * logit_tokens * shape.vocab * 2 * 2 + logit_tokens * shape.vocab * 4
+        plan.terms.append(Term("logits (log-prob pass)", logits, False,
+                               f"{rows} x {logit_tokens} tokens x {shape.vocab} vocab, 16-bit, and their gradient"))  # fmt: skip
+    per_layer = 2 * batch * tokens * (7 * shape.hidden + 2 * shape.kv_hidden + 4 * shape.intermediate)
+    if scored:
+        per_layer *= 3 if recipe.trainer == "polar" else 2  # chosen and rejected (and POLAR's reference) rows
+    if recipe.model.gradient_checkpointing:
+        kept = 2 * batch * tokens * shape.hidden * shape.layers + per_layer
+        plan.terms.append(Term("activations (checkpointed)", kept, False, f"{tokens} tokens per row"))
+    else:
+        plan.terms.append(Term("activations", per_layer * shape.layers, False, f"{tokens} tokens per row"))
+    return plan
