@@ -1,4 +1,4 @@
-"""report.md for a run (training curves, held-out accuracy before/after) and for the quickstart comparison."""
+"""report.md for a run (training curves, held-out accuracy or score before/after) and for the quickstart comparison."""
 
 from __future__ import annotations
 
@@ -24,11 +24,56 @@ def _plt():
     return plt
 
 
+def _panels(series: dict[str, dict[int, float]], curves: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Group the metrics into (kind, keys) panels.
+
+    Training curves one each; accuracy-like held-out metrics share a [0, 1] panel; a benchmark's mean score
+    (diffusion: a reward on the scorer's own scale, with its 95% band) gets a score panel of its own, with the
+    baseline's score beside it; win rates a [0, 1] panel; others (a reward model's scores, margin, loss) one panel
+    each on their own scale.
+    """
+    panels = [("train", [k]) for k in curves if k in series]
+    evals = sorted(k for k in series if k.startswith("eval/") and "accuracy" in k)
+    if evals:
+        panels.append(("accuracy", evals))
+    others = [k for k in sorted(series) if k.startswith("eval/") and "accuracy" not in k]
+    for key in [k for k in others if k.endswith("/score")]:
+        baseline = key.rsplit("/", 1)[0] + "/baseline_score_mean"
+        panels.append(("score", [key] + ([baseline] if baseline in series else [])))
+    placed = {k for _, keys in panels for k in keys}
+    win_rates = [k for k in others if k.endswith("/win_rate")]
+    if win_rates:
+        panels.append(("win_rate", win_rates))
+    others = [k for k in others if k not in placed and k not in win_rates]
+    scores = [k for k in others if k.endswith("_score")]  # e.g. chosen vs rejected: compared on one panel
+    if scores:
+        panels.append(("scores", scores))
+    return panels + [("eval", [k]) for k in others if k not in scores]
+
+
+def _draw_band(ax: Any, key: str, series: dict[str, dict[int, float]], bands: dict[str, dict[int, float]]) -> None:
+    """The 95% interval of a mean (diffusion benchmarks' score and win rate): a band, or an error bar for one point."""
+    low, high = bands.get(key + "_ci95_low", {}), bands.get(key + "_ci95_high", {})
+    steps = sorted(t for t in series[key] if t in low and t in high)
+    if len(steps) > 1:
+        ax.fill_between(steps, [low[t] for t in steps], [high[t] for t in steps], alpha=0.2)
+    elif steps:  # one evaluation (e.g. the win rate, after training only)
+        t, y = steps[0], series[key][steps[0]]
+        ax.errorbar([t], [y], yerr=[[y - low[t]], [high[t] - y]], fmt="none", capsize=3, alpha=0.6)
+
+
+_PANEL_TITLES = {
+    "accuracy": "held-out accuracy",
+    "win_rate": "held-out win rate vs baseline",
+    "scores": "held-out scores",
+}
+
+
 def plot_curves(
     records: list[dict[str, Any]], out: Path, title: str, curves: Sequence[str] = DEFAULT_CURVES
 ) -> list[str]:
-    """One panel per training curve (`curves`, e.g. reward and loss) and one with every held-out accuracy, all
-    against step.
+    """One panel per training curve (`curves`, e.g. reward and loss), one with every held-out accuracy, one per
+    held-out score (with its interval band) and one with the win rates, all against step.
 
     Returns the metric names drawn (empty when there was nothing to plot, and then no file is written).
     """
@@ -38,51 +83,42 @@ def plot_curves(
             if isinstance(value, (int, float)) and (key in curves or key.startswith("eval/")):
                 series.setdefault(key, {})[int(rec.get("step", 0))] = float(value)
     bands = {k: series.pop(k) for k in list(series) if k.endswith(_BAND_SUFFIXES)}
-    for key in [k for k in series if k.endswith("/score_mean")]:  # diffusion evals: the same number as accuracy
-        if key.replace("/score_mean", "/accuracy") in series:
-            del series[key]
     if not series:
         return []
-    panels = [[k] for k in curves if k in series]
-    # Accuracy-like held-out metrics share a [0, 1] panel; others (a reward model's scores, margin, loss) get one
-    # panel each on their own scale.
-    evals = sorted(k for k in series if k.startswith("eval/") and "accuracy" in k)
-    if evals:
-        panels.append(evals)
-    others = [k for k in sorted(series) if k.startswith("eval/") and "accuracy" not in k]
-    scores = [k for k in others if k.endswith("_score")]  # e.g. chosen vs rejected: compared on one panel
-    if scores:
-        panels.append(scores)
-    panels += [[k] for k in others if k not in scores]
+    panels = _panels(series, curves)
     plt = _plt()
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.3 * rows), squeeze=False)
+    steps = [t for points in series.values() for t in points]
+    first, last = min(steps), max(steps)
+    pad = max(1.0, 0.03 * (last - first))  # every panel on the run's step axis, even one with a single point
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    for ax, keys in zip(axes.flat, panels):
+    for ax, (kind, keys) in zip(axes.flat, panels):
         for key in keys:
             points = sorted(series[key].items())
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None,
                     label=key.removeprefix("eval/"))  # fmt: skip
-            prefix = key.rsplit("/", 1)[0] + "/score" if key.endswith("/accuracy") else key
-            low, high = bands.get(prefix + "_ci95_low", {}), bands.get(prefix + "_ci95_high", {})
-            steps = [p[0] for p in points if p[0] in low and p[0] in high]
-            if steps:  # the 95% interval of the mean score (diffusion benchmarks)
-                ax.fill_between(steps, [low[t] for t in steps], [high[t] for t in steps], alpha=0.2)
+            _draw_band(ax, key, series, bands)
         ax.set_xlabel("step")
+        ax.set_xlim(first - pad, last + pad)
         ax.grid(alpha=0.3)
-        if keys is evals:
-            ax.set_title("held-out accuracy", fontsize=9)
+        if kind in ("accuracy", "win_rate"):
             ax.set_ylim(0, 1.02)
-            ax.legend(fontsize=7, loc="lower right")
-        elif keys is scores:
-            ax.set_title("held-out scores", fontsize=9)
-            ax.legend(fontsize=7)
-        elif keys[0].startswith("eval/"):
+        if kind == "win_rate":
+            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        if kind == "score":
+            ax.set_title(f"held-out score: {keys[0].split('/')[1]} (mean, 95% CI)", fontsize=9)
+            ax.set_ylabel("score")
+        elif kind == "eval":
             ax.set_title(f"held-out {keys[0].removeprefix('eval/')}", fontsize=9)
-        else:
+        elif kind == "train":
             ax.set_title(f"training {keys[0]}", fontsize=9)
+        else:
+            ax.set_title(_PANEL_TITLES[kind], fontsize=9)
+        if kind in ("accuracy", "win_rate", "score", "scores"):
+            ax.legend(fontsize=7, loc="lower right" if kind == "accuracy" else "best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

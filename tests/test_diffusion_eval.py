@@ -161,7 +161,8 @@ def test_diffusion_suite_results_land_in_the_store(tmp_path, tiny_pixel):
     (record,) = store.query(benchmark="toy_colors")
     assert record.id == outcomes[0].record.id and record.n == 6
     assert record.settings["kind"] == "diffusion" and record.settings["scorer"] == "saturation"
-    assert record.metrics["win_rate"] == 0.5 and "accuracy_stderr" in record.metrics
+    assert record.metrics["win_rate"] == 0.5 and "score_stderr" in record.metrics
+    assert "accuracy" not in record.metrics  # a score is stored as a score
     lines = [json.loads(line) for line in open(record.samples_path)]
     assert len(lines) == 6 and {"prompt", "score", "baseline_score", "win"} <= set(lines[0])
     from PIL import Image

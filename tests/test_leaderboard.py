@@ -124,12 +124,44 @@ def test_run_curves_draw_intervals_as_bands_not_as_curves(tmp_path):
     from posttrain.report import plot_curves
 
     records = [
-        {"step": s, "loss": 1.0 / (s + 1), "flip_rate": 0.5, "eval/toy/accuracy": a, "eval/toy/score_mean": a,
-         "eval/toy/score_stderr": 0.01, "eval/toy/score_ci95_low": a - 0.02, "eval/toy/score_ci95_high": a + 0.02}
+        {"step": s, "loss": 1.0 / (s + 1), "flip_rate": 0.5, "eval/toy/score": a, "eval/toy/score_stderr": 0.01,
+         "eval/toy/score_ci95_low": a - 0.02, "eval/toy/score_ci95_high": a + 0.02}
         for s, a in ((0, 0.5), (10, 0.6))
     ]  # fmt: skip
     from posttrain.registry import get_spec
 
     drawn = plot_curves(records, tmp_path / "curves.png", "t", get_spec("seppo").curves)  # SePPO's own curves
-    assert drawn == ["eval/toy/accuracy", "flip_rate", "loss"]  # stderr/CI go into a band; score_mean == accuracy
+    assert drawn == ["eval/toy/score", "flip_rate", "loss"]  # stderr/CI go into a band, not curves of their own
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_diffusion_scores_get_a_score_column_and_are_never_averaged_with_accuracies(tmp_path):
+    s = ResultsStore(tmp_path / "r.db")
+    s.add(_record("grpo", "arith", 0.900, 0.010, created=1.0))
+    s.add(_record("grpo", "carry", 0.700, 0.010, created=1.0))
+    s.add(ResultRecord(model="runs/seppo/final", model_label="seppo", benchmark="toy_colors", settings={},
+                       metrics={"score": 2.5, "score_stderr": 0.1, "win_rate": 0.8}, n=300, created=1.0))  # fmt: skip
+    s.add(ResultRecord(model="runs/grpo/final", model_label="grpo", benchmark="toy_colors", settings={},
+                       metrics={"score": 1.5, "score_stderr": 0.1}, n=300, created=1.0))  # fmt: skip
+    md_path, html_path = write_leaderboard(s, tmp_path / "out", runs_dir=None)
+    md = md_path.read_text()
+    assert "| model | arith | carry | toy_colors (score) | mean |" in md
+    rows = {r[0]: r[1:] for r in _table_rows(md)}
+    assert rows["grpo"] == ["**0.900 ± 0.010**", "**0.700 ± 0.010**", "1.500 ± 0.100", "0.800"]  # mean of accuracies
+    assert rows["seppo"] == ["–", "–", "**2.500 ± 0.100**", "2.500 (score)"]
+    assert list(rows) == ["grpo", "seppo"]  # models with accuracies first, then score-only ones
+    assert "<th>toy_colors (score)</th>" in html_path.read_text()
+
+
+def test_run_curves_of_a_score_benchmark_draw_score_and_win_rate_not_accuracy(tmp_path):
+    from posttrain.report import plot_curves
+
+    records = [
+        {"step": 0, "loss": 1.0, "eval/toy/score": 0.2, "eval/toy/score_ci95_low": 0.18, "eval/toy/score_ci95_high": 0.22},
+        {"step": 9, "loss": 0.5, "eval/toy/score": 0.3, "eval/toy/score_ci95_low": 0.28,
+         "eval/toy/score_ci95_high": 0.32, "eval/toy/win_rate": 0.75, "eval/toy/win_rate_stderr": 0.02,
+         "eval/toy/win_rate_ci95_low": 0.71, "eval/toy/win_rate_ci95_high": 0.79, "eval/toy/baseline_score_mean": 0.2},
+    ]  # fmt: skip
+    drawn = plot_curves(records, tmp_path / "curves.png", "t", ("loss",))
+    assert drawn == ["eval/toy/baseline_score_mean", "eval/toy/score", "eval/toy/win_rate", "loss"]
     assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -618,11 +619,16 @@ def test_eval_suite_scores_the_base_before_and_final_after_and_reports_them(tmp_
     for tag in ("before", "after"):
         saved = json.loads((run.eval_dir / f"toy_colors.{tag}.json").read_text())
         assert saved["n"] == 4 and len(saved["samples"]) == 4 and (run.eval_dir / f"toy_colors.{tag}.png").exists()
-    assert set(result.before) == set(result.after) and "eval/toy_colors/accuracy" in result.after
-    logged = {r["stage"]: r for r in run.read_metrics() if "eval/toy_colors/accuracy" in r}
-    assert logged["ev:before"]["eval/toy_colors/accuracy"] == result.before["eval/toy_colors/accuracy"]
+    # A mean reward is a score, never an accuracy; after training it is also compared with the base it started from.
+    assert "eval/toy_colors/score" in result.before and not any("accuracy" in k for k in result.after)
+    assert set(result.after) - set(result.before) == {
+        "eval/toy_colors/win_rate", "eval/toy_colors/win_rate_stderr", "eval/toy_colors/win_rate_ci95_low",
+        "eval/toy_colors/win_rate_ci95_high", "eval/toy_colors/baseline_score_mean"}  # fmt: skip
+    assert result.after["eval/toy_colors/baseline_score_mean"] == pytest.approx(result.before["eval/toy_colors/score"])
+    logged = {r["stage"]: r for r in run.read_metrics() if "eval/toy_colors/score" in r}
+    assert logged["ev:before"]["eval/toy_colors/score"] == result.before["eval/toy_colors/score"]
     assert logged["ev:after"]["step"] == 4
-    assert "eval/toy_colors/accuracy" in (run.path / "report.md").read_text()
+    assert "eval/toy_colors/score" in (run.path / "report.md").read_text()
     # The model changed, so its seeded images (same noise) changed: the two scores are of different models.
     assert json.loads((run.eval_dir / "toy_colors.before.json").read_text())["samples"] != saved["samples"]
 
@@ -637,3 +643,61 @@ def test_eval_suite_with_a_text_benchmark_is_refused_before_training(tmp_path):
     with pytest.raises(RecipeError, match="kind: diffusion benchmarks only, not arithmetic"):
         train_recipe(load(tmp_path, recipe))
     assert not (tmp_path / "bad" / "pool").exists()  # refused before any model loaded
+
+
+# ----------------------------------------------------------------------------------------- the toy base
+
+
+def test_toy_base_is_pretrained_once_deterministically_and_records_its_curve(tmp_path):
+    from safetensors.torch import load_file
+
+    from posttrain.models.tiny_diffusion import tiny_diffusion_spec
+    from posttrain.trainers.seppo_base import build_tiny_base
+
+    tiny = {"pixel": True, "resolution": 16, "block_out_channels": [32, 32],
+            "pretrain": {"n": 64, "updates": 30, "batch_size": 8}}  # fmt: skip
+    spec = tiny_diffusion_spec(tiny, seed=3)
+    assert spec.seed == 3 and spec.pretrain.updates == 30
+    a, b = build_tiny_base(spec, tmp_path / "a"), build_tiny_base(spec, tmp_path / "b")
+    weights = load_file(str(a / "unet" / "diffusion_pytorch_model.safetensors"))
+    again = load_file(str(b / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(weights[k], again[k]) for k in weights)  # same seed, same base
+    record = json.loads((a / "pretrain.json").read_text())
+    assert record["seed"] == 3 and len(record["loss"]) == 1 and record["loss"][0] < 1.0  # eps-MSE of noise is ~1
+    fresh = tmp_path / "fresh"
+    from posttrain.models.tiny_diffusion import save_tiny_diffusion
+
+    save_tiny_diffusion(fresh, tiny_diffusion_spec({**tiny, "pretrain": None}, seed=3))
+    untrained = load_file(str(fresh / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(untrained[k], weights[k]) for k in weights)  # pretraining moved the weights
+    stamp = (a / "pretrain.json").stat().st_mtime_ns
+    build_tiny_base(spec, tmp_path / "a")  # cached: a resumed run reuses the base
+    assert (a / "pretrain.json").stat().st_mtime_ns == stamp and not (tmp_path / "a.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    ("pretrain", "words"),
+    [({"updatez": 3}, "unknown key 'updatez'"), ({"saturated": 1.5}, "saturated must be in [0, 1]"),
+     ({"updates": 0}, "updates must be >= 1")],
+)  # fmt: skip
+def test_bad_toy_pretrain_keys_fail_in_the_dry_run_plan_naming_the_key(tmp_path, pretrain, words):
+    from posttrain.errors import ModelError
+    from posttrain.trainers.seppo import plan
+
+    tiny = {"pixel": True, "resolution": 16, "block_out_channels": [32, 32], "pretrain": pretrain}
+    with pytest.raises(ModelError, match=re.escape(words)):
+        plan(load(tmp_path, seppo_recipe(tmp_path, name="badbase", tiny=tiny)))
+    assert not (tmp_path / "badbase").exists()
+
+
+@pytest.mark.slow
+def test_shipped_toy_recipe_raises_the_held_out_score_over_its_pretrained_base(tmp_path):
+    """The README's SePPO command as shipped (base pretraining included): the held-out score's 95% interval after
+    training lies above the base's, and final/ beats the base on most images (same prompts and noise)."""
+    from tests.conftest import REPO
+
+    result = train_recipe(load_recipe(REPO / "recipes" / "seppo" / "toy_colors.yaml", [f"output_dir={tmp_path}/r"]))
+    before, after = result.before, result.after
+    assert after["eval/toy_colors/score_ci95_low"] > before["eval/toy_colors/score_ci95_high"], (before, after)
+    assert after["eval/toy_colors/win_rate_ci95_low"] > 0.5, after
+    assert json.loads((tmp_path / "r" / "base_model" / "pretrain.json").read_text())["pretrain"]["updates"] > 0

@@ -16,8 +16,10 @@ noise from one CPU generator seeded with `generation.seed`; so the noise of imag
 batch_size) and is the same for the model and its baseline (DDIM with eta = 0 draws no other noise).
 
 Win rate: per image, 1 if the model's score beats the baseline's, 0.5 on a tie, 0 otherwise, averaged; a model
-against itself therefore scores exactly 0.5. In the results store, `accuracy` holds the mean score (the headline
-number the leaderboard shows) and `accuracy_stderr` its standard error; `win_rate` and friends sit beside it.
+against itself therefore scores exactly 0.5. The headline metric is a *score*, not an accuracy (`EvalResult.metric`):
+logged as `eval/<name>/score` with `score_ci95_low/high` (the report draws them as a band on a score panel of its
+own), stored as `score` and `score_stderr` (a leaderboard column of the score kind); `win_rate` and its interval,
+and `baseline_score_mean`, sit beside it.
 """
 
 from __future__ import annotations
@@ -164,8 +166,7 @@ def evaluate_diffusion(model: str | Path, bench: DiffusionBenchmark, scorer: Any
         scorer = image_scorer(spec.pop("name"), **spec)
     prompts, images, scores = score_model(model, bench, scorer, device)
     stats = mean_ci(scores)
-    extra = {"score_mean": stats["mean"], "score_stderr": stats["stderr"], "score_ci95_low": stats["ci95_low"],
-             "score_ci95_high": stats["ci95_high"]}  # fmt: skip
+    extra = {"score_ci95_low": stats["ci95_low"], "score_ci95_high": stats["ci95_high"]}
     samples = [{"prompt": p, "index": i, "score": s} for i, (p, s) in enumerate(zip(prompts, scores))]
     shown = grid_indices(len(images))
     grid_rows = [images[shown]]
@@ -184,7 +185,7 @@ def evaluate_diffusion(model: str | Path, bench: DiffusionBenchmark, scorer: Any
 
     return EvalResult(
         name=bench.name, accuracy=stats["mean"], n=len(scores), stderr=stats["stderr"], extra=extra, samples=samples,
-        grid=image_grid(grid_rows),
+        grid=image_grid(grid_rows), metric="score",
     )  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """The leaderboard: every model × benchmark in the results store, as markdown and as one self-contained HTML page.
 
-`write_leaderboard` shows the newest result per (model, benchmark) (`ResultsStore.latest`), accuracy ± its standard
-error, the best value per benchmark marked, one bar panel per benchmark, and the training curves of every run dir
+`write_leaderboard` shows the newest result per (model, benchmark) (`ResultsStore.latest`), its headline metric ± its
+standard error, the best value per benchmark marked, one bar panel per benchmark, and the training curves of every run dir
 under `runs/`. The HTML embeds its images as base64 PNGs and its CSS inline, so the one file can be mailed, attached
 to a CI job or opened from anywhere without the PNGs beside it.
 """
@@ -35,18 +35,38 @@ class Row:
 
     label: str
     model: str
-    cells: dict[str, ResultRecord] = field(default_factory=dict)  # benchmark -> newest record with an accuracy
+    cells: dict[str, ResultRecord] = field(default_factory=dict)  # benchmark -> newest record with a headline value
 
     @property
     def mean(self) -> float:
-        return sum(_accuracy(r) for r in self.cells.values()) / len(self.cells)
+        """Mean accuracy over the accuracy benchmarks the model has; a model with score benchmarks only (they are
+        on their scorers' own scales, so they are never averaged with accuracies) is ranked by its mean score."""
+        accs = [_accuracy(r) for r in self.cells.values() if kind_of(r) == "accuracy"]
+        values = accs or [_accuracy(r) for r in self.cells.values()]
+        return sum(values) / len(values)
+
+    @property
+    def n_accuracy(self) -> int:
+        return sum(kind_of(r) == "accuracy" for r in self.cells.values())
 
 
 @dataclass
 class Board:
     benchmarks: list[str]
     rows: list[Row]  # best mean accuracy first
-    best: dict[str, float]  # benchmark -> best accuracy in that column
+    best: dict[str, float]  # benchmark -> best value in that column
+    kinds: dict[str, str] = field(default_factory=dict)  # benchmark -> "accuracy" or "score"
+
+    def kind(self, benchmark: str) -> str:
+        return self.kinds.get(benchmark, "accuracy")
+
+    @property
+    def n_accuracy(self) -> int:
+        return sum(self.kind(b) == "accuracy" for b in self.benchmarks)
+
+    def header(self, benchmark: str) -> str:
+        """A column's heading: score columns say so (their numbers are not accuracies)."""
+        return f"{benchmark} (score)" if self.kind(benchmark) == "score" else benchmark
 
 
 @dataclass
@@ -101,23 +121,36 @@ def build_board(records: list[ResultRecord]) -> Board:
     _disambiguate_labels(rows)
     # Mean over the benchmarks a model has: the table shows how many that is, so a partial row isn't mistaken for
     # a full one.
-    rows.sort(key=lambda r: (-r.mean, r.label))
+    # Models with accuracy benchmarks first (by mean accuracy), then score-only models (by mean score).
+    rows.sort(key=lambda r: (r.n_accuracy == 0, -r.mean, r.label))
     benchmarks = sorted({b for r in rows for b in r.cells})
     best = {b: max(_accuracy(r.cells[b]) for r in rows if b in r.cells) for b in benchmarks}
-    return Board(benchmarks=benchmarks, rows=rows, best=best)
+    kinds = {b: kind_of(next(r.cells[b] for r in rows if b in r.cells)) for b in benchmarks}
+    return Board(benchmarks=benchmarks, rows=rows, best=best, kinds=kinds)
+
+
+def kind_of(rec: ResultRecord) -> str:
+    """ "score" for a record whose headline metric is a mean score (diffusion benchmarks store `score`; records
+    written before that stored it as `accuracy` beside `score_mean`), else "accuracy"."""
+    return "score" if "score" in rec.metrics or "score_mean" in rec.metrics else "accuracy"
+
+
+def _headline_key(rec: ResultRecord) -> str:
+    return "score" if "score" in rec.metrics else "accuracy"
 
 
 def _has_accuracy(rec: ResultRecord) -> bool:
-    value = rec.metrics.get("accuracy")
+    value = rec.metrics.get(_headline_key(rec))
     return isinstance(value, (int, float)) and not math.isnan(value)
 
 
 def _accuracy(rec: ResultRecord) -> float:
-    return float(rec.metrics["accuracy"])
+    """The record's headline value: its accuracy, or its mean score."""
+    return float(rec.metrics[_headline_key(rec)])
 
 
 def _stderr(rec: ResultRecord) -> float | None:
-    value = rec.metrics.get("accuracy_stderr")
+    value = rec.metrics.get(f"{_headline_key(rec)}_stderr")
     return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
 
 
@@ -143,8 +176,10 @@ def _cell_text(rec: ResultRecord) -> str:
 
 
 def _mean_text(board: Board, row: Row) -> str:
-    partial = len(row.cells) < len(board.benchmarks)
-    return f"{row.mean:.3f}" + (f" ({len(row.cells)}/{len(board.benchmarks)})" if partial else "")
+    if row.n_accuracy == 0:  # a score-only model: its mean score, labelled as such
+        return f"{row.mean:.3f} (score)"
+    partial = row.n_accuracy < board.n_accuracy
+    return f"{row.mean:.3f}" + (f" ({row.n_accuracy}/{board.n_accuracy})" if partial else "")
 
 
 # ---------------------------------------------------------------------------------------------------------- plots
@@ -179,12 +214,18 @@ def plot_accuracy_panels(board: Board, out: Path) -> None:
         bars = ax.barh(ys, values, xerr=errors, color=colors, error_kw={"elinewidth": 1, "capsize": 2})
         texts = [f"{_accuracy(row.cells[bench]):.3f}" if bench in row.cells else f"{MISSING} not run"
                  for row in board.rows]  # fmt: skip
-        ax.bar_label(bars, labels=texts, fontsize=8, padding=3 + 40 * max(errors))
-        ax.set_xlim(0, 1.18)  # room for the value labels past 1.0
-        ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
-        ax.set_title(bench, fontsize=11)
+        if board.kind(bench) == "score":  # a scorer's own scale: the axis follows the values
+            top = max([v + e for v, e in zip(values, errors)] + [1e-9])
+            ax.bar_label(bars, labels=texts, fontsize=8, padding=3)
+            ax.set_xlim(min(0.0, min(values)), top * 1.25)
+            ax.set_xlabel("score (mean, ± stderr)", fontsize=9)
+        else:
+            ax.bar_label(bars, labels=texts, fontsize=8, padding=3 + 40 * max(errors))
+            ax.set_xlim(0, 1.18)  # room for the value labels past 1.0
+            ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+            ax.set_xlabel("accuracy", fontsize=9)
+        ax.set_title(board.header(bench), fontsize=11)
         ax.grid(axis="x", alpha=0.3)
-        ax.set_xlabel("accuracy", fontsize=9)
         ax.tick_params(labelsize=9)
     axes[0][0].set_yticks(ys, labels)
     axes[0][0].invert_yaxis()  # best model on top, as in the table
@@ -268,10 +309,12 @@ def render_markdown(board: Board, curves: list[RunCurves], header: _Header, accu
         lines += ["No results yet: run `posttrain eval --model ... --suite ...` to add some.", ""]
     else:
         lines += [
-            "Accuracy ± standard error; **bold** is the best per benchmark; – means not evaluated. Rows are sorted "
-            "by mean accuracy over the benchmarks each model has (how many, when not all, in brackets).",
+            "Accuracy ± standard error (columns marked (score): a mean score on the scorer's own scale ± its "
+            "standard error); **bold** is the best per benchmark; – means not evaluated. Rows are sorted by mean "
+            "accuracy over the accuracy benchmarks each model has (how many, when not all, in brackets); scores are "
+            "never averaged with accuracies.",
             "",
-            "| model | " + " | ".join(_md_escape(b) for b in board.benchmarks) + " | mean |",
+            "| model | " + " | ".join(_md_escape(board.header(b)) for b in board.benchmarks) + " | mean |",
             "|---|" + "---|" * (len(board.benchmarks) + 1),
         ]
         for row in board.rows:
@@ -358,12 +401,13 @@ def render_html(board: Board, curves: list[RunCurves], header: _Header, accuracy
         )
     else:
         parts.append(
-            '<p class="note">Accuracy ± standard error (hover a cell for n, suite and settings); the highlighted cell '
-            "is the best per benchmark; – means not evaluated. Rows are sorted by mean accuracy over the benchmarks "
-            "each model has (how many, when not all, in brackets).</p>"
+            '<p class="note">Accuracy ± standard error (columns marked (score): a mean score on the scorer\'s own '
+            "scale ± its standard error; hover a cell for n, suite and settings); the highlighted cell is the best "
+            "per benchmark; – means not evaluated. Rows are sorted by mean accuracy over the accuracy benchmarks each "
+            "model has (how many, when not all, in brackets); scores are never averaged with accuracies.</p>"
         )
         parts.append("<table><thead><tr><th>model</th>")
-        parts += [f"<th>{esc(b)}</th>" for b in board.benchmarks]
+        parts += [f"<th>{esc(board.header(b))}</th>" for b in board.benchmarks]
         parts.append("<th>mean</th></tr></thead><tbody>")
         for row in board.rows:
             parts.append(f'<tr><td class="model" title="{esc(row.model)}">{esc(row.label)}</td>')

@@ -21,10 +21,18 @@ class EvalResult:
     extra: dict[str, float] = field(default_factory=dict)  # pass@k, maj@k, mean scores
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
     grid: Any = field(default=None, repr=False)  # diffusion benchmarks: a PIL grid of samples, saved beside them
+    # What the headline number is: "accuracy" (a share of right answers, in [0, 1]) or "score" (a mean reward on
+    # the scorer's own scale: diffusion benchmarks). It names the logged and stored keys, the report's panel and
+    # the leaderboard column, so a reward score is never shown as an accuracy. The value is `accuracy` either way.
+    metric: str = "accuracy"
+
+    @property
+    def value(self) -> float:
+        return self.accuracy
 
     def metrics(self) -> dict[str, float]:
-        """Flat metrics as logged to metrics.jsonl: eval/<name>/accuracy, one entry per slice and extra metric."""
-        out = {f"eval/{self.name}/accuracy": self.accuracy}
+        """Flat metrics as logged to metrics.jsonl: eval/<name>/<metric>, one entry per slice and extra metric."""
+        out = {f"eval/{self.name}/{self.metric}": self.accuracy}
         for key, value in self.extra.items():
             out[f"eval/{self.name}/{key}"] = value
         for key, value in self.slices.items():
@@ -32,8 +40,9 @@ class EvalResult:
         return out
 
     def summary(self) -> dict[str, float]:
-        """Metrics for the results store: accuracy, its standard error, extras and slices."""
-        out = {"accuracy": self.accuracy, "accuracy_stderr": self.stderr, **self.extra}
+        """Metrics for the results store: the headline metric (accuracy or score), its standard error, extras and
+        slices."""
+        out = {self.metric: self.accuracy, f"{self.metric}_stderr": self.stderr, **self.extra}
         for key, value in self.slices.items():
             out[f"accuracy[{key}]"] = value["accuracy"]
         return out

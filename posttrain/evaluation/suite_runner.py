@@ -100,12 +100,13 @@ def _save_samples(samples_dir: Path, label: str, benchmark: str, settings_hash: 
 
 
 def format_outcomes(outcomes: list[SuiteOutcome]) -> str:
-    lines = ["| benchmark | n | accuracy | ± stderr | other |", "|---|---|---|---|---|"]
+    lines = ["| benchmark | n | metric | value | ± stderr | other |", "|---|---|---|---|---|---|"]
     for o in outcomes:
-        m = o.record.metrics
-        other = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k not in ("accuracy", "accuracy_stderr"))
+        m, metric = o.record.metrics, o.result.metric  # accuracy, or score (diffusion benchmarks)
+        other = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if k not in (metric, f"{metric}_stderr"))
         note = f" (re-run #{o.reruns + 1} of identical settings)" if o.reruns else ""
         lines.append(
-            f"| {o.record.benchmark}{note} | {o.result.n} | {m['accuracy']:.3f} | {m['accuracy_stderr']:.3f} | {other} |"
+            f"| {o.record.benchmark}{note} | {o.result.n} | {metric} | {m[metric]:.3f} | {m[f'{metric}_stderr']:.3f} "
+            f"| {other} |"
         )
     return "\n".join(lines)

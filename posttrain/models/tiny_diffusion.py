@@ -6,20 +6,51 @@ Two layouts, both directories of diffusers/transformers components:
 - pixel (`pixel=True`, the issue's toy experiment): the UNet denoises RGB images directly; no vae/ and no
   model_index.json (it is not a StableDiffusionPipeline), the other four components as above.
 
+With `pretrain:` (a `ToyPretrain`), the stack is the base of the toy task: `trainer: seppo` pretrains it on a
+saturated/dull mix of coloured squares before its own stages (`posttrain.trainers.seppo_base`).
+
 The tokenizer is a CLIPTokenizer built from the 256 byte-level symbols (each with and without CLIP's `</w>` word
 end) plus merges for the words in `words`; it is saved as tokenizer.json and reloads to the same ids.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from posttrain.errors import ModelError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Words merged into single tokens (anything else is still tokenised, one byte-level symbol at a time).
 TOY_WORDS = ("a", "red", "green", "blue", "square", "photo", "of")
+PRETRAIN_FILE = "pretrain.json"  # written last into a pretrained base: its settings, loss curve and seconds
+
+
+@dataclass(frozen=True)
+class ToyPretrain:
+    """`model.tiny.pretrain:` keys: SFT of the fresh stack on the coloured-squares mix (`toy_pretrain_rows`)."""
+
+    n: int = 2048  # squares in the mix (prompts red/green/blue)
+    saturated: float = 0.3  # share of saturated squares; the rest are dull, so the base mostly draws dull ones
+    updates: int = 300  # optimizer updates
+    batch_size: int = 32
+    learning_rate: float = 2e-3  # AdamW peak, cosine-decayed to 0 over the updates
+    empty_prompt_prob: float = 0.2  # unconditional rows, for classifier-free guidance
+
+    def __post_init__(self) -> None:
+        for name in ("n", "updates", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"model.tiny.pretrain.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.saturated <= 1.0:
+            raise ValueError(f"model.tiny.pretrain.saturated must be in [0, 1], got {self.saturated}")
+        if not 0.0 <= self.empty_prompt_prob < 1.0:
+            raise ValueError(f"model.tiny.pretrain.empty_prompt_prob must be in [0, 1), got {self.empty_prompt_prob}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"model.tiny.pretrain.learning_rate must be > 0, got {self.learning_rate}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -37,12 +68,47 @@ class TinyDiffusionSpec:
     max_length: int = 16  # tokenizer model_max_length = text encoder positions
     beta_schedule: str | None = None  # None: "scaled_linear" (SD's) for latent, "linear" (DDPM's) for pixel
     num_train_timesteps: int = 1000
-    seed: int = 0
+    seed: int = 0  # init (and pretraining) seed; `trainer: seppo` defaults it to the recipe's seed
     words: tuple[str, ...] = field(default=TOY_WORDS)
+    pretrain: ToyPretrain | None = None  # pretrain on the coloured-squares mix (pixel stacks only)
 
     def __post_init__(self) -> None:
         for name in ("block_out_channels", "vae_channels", "words"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # YAML gives lists
+        if isinstance(self.pretrain, dict):
+            try:
+                object.__setattr__(self, "pretrain", ToyPretrain(**self.pretrain))
+            except TypeError as err:
+                raise ValueError(f"model.tiny.pretrain: {_unknown_key(err, ToyPretrain)}") from err
+        if self.pretrain is not None and not self.pixel:
+            raise ValueError("model.tiny.pretrain needs a pixel-space stack (pixel: true)")
+
+
+def tiny_diffusion_spec(tiny: dict[str, Any], seed: int | None = None) -> TinyDiffusionSpec:
+    """A recipe's `model.tiny` mapping as a spec (`seed` fills `model.tiny.seed` when the recipe leaves it out);
+    a bad key or value raises ModelError naming it."""
+    values = dict(tiny)
+    if seed is not None:
+        values.setdefault("seed", seed)
+    try:
+        return TinyDiffusionSpec(**values)
+    except TypeError as err:
+        raise ModelError(f"model.tiny: {_unknown_key(err, TinyDiffusionSpec)}") from err
+    except ValueError as err:
+        raise ModelError(str(err)) from err
+
+
+def _unknown_key(err: TypeError, cls: type) -> str:
+    """'unknown key 'x' (keys: ...)' from a dataclass constructor's TypeError."""
+    import re
+
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+    if match is None:
+        return str(err)
+    from posttrain.errors import suggest
+
+    keys = list(cls.__dataclass_fields__)
+    return f"unknown key '{match.group(1)}'{suggest(match.group(1), keys)} (keys: {', '.join(keys)})"
 
 
 def build_clip_tokenizer(words: tuple[str, ...] = TOY_WORDS, max_length: int = 16):
@@ -149,15 +215,3 @@ def save_tiny_diffusion(out_dir: str | Path, spec: TinyDiffusionSpec = TinyDiffu
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
-
-
-def materialise_tiny_diffusion(tiny: dict, into: Path) -> Path:
-    """Build a recipe's `model.tiny` spec under `into/base_model` once (a resumed run reuses it)."""
-    try:
-        spec = TinyDiffusionSpec(**tiny)
-    except TypeError as err:
-        raise ModelError(f"bad model.tiny spec for a diffusion model: {err}") from err
-    target = into / "base_model"
-    if not (target / "unet" / "config.json").exists():
-        save_tiny_diffusion(target, spec)
-    return target

@@ -16,6 +16,7 @@ per-stage RNG depend only on seed and stage).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -126,15 +127,23 @@ def config_from(recipe: Recipe) -> SePPOConfig:
 
 
 def _replace(options: SePPOOptions, **changes: Any) -> SePPOOptions:
-    import dataclasses
-
     return dataclasses.replace(options, **changes)
 
 
+def check_tiny(recipe: Recipe) -> None:
+    """A `model.tiny` spec (and its `pretrain:` keys) is checked before any model is built: a bad key or value is a
+    ModelError naming it."""
+    if recipe.model.tiny is not None:
+        from posttrain.models.tiny_diffusion import tiny_diffusion_spec
+
+        tiny_diffusion_spec(recipe.model.tiny, recipe.seed)
+
+
 def plan(recipe: Recipe) -> list[str]:
+    check_tiny(recipe)
     cfg = config_from(recipe)
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    lines = [*_describe_data(recipe),
+    lines = [*_describe_tiny(recipe), *_describe_data(recipe),
         f"SePPO variant {cfg.variant}: {cfg.num_stages} stages x {cfg.updates_per_stage} updates, {batch} prompts "
         f"per update per process, beta {cfg.beta:g}, lr {cfg.learning_rate:g}",
     ]  # fmt: skip
@@ -148,6 +157,23 @@ def plan(recipe: Recipe) -> list[str]:
         names = ", ".join(f"{b.name} ({len(b.prompts) * b.n} images, scorer {b.scorer['name']})" for b in benchmarks)
         lines.append(f"eval before and after training: {names}")
     return lines
+
+
+def _describe_tiny(recipe: Recipe) -> list[str]:
+    if recipe.model.tiny is None:
+        return []
+    from posttrain.models.tiny_diffusion import tiny_diffusion_spec
+
+    spec = tiny_diffusion_spec(recipe.model.tiny, recipe.seed)
+    kind = "pixel-space" if spec.pixel else "latent (SD layout)"
+    line = (
+        f"model: tiny {kind} stack, {spec.resolution}x{spec.resolution}, UNet channels {list(spec.block_out_channels)}"
+    )
+    if spec.pretrain is not None:
+        p = spec.pretrain
+        line += (f"; base pretrained first (seed {spec.seed}): {p.updates} updates x {p.batch_size} on {p.n} squares, "
+                 f"{p.saturated:.0%} saturated, lr {p.learning_rate:g} cosine, into <run>/base_model (built once)")  # fmt: skip
+    return [line]
 
 
 def _describe_data(recipe: Recipe) -> list[str]:
@@ -165,6 +191,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     """Setup, eval before, the stages, atomic final/, eval after, report (the shared lifecycle)."""
     from posttrain.trainers.seppo_steps import SePPORun
 
+    check_tiny(recipe)
     cfg = config_from(recipe)
     benchmarks = diffusion_benchmarks(recipe)  # suite errors before any model loads
     checkpoint = start(run, resume)
@@ -177,8 +204,10 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     result.global_step = job.global_step
     save_final(run, job.write_final, is_main, job.accelerator.wait_for_everyone)
     if is_main:
-        if benchmarks:
-            result.after = _evaluate(benchmarks, run.final, run, "after", job.global_step, recipe.name)
+        if benchmarks:  # final/ against the base it started from (same prompts and noise), unless one is named
+            against_base = [bench if bench.baseline else dataclasses.replace(bench, baseline=str(job.source))
+                            for bench in benchmarks]  # fmt: skip
+            result.after = _evaluate(against_base, run.final, run, "after", job.global_step, recipe.name)
         finish(run, recipe, result)
     return result
 

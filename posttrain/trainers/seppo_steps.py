@@ -32,11 +32,12 @@ from posttrain.models.diffusion import (
     tokenize,
 )
 from posttrain.models.loading import resolve_precision
-from posttrain.models.tiny_diffusion import materialise_tiny_diffusion
+from posttrain.models.tiny_diffusion import tiny_diffusion_spec
 from posttrain.recipe import Recipe
 from posttrain.rollout.diffusion import ddim_sample
 from posttrain.runs import COMPLETE_MARKER, RunDir
 from posttrain.trainers.lifecycle import model_source
+from posttrain.trainers.seppo_base import build_tiny_base
 from posttrain.trainers.seppo_loss import USES_REFERENCE_SAMPLES, SePPOLossOptions, shared_timesteps_and_noise
 from posttrain.trainers.seppo_pool import ReferencePool
 
@@ -290,10 +291,11 @@ class SePPORun:
 def _stack_source(recipe: Recipe, run: RunDir, accelerator: Any) -> Path:
     if recipe.model.tiny is None:
         return Path(model_source(recipe))
-    if accelerator.is_main_process:
-        materialise_tiny_diffusion(recipe.model.tiny, run.path)
+    target = run.path / "base_model"
+    if accelerator.is_main_process:  # fresh, or pretrained on the toy mix (model.tiny.pretrain): built once per run
+        build_tiny_base(tiny_diffusion_spec(recipe.model.tiny, recipe.seed), target)
     accelerator.wait_for_everyone()
-    return run.path / "base_model"
+    return target
 
 
 def _loader(recipe: Recipe, cfg: Any, stack: Any):
@@ -358,26 +360,6 @@ def _to(module, device, dtype):
     return module if dtype == torch.float32 else module.to(dtype)
 
 
-def _grow_pool(accelerator, pool, unet) -> None:
-    """Append theta to the pool: the main process writes the entry, the others read it back from disk."""
-    if accelerator.is_main_process:
-        pool.append(accelerator.unwrap_model(unet))
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        pool.restore(len(pool) + 1)
-
-
 def _cycle(loader):
     while True:
         yield from loader
-
-
-def _save_checkpoint(accelerator, run: RunDir, stages_done: int, global_step: int, pool_size: int) -> Path:
-    path = run.checkpoints / f"checkpoint-{global_step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        state = {"stages_done": stages_done, "global_step": global_step, "pool_size": pool_size}
-        (path / STATE_FILE).write_text(json.dumps(state))
-        (path / COMPLETE_MARKER).write_text(str(time.time()))
-    accelerator.wait_for_everyone()
-    return path

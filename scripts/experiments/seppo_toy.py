@@ -98,7 +98,9 @@ def base_recipe(args, seed: int, data: Path, init: Path | None, steps: int, lr: 
     recipe.pop("eval", None)  # the script evaluates every model itself, on its own images
     recipe["name"] = f"seppo-toy-base-s{seed}"
     recipe["seed"] = seed
-    recipe["model"]["tiny"] = {**recipe["model"]["tiny"], "seed": seed}
+    # The script pretrains its bases itself (two phases, on PNG data): the recipe's own base pretraining is left out.
+    tiny = {k: v for k, v in recipe["model"]["tiny"].items() if k != "pretrain"}
+    recipe["model"]["tiny"] = {**tiny, "seed": seed}
     if init is not None:  # continue pretraining a base trained earlier
         recipe["model"] = {"path": str(Path(init).resolve())}
     recipe["data"]["train"] = {"path": str(data), "format": "prompt_images"}
