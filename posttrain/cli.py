@@ -186,6 +186,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not PartialState().is_main_process:
         return 0  # one summary per launch, not one per process
+    if result.finished:
+        print(f"run dir: {result.run_dir} holds this run, finished at step {result.global_step}: nothing to resume, "
+              f"nothing was changed (final model: {result.run_dir}/final, report: {result.run_dir}/report.md)")  # fmt: skip
+        return 0
     print(f"run dir: {result.run_dir}  (final model: {result.run_dir}/final, report: {result.run_dir}/report.md)")
     return 0
 

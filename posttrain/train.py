@@ -10,20 +10,52 @@ from pathlib import Path
 
 from posttrain.recipe import Recipe
 from posttrain.registry import get_spec, load_and_validate, trainer_module
-from posttrain.runs import RunDir
+from posttrain.runs import RunDir, RunState
 
 __all__ = ["dry_run_plan", "load_and_validate", "run_curves", "train_recipe"]
 
 
 def train_recipe(recipe: Recipe, resume: bool = False):
-    module = trainer_module(recipe.trainer, recipe.where)
-    run = RunDir(recipe.run_dir())
+    """Run `recipe` into its run dir, settled first (`RunDir.prepare`): a failed run starts again (its files moved
+    aside), an interrupted one continues with resume=True, a finished one resumed returns what it recorded and
+    changes nothing."""
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
-        run.prepare(recipe, resume=resume)
-    PartialState().wait_for_everyone()
-    return module.train(recipe, run, resume=resume)
+    module = trainer_module(recipe.trainer, recipe.where)
+    run = RunDir(recipe.run_dir())
+    planned = planned_steps(recipe)
+    process = PartialState()
+    seen = run.state(planned)  # every process reads the dir before the main process changes it
+    process.wait_for_everyone()
+    state = run.prepare(recipe, resume=resume, planned_steps=planned, state=seen, is_main=process.is_main_process)
+    process.wait_for_everyone()
+    if state.kind == "finished":
+        return finished_result(run, recipe, state)
+    return module.train(recipe, run, resume=state.kind == "interrupted")
+
+
+def planned_steps(recipe: Recipe) -> int | None:
+    """The optimizer steps the recipe plans (the trainer module's `planned_steps`, else `training.max_steps`), or
+    None when it counts epochs."""
+    module = trainer_module(recipe.trainer, recipe.where)
+    if hasattr(module, "planned_steps"):
+        return module.planned_steps(recipe)
+    steps = recipe.training.get("max_steps", -1)
+    return int(steps) if isinstance(steps, int) and steps > 0 else None
+
+
+def finished_result(run: RunDir, recipe: Recipe, state: RunState):
+    """The result a finished run recorded (its last before/after evaluations), for `--resume` of a finished run."""
+    from posttrain.trainers.lifecycle import RunResult
+
+    result = RunResult(run_dir=str(run.path), stage=recipe.name, train_seconds=0.0, global_step=state.final_step or 0,
+                       finished=True)  # fmt: skip
+    for row in run.read_metrics():
+        tag = str(row.get("stage", ""))
+        if tag in (f"{recipe.name}:before", f"{recipe.name}:after"):
+            values = {k: v for k, v in row.items() if k.startswith("eval/")}
+            setattr(result, tag.rsplit(":", 1)[1], values)
+    return result
 
 
 def dry_run_plan(recipe: Recipe, gpu_memory: str = "80GiB", accelerate_config: str | None = None) -> list[str]:

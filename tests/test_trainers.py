@@ -93,7 +93,7 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     recipe = load(tmp_path, sft_recipe(tmp_path, max_steps=2, save_steps=2))
     train_recipe(recipe)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    with pytest.raises(PosttrainError, match="already holds a run"):
+    with pytest.raises(PosttrainError, match="already holds a finished run"):
         train_recipe(recipe)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 

@@ -118,7 +118,12 @@ def run_training(
     if checkpoint is None:
         result.before = held_out("before")
     begin = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    from posttrain.trainers.callbacks import NothingLeftToTrain
+
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NothingLeftToTrain:  # resumed at max_steps (killed before final/): the checkpoint's weights are loaded
+        pass
     result.train_seconds = time.monotonic() - begin
     result.global_step = trainer.state.global_step
 
@@ -127,7 +132,7 @@ def run_training(
         if is_main:
             tokenizer.save_pretrained(str(target))
 
-    save_final(run, write, is_main, trainer.accelerator.wait_for_everyone)
+    save_final(run, write, is_main, trainer.accelerator.wait_for_everyone, trainer.state.global_step)
     result.after = held_out("after")
     if is_main:
         finish(run, recipe, result)
@@ -153,6 +158,7 @@ def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, be
         HeldOutEval,
         MetricsJsonl,
         Progress,
+        StopAtMaxSteps,
         TimeBudget,
     )
 
@@ -160,6 +166,7 @@ def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, be
     metrics = MetricsJsonl(run, recipe.name)
     # First, so queued eval metrics reach the report_to integrations in the same log call.
     trainer.callback_handler.callbacks.insert(0, metrics)
+    trainer.add_callback(StopAtMaxSteps())  # before Progress: no bar for a run with nothing left to train
     trainer.add_callback(CheckpointMarker())
     trainer.add_callback(Progress(recipe.name))
     if recipe.training.get("time_budget_s") is not None:

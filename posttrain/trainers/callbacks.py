@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from posttrain.runs import COMPLETE_MARKER, RunDir
+from posttrain.runs import RunDir, mark_complete
 
 # Short names for the progress bar, first match wins.
 _PROGRESS_KEYS = (("loss", "loss"), ("reward", "reward"), ("mean_token_accuracy", "tok_acc"))
@@ -45,7 +45,21 @@ class CheckpointMarker(TrainerCallback):
 
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                (ckpt / COMPLETE_MARKER).write_text(str(time.time()))
+                mark_complete(ckpt)
+
+
+class NothingLeftToTrain(Exception):
+    """Raised by `StopAtMaxSteps` to leave `Trainer.train` before a step that would go past max_steps."""
+
+
+class StopAtMaxSteps(TrainerCallback):
+    """Resuming from a checkpoint already at max_steps, transformers' loop still takes one more step before it
+    checks the count (it writes checkpoint-<max_steps+1>). This stops it once the checkpoint is loaded: the model
+    then holds the checkpoint's weights and `run_training` goes on to final/ and the "after" evaluation."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise NothingLeftToTrain(f"checkpoint at step {state.global_step} of {state.max_steps}")
 
 
 class TimeBudget(TrainerCallback):

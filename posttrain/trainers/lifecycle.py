@@ -21,7 +21,7 @@ from typing import Any
 from posttrain.errors import ModelError, PosttrainError
 from posttrain.recipe import Recipe
 from posttrain.registry import get_spec
-from posttrain.runs import RunDir
+from posttrain.runs import FINAL_INFO, RunDir
 
 
 @dataclass
@@ -32,6 +32,7 @@ class RunResult:
     global_step: int
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
+    finished: bool = False  # the run dir already held this run, finished: nothing was trained or changed
 
 
 def model_source(recipe: Recipe) -> str:
@@ -79,15 +80,18 @@ def record_evaluation(
     return found
 
 
-def save_final(run: RunDir, write: Callable[[Path], None], is_main: bool, barrier: Callable[[], None]) -> Path:
+def save_final(
+    run: RunDir, write: Callable[[Path], None], is_main: bool, barrier: Callable[[], None], step: int
+) -> Path:
     """final/ swapped in atomically: `write(dir)` runs on every process (ZeRO-3 gathers shards for it), between
-    barriers; only the main process clears final.tmp/ before and swaps it in after."""
+    barriers; only the main process clears final.tmp/ before, records the step in it and swaps it in after."""
     if is_main:
         shutil.rmtree(run.final_tmp, ignore_errors=True)
     barrier()
     write(run.final_tmp)
     barrier()
     if is_main:
+        (run.final_tmp / FINAL_INFO).write_text(json.dumps({"step": step}))
         run.swap_in_final()
     return run.final
 

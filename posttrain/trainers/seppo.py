@@ -130,6 +130,12 @@ def _replace(options: SePPOOptions, **changes: Any) -> SePPOOptions:
     return dataclasses.replace(options, **changes)
 
 
+def planned_steps(recipe: Recipe) -> int:
+    """Optimizer updates of the whole run (stages x updates per stage): a run dir whose final/ has them is finished."""
+    cfg = config_from(recipe)
+    return cfg.num_stages * cfg.updates_per_stage
+
+
 def check_tiny(recipe: Recipe) -> None:
     """A `model.tiny` spec (and its `pretrain:` keys) is checked before any model is built: a bad key or value is a
     ModelError naming it."""
@@ -202,7 +208,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
         result.before = _evaluate(benchmarks, job.source, run, "before", job.global_step, recipe.name)
     result.train_seconds = job.train(recipe.training.get("time_budget_s"))
     result.global_step = job.global_step
-    save_final(run, job.write_final, is_main, job.accelerator.wait_for_everyone)
+    save_final(run, job.write_final, is_main, job.accelerator.wait_for_everyone, job.global_step)
     if is_main:
         if benchmarks:  # final/ against the base it started from (same prompts and noise), unless one is named
             against_base = [bench if bench.baseline else dataclasses.replace(bench, baseline=str(job.source))

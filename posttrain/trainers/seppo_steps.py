@@ -35,7 +35,7 @@ from posttrain.models.loading import resolve_precision
 from posttrain.models.tiny_diffusion import tiny_diffusion_spec
 from posttrain.recipe import Recipe
 from posttrain.rollout.diffusion import ddim_sample
-from posttrain.runs import COMPLETE_MARKER, RunDir
+from posttrain.runs import RunDir, mark_complete
 from posttrain.trainers.lifecycle import model_source
 from posttrain.trainers.seppo_base import build_tiny_base
 from posttrain.trainers.seppo_loss import USES_REFERENCE_SAMPLES, SePPOLossOptions, shared_timesteps_and_noise
@@ -271,7 +271,7 @@ class SePPORun:
         if accelerator.is_main_process:
             state = {"stages_done": stages_done, "global_step": self.global_step, "pool_size": len(self.pool)}
             (path / STATE_FILE).write_text(json.dumps(state))
-            (path / COMPLETE_MARKER).write_text(str(time.time()))
+            mark_complete(path)
         accelerator.wait_for_everyone()
         return path
 
