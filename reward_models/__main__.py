@@ -15,7 +15,7 @@ KINDS = ("polar", "sequence_classifier")
 
 
 def parser() -> argparse.ArgumentParser:
-    from reward_models.server import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES
+    from reward_models.server import DEFAULT_CHUNK, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS
 
     top = argparse.ArgumentParser(prog="python -m reward_models", description=__doc__)
     sub = top.add_subparsers(dest="command", required=True)
@@ -30,6 +30,11 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--token-file", metavar="PATH", type=Path, help="require the bearer token stored in PATH")
     serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="most completions per request")
     serve.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest request body")
+    serve.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens in one request")
+    serve.add_argument("--chunk", type=int, default=DEFAULT_CHUNK,
+                       help="most completions per scorer call, gathered round-robin across waiting requests")  # fmt: skip
+    serve.add_argument("--schedule", choices=("fair", "fifo"), default="fair",
+                       help="fair: chunks round-robin across requests; fifo: whole requests in arrival order")  # fmt: skip
     serve.add_argument("--batch-size", type=int, default=16, help="forward-pass batch size on the model")
     serve.add_argument("--max-length", type=int, default=None, help="truncate sequences to this many tokens")
     serve.add_argument("--device", default=None, help="torch device (default: cuda when available)")
@@ -55,6 +60,9 @@ def read_token(args: argparse.Namespace) -> str | None:
 
 
 def load_scorer(kind: str, model: str, *, batch_size: int, max_length: int | None, device: str | None) -> Any:
+    if not Path(model).is_dir():  # else transformers answers with a hub repo-id message that misleads here
+        what = "is a file, not a model dir" if Path(model).exists() else "no such directory"
+        raise UserError(f"--model {model}: {what} (the server loads a local reward model dir)")
     if kind == "polar":
         from reward_models.polar import PolarScorer  # lazily: only a POLAR server needs it
 
@@ -79,7 +87,7 @@ def is_loopback(host: str) -> bool:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from reward_models.server import create_app
+    from reward_models.server import create_app, json_errors_h11
 
     token = read_token(args)
     if token is None and not is_loopback(args.host):
@@ -91,8 +99,9 @@ def serve(args: argparse.Namespace) -> None:
     scorer = load_scorer(
         args.kind, args.model, batch_size=args.batch_size, max_length=args.max_length, device=args.device
     )
-    app = create_app(scorer, token=token, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    app = create_app(scorer, token=token, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
+                     max_tokens=args.max_tokens, chunk=args.chunk, schedule=args.schedule)  # fmt: skip
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=json_errors_h11())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,6 +239,12 @@ class PolarScorer:
         layout = PolarLayout(wrapper, max_length, max_response_length, official=official)
         return cls(model, tokenizer, layout, batch_size=batch_size, device=device)
 
+    def count_tokens(self, prompts: Sequence[Any], completions: Sequence[Any], references: Any = None) -> int:
+        """Tokens of prompt, reference and candidate before truncation (the reward server's per-request budget)."""
+        refs = references if references is not None else [""] * len(completions)
+        ids = self.tokenizer([as_text(t) for t in (*prompts, *completions, *refs)], add_special_tokens=False)
+        return sum(len(x) for x in ids["input_ids"]) if completions else 0
+
     def score(
         self, prompts: Sequence[Any], completions: Sequence[Any], references: Sequence[Any] | None = None
     ) -> list[float]:

@@ -81,6 +81,11 @@ class SequenceClassifierScorer:
             raise RewardError(f"sequence classifier: {len(prompts)} prompts for {len(completions)} completions")
         return self([self.text(p, c) for p, c in zip(prompts, completions)])
 
+    def count_tokens(self, prompts: Sequence[Any], completions: Sequence[Any], references: Any = None) -> int:
+        """Tokens of the texts `score` would read, before truncation (the reward server's per-request budget)."""
+        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
+        return sum(len(ids) for ids in self.tokenizer(texts)["input_ids"]) if texts else 0
+
     def text(self, prompt: Any, completion: Any) -> str:
         """The text the RM reads: a conversation through the RM's own chat template when it has one (RMs are
         trained on templated chats), otherwise prompt and completion concatenated."""

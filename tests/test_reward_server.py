@@ -60,12 +60,12 @@ class Flaky:
 
 
 @contextlib.contextmanager
-def serving(app):
+def serving(app, **config):
     """Run `app` under a real uvicorn on a free localhost port in a thread; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -98,7 +98,7 @@ def test_score_round_trip_with_and_without_references():
     messages = [{"role": "user", "content": "hi"}]
     response = post(client, {"prompts": [messages], "completions": ["xy"]})
     assert response.json() == {"scores": [2.0]}
-    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/health").json()["status"] == "ok"
 
 
 def test_malformed_json_is_400():
@@ -358,3 +358,158 @@ def test_sequence_classifier_warns_when_the_head_is_untrained(tiny_model_dir):
 
     with pytest.warns(UserWarning, match="no trained scalar head.*scores are random"):
         SequenceClassifierScorer(str(tiny_model_dir))
+
+
+# ------------------------------------------------------------------ hostile requests, budgets and scheduling
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [(b"[" * 200_000 + b"]" * 200_000, 400, "nested deeper than the server parses"),
+     (b'{"prompts": [' * 5000 + b'"p"' + b"]}" * 5000, 400, "nested deeper than the server parses"),
+     (json.dumps({"prompts": [""], "completions": [""]}).encode(), 422, "'prompts[0]' and 'completions[0]' are both empty"),
+     (b'{"prompts": ["p"], "completions": ["ok\\ud800"]}', 422, "'completions[0]' is not valid Unicode: lone surrogate"),
+     (b'{"prompts": [[{"role": "user", "content": "\\udfff"}]], "completions": ["c"]}', 422,
+      "'prompts[0]' is not valid Unicode"),
+     (b'{"prompts": ["p"], "completions": ["c"]', 400, "malformed JSON"),
+     (b"\xff\xfe", 400, "malformed JSON")],
+)  # fmt: skip
+def test_hostile_bodies_get_a_json_error_naming_the_reason(body, status, words):
+    scorer = LengthScorer()
+    response = TestClient(create_app(scorer), raise_server_exceptions=False).post("/score", content=body)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert words in response.json()["error"]
+    assert scorer.calls == []
+
+
+def test_an_unexpected_crash_is_still_json():
+    class Broken:
+        def score(self, prompts, completions, references=None):
+            return [1.0] * len(completions)
+
+        def count_tokens(self, *args):
+            raise KeyError("boom")  # a bug outside the scorer call: caught by the app's last-resort handler
+
+    response = post(
+        TestClient(create_app(Broken()), raise_server_exceptions=False), {"prompts": ["p"], "completions": ["c"]}
+    )
+    assert response.status_code == 500 and response.json() == {"error": "internal error: KeyError"}
+
+
+@pytest.mark.parametrize("header", ["Bearer tok", "bearer tok", "BEARER  tok ", "BeArEr tok"])
+def test_the_auth_scheme_is_case_insensitive(header):
+    response = post(TestClient(create_app(LengthScorer(), token="tok")), {"prompts": ["p"], "completions": ["abc"]},
+                    headers={"Authorization": header})  # fmt: skip
+    assert response.status_code == 200, response.json()
+
+
+def test_another_auth_scheme_is_named():
+    response = post(TestClient(create_app(LengthScorer(), token="tok")), {"prompts": ["p"], "completions": ["abc"]},
+                    headers={"Authorization": "Basic dG9rOg=="})  # fmt: skip
+    assert response.status_code == 401 and "unsupported authorization scheme 'Basic'" in response.json()["error"]
+
+
+def test_a_request_over_the_token_budget_is_413_counted_by_the_scorer_or_estimated():
+    class Counting(LengthScorer):
+        def count_tokens(self, prompts, completions, references=None):
+            return sum(len(c.split()) for c in completions)
+
+    counting = Counting()
+    client = TestClient(create_app(counting, max_tokens=10))
+    assert post(client, {"prompts": ["p"] * 2, "completions": ["a b c d e"] * 2}).status_code == 200
+    over = post(client, {"prompts": ["p"] * 3, "completions": ["a b c d e"] * 3})
+    assert over.status_code == 413
+    assert over.json()["error"] == "request of 15 tokens exceeds the server's per-request budget of 10; split it"
+    assert counting.calls == [2]
+    # Without count_tokens: UTF-8 bytes / 4 of the JSON strings, said so.
+    estimated = post(
+        TestClient(create_app(LengthScorer(), max_tokens=10)), {"prompts": ["p"], "completions": ["x" * 60]}
+    )
+    assert estimated.status_code == 413 and "estimated as UTF-8 bytes / 4" in estimated.json()["error"]
+
+
+def test_the_built_in_scorer_counts_tokens_with_its_tokenizer(tiny_model_dir):
+    from reward_models.sequence_classifier import SequenceClassifierScorer
+
+    with pytest.warns(UserWarning, match="no trained scalar head"):
+        scorer = SequenceClassifierScorer(str(tiny_model_dir), max_length=64)
+    texts = [scorer.text("1+2=", "3"), scorer.text("10+20=", "30")]
+    expected = sum(len(scorer.tokenizer(t)["input_ids"]) for t in texts)
+    assert scorer.count_tokens(["1+2=", "10+20="], ["3", "30"]) == expected > 0
+
+
+def test_a_malformed_content_length_gets_json_from_the_server_process():
+    from reward_models.server import json_errors_h11
+
+    with serving(create_app(LengthScorer()), http=json_errors_h11()) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}")
+            raw = b""
+            while chunk := conn.recv(4096):
+                raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+    assert "bad request" in json.loads(body)["error"]
+
+
+def test_a_large_request_does_not_hold_a_small_one_for_its_whole_duration():
+    """80 completions at 4 per scorer call (20 calls of 50 ms, ~1 s) against 1 completion sent 150 ms later: the
+    small one is answered within a few calls, long before the large one."""
+    scorer = LengthScorer(delay=0.05)
+    done = {}
+    with serving(create_app(scorer, chunk=4)) as url:
+
+        def send(name, n):
+            begin = time.monotonic()
+            done[name] = (remote_reward(["p"] * n, ["ab"] * n, url=url, batch_size=100), time.monotonic() - begin,
+                          time.monotonic())  # fmt: skip
+
+        large = threading.Thread(target=send, args=("large", 80))
+        large.start()
+        time.sleep(0.15)
+        send("small", 1)
+        large.join(30)
+    assert done["large"][0] == [2.0] * 80 and done["small"][0] == [2.0]
+    assert done["small"][1] < 0.4, done["small"][1]  # whole-request FIFO would make it wait ~0.85 s
+    assert done["small"][2] < done["large"][2] - 0.3
+    assert sum(scorer.calls) == 81 and max(scorer.calls) == 4  # never more than a chunk per call
+
+
+def test_in_a_shared_call_an_error_reaches_only_the_request_that_caused_it():
+    import anyio
+
+    from reward_models.errors import UserError
+    from reward_models.server import FairScheduler, Job
+
+    class Picky(LengthScorer):
+        def score(self, prompts, completions, references=None):
+            if "bad" in completions:
+                raise UserError("cannot score 'bad'")
+            return super().score(prompts, completions, references)
+
+    scorer = Picky()
+    scheduler = FairScheduler(scorer, chunk=8)
+    good, bad, other = Job(["p"] * 3, ["a", "bb", "ccc"], None), Job(["p"], ["bad"], None), Job(["p"], ["r"], ["x"])
+    scheduler.jobs += [good, bad, other]
+    assert scheduler.load() == {"queued_requests": 3, "queued_completions": 5}
+    batch = scheduler._take()
+    assert [(j is good, a, b) for j, a, b in batch] == [(True, 0, 3), (False, 0, 1)]  # same kind only: no refs
+    anyio.run(lambda: anyio.to_thread.run_sync(scheduler._score, batch))
+    assert good.scores == [1.0, 2.0, 3.0] and good.error is None and good.finished
+    assert isinstance(bad.error, UserError) and bad.scores == [None]
+    assert scorer.calls == [3]  # the shared call failed; then good alone (3) succeeded, bad alone failed
+    assert other.next == 0  # with references: the next call's
+
+
+def test_health_reports_the_queue():
+    assert TestClient(create_app(LengthScorer())).get("/health").json() == {
+        "status": "ok", "queued_requests": 0, "queued_completions": 0}  # fmt: skip
+
+
+def test_cli_names_a_missing_model_dir(tmp_path, capsys):
+    from reward_models.__main__ import main
+
+    assert main(["serve", "--kind", "sequence_classifier", "--model", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
