@@ -100,9 +100,52 @@ def parse_gold(gold: str) -> list:
     return parsed
 
 
+# Markers a completion uses to state its final answer; the one that occurs last in the text wins.
+_HASHES = re.compile(r"####[ \t]*([^\n]*)")  # GSM8K's "#### 72" (the format the GSM8K 5-shot prompt teaches)
+_FINAL_IS = re.compile(r"final answer is[ \t:]*([^\n]*)", re.IGNORECASE)  # Minerva/MATH's "The final answer is $x$."
+_PLAIN_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+# A plain fraction right before punctuation ("14/3."): math-verify reads "3." as the float 3.0 and the fraction as
+# 14/3.0, which fails against an exact 14/3.
+_FRACTION_PUNCT = re.compile(r"(?<![\w.])(-?\d+\s*/\s*\d+)[.,;:!?]+(?=\s|$)")
+
+
+def last_boxed(text: str) -> str | None:
+    """The last `\\boxed{...}` of `text` with its braces balanced, or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len("\\boxed"), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start : i + 1]
+    return None  # never closed
+
+
+def final_answer_text(completion: str) -> str | None:
+    """The part of `completion` that states its final answer when it marks one, else None: the last `\\boxed{}`,
+    the rest of the line after the last `####`, or after the last "final answer is" — whichever comes last.
+    Worked solutions carry other numbers on earlier lines; math-verify on the whole text sometimes takes one of
+    those (e.g. "$4.00 + $2.00 = $6.00 ... #### 6" read as 4.00)."""
+    found: list[tuple[int, str]] = []
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        found.append((completion.rfind("\\boxed{"), f"${boxed}$"))
+    for pattern in (_HASHES, _FINAL_IS):
+        matches = list(pattern.finditer(completion))
+        if matches:
+            answer = matches[-1].group(1).strip()
+            if _PLAIN_NUMBER.fullmatch(answer.rstrip(".")):  # "1,234" is a number, not a tuple; "$18." is 18
+                answer = answer.rstrip(".").replace(",", "").replace("$", "")
+            found.append((matches[-1].start(), answer))
+    return max(found)[1] if found else None
+
+
 def check_math_answer(completion: str, gold: str) -> tuple[str | None, bool]:
     """(the answer math-verify reads in `completion` or None, whether it is equivalent to `gold`).
 
+    When the completion marks its final answer (`final_answer_text`), that answer is the one graded; otherwise
+    math-verify reads the whole text. A plain fraction before punctuation ("14/3.") is read as the fraction.
     Gold first: verify() is not symmetric (math-verify's README: "Order here is important!"). Raises
     GoldAnswerError when the gold can't be parsed. Works outside the main thread (without math-verify's timeouts).
     """
@@ -110,7 +153,9 @@ def check_math_answer(completion: str, gold: str) -> tuple[str | None, bool]:
 
     gold_parsed = parse_gold(gold)
     parse_kw, verify_kw = _math_verify_kwargs()
-    pred = parse(completion, **parse_kw)
+    marked = final_answer_text(completion)
+    text = _FRACTION_PUNCT.sub(r"\1", completion if marked is None else marked)
+    pred = parse(text, **parse_kw)
     if not pred:
         return None, False
     return str(pred[0]), bool(verify(gold_parsed, pred, **verify_kw))

@@ -253,3 +253,51 @@ def test_maj_at_n_with_real_graders_counts_a_majority_answer_the_grader_cannot_r
 def test_aggregate_without_answers_has_no_majority_metric():
     out = aggregate([[True], [False]])
     assert out == {"accuracy": 0.5, "accuracy_stderr": pytest.approx(0.5)}
+
+
+# ------------------------------------------------------------------ the marked final answer is the one graded
+
+WORKED = (
+    "The books cost 3 x $4.00 = $<<3*4=12.00>>12.00 and the pens $2.00 + $5.00 = $<<2+5=7.00>>7.00.\n"
+    "In total she pays $12.00 + $7.00 = $<<12+7=19.00>>19.00.\n#### {final}"
+)
+
+
+@pytest.mark.parametrize("grader", ["math_verify"])
+@pytest.mark.parametrize(
+    ("completion", "gold", "right"),
+    [(WORKED.format(final="19"), "19", True),
+     (WORKED.format(final="19"), "12", False),  # an earlier number is not the answer
+     (WORKED.format(final="12"), "12", True),
+     (WORKED.format(final="12"), "19", False),  # a wrong final is wrong, though the right value is on a line above
+     ("First 6 then 8.\n#### 1,234", "1234", True),
+     ("So x = 7, then x + 1 = 8. The final answer is $\\frac{14}{3}$. I hope it is correct.", "14/3", True),
+     ("So x = 7, then x + 1 = 8. The final answer is $\\frac{14}{3}$. I hope it is correct.", "8", False),
+     ("Try \\boxed{5}; no, it is \\boxed{7}.", "7", True),
+     ("Try \\boxed{5}; no, it is \\boxed{7}.", "5", False),
+     ("\\boxed{\\frac{1}{\\sqrt{2}}} after 3 steps", "\\frac{\\sqrt{2}}{2}", True),
+     ("The answer is 14/3.", "14/3", True),  # a plain fraction before a full stop is the fraction
+     ("The answer is 14/3.", "\\frac{14}{3}", True),
+     ("We get -3/4, so x = -3/4!", "-3/4", True),
+     ("The answer is 14/3.", "4.667", False)],
+)  # fmt: skip
+def test_the_marked_final_answer_is_graded_not_an_earlier_number(grader, completion, gold, right):
+    from reward_models.math import math_verify_reward
+
+    assert get_grader(grader)(completion, gold).correct is right
+    assert math_verify_reward([""], [completion], answer=[gold]) == [1.0 if right else 0.0]  # the reward agrees
+
+
+def test_every_gsm8k_reference_solution_grades_right_by_its_marked_answer():
+    """The 1,319 GSM8K test solutions end in `#### N`; read whole by math-verify, 4 were graded wrong (it took an
+    earlier number, e.g. "$4.00 + $2.00 = $6.00 ... #### 6" as 4.00). Graded by the marked answer: none."""
+    from math_verify import parse, verify
+
+    from reward_models.math import parse_gold
+
+    rows = _rows("gsm8k", "full")
+    grade = get_grader("math_verify")
+    wrong = [r["answer"][-80:] for r in rows if not grade(r["answer"], _gsm8k_gold(r)).correct]
+    assert wrong == [] and len(rows) == 1319
+    whole_text = sum(not verify(parse_gold(_gsm8k_gold(r)), parse(r["answer"])) for r in rows)
+    assert whole_text > 0  # the failure mode this guards against is real on this data
