@@ -20,6 +20,7 @@ gets half of what remains of `max_length` and keeps its last tokens.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,6 +40,9 @@ OFFICIAL_REWARD_TOKEN = "[UNUSED_TOKEN_130]"
 LAYOUT_FILE = "polar_layout.json"  # beside a trained RM: the layout it was trained with
 # The official client reserves 4 tokens of max_length for the two "\n", the split and the reward token.
 _LAYOUT_TOKENS = 4
+# The official client's defaults (RewardModelClient: max_length=16384, max_response_length=4096; xtuner's POLAR
+# configs train with the same); posttrain's own RMs default to PolarLayout's.
+OFFICIAL_MAX_LENGTH, OFFICIAL_MAX_RESPONSE_LENGTH = 16384, 4096
 
 Wrapper = Literal["sft", "pretrain"]
 
@@ -50,13 +54,16 @@ def as_text(value: Any) -> str:
     raise RewardError(f"POLAR expects a string or a list of {{role, content}} messages, got {type(value).__name__}")
 
 
+_THINK = re.compile(r"<think>(.*?)</think>(.*)", re.DOTALL)
+
+
 def strip_think(text: str) -> str:
-    """Drop a reasoning block: keep what follows the last `</think>` (an unclosed `<think>` leaves no answer)."""
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1].lstrip()
-    if "<think>" in text:
-        return ""
-    return text
+    """Drop a reasoning block as the official POLAR reward function does (`extract_thinking_content` in
+    InternLM/POLAR's src/polar/reward_func.py): from the first `<think>` to the first `</think>` after it, the
+    rest stripped of surrounding whitespace. A text without such a pair (an unclosed `<think>`, a stray
+    `</think>`) is scored as it is; with several blocks, later ones stay in the answer."""
+    match = _THINK.search(text)
+    return match.group(2).strip() if match else text
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,12 @@ class PolarLayout:
 
 
 class PolarEncoder:
-    """Turns (prompt, reference, candidate) into token ids with a tokenizer that knows the layout's tokens."""
+    """Turns (prompt, reference, candidate) into token ids.
+
+    posttrain's layout needs a tokenizer that knows its split and reward tokens (`add_polar_tokens`). The released
+    checkpoints' layout (`official=True`) only builds the client's string and tokenises it, as the official client
+    does: its markers need not be single tokens of the vocabulary.
+    """
 
     def __init__(self, tokenizer: Any, layout: PolarLayout = PolarLayout()):
         self.tokenizer = tokenizer
@@ -87,42 +99,69 @@ class PolarEncoder:
         self.split_token, self.reward_token = (
             (OFFICIAL_SPLIT_TOKEN, OFFICIAL_REWARD_TOKEN) if layout.official else (SPLIT_TOKEN, REWARD_TOKEN)
         )
+        self.newline = [] if layout.wrapper == "pretrain" else self._ids("\n")
+        if layout.official:
+            self.reserved = _LAYOUT_TOKENS  # the client's count (its string is tokenised whole afterwards)
+            return
         ids = [tokenizer.convert_tokens_to_ids(t) for t in (self.split_token, self.reward_token)]
         if any(i is None or i == tokenizer.unk_token_id for i in ids):
-            hint = (
-                "a released POLAR checkpoint's tokenizer" if layout.official else "add_polar_tokens(model, tokenizer)"
-            )
             raise ModelError(
-                f"the tokenizer has no {self.split_token!r}/{self.reward_token!r} tokens; use {hint} first"
+                f"the tokenizer has no {self.split_token!r}/{self.reward_token!r} tokens; use "
+                "add_polar_tokens(model, tokenizer) first"
             )
         self.split_id, self.reward_id = ids
-        self.newline = [] if layout.wrapper == "pretrain" else self._ids("\n")
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        # Everything but the parts: BOS, split, reward and two newlines, so a sequence never exceeds max_length.
+        self.reserved = len(self.bos) + 2 + 2 * len(self.newline)
 
     def _ids(self, text: str) -> list[int]:
         # The official client counts the tokenizer's BOS in each part's length (and drops it when decoding).
         return self.tokenizer.encode(text, add_special_tokens=self.layout.official)
 
-    def parts(self, prompt: Any, reference: Any, candidate: Any) -> tuple[list[int], list[int], list[int]]:
-        """Token ids of prompt, reference and candidate after truncation."""
+    def _responses(self, *responses: Any) -> list[list[int]]:
         limit = self.layout.max_response_length
-        ref, cand = self._ids(as_text(reference))[:limit], self._ids(as_text(candidate))[:limit]
-        budget = max((self.layout.max_length - _LAYOUT_TOKENS - len(ref) - len(cand)) // 2, 0)
+        return [self._ids(as_text(r))[:limit] for r in responses]  # the head of each
+
+    def _prompt(self, prompt: Any, budget: int) -> list[int]:
         p = self._ids(as_text(prompt))
-        return (p[-budget:] if budget else []), ref, cand
+        return p[-budget:] if budget > 0 else []  # the tail
+
+    def parts(self, prompt: Any, reference: Any, candidate: Any) -> tuple[list[int], list[int], list[int]]:
+        """Token ids of prompt, reference and candidate after truncation: each response keeps its head, the prompt
+        (which appears twice) half of what remains of max_length, its tail."""
+        ref, cand = self._responses(reference, candidate)
+        budget = (self.layout.max_length - self.reserved - len(ref) - len(cand)) // 2
+        return self._prompt(prompt, budget), ref, cand
+
+    def pair_parts(self, prompt: Any, reference: Any, chosen: Any, rejected: Any) -> tuple[list[int], ...]:
+        """(prompt, reference, chosen, rejected) ids for a training pair: one prompt truncation shared by both
+        sequences, the smaller of the two budgets (xtuner's `tokenize_ref`, which trained the released RMs)."""
+        ref, good, bad = self._responses(reference, chosen, rejected)
+        budget = (self.layout.max_length - self.reserved - len(ref) - max(len(good), len(bad))) // 2
+        return self._prompt(prompt, budget), ref, good, bad
 
     def text(self, prompt: Any, reference: Any, candidate: Any) -> str:
         """The layout as a string (what the official client sends; for posttrain's layout, for reading only)."""
-        p, r, c = (self.tokenizer.decode(x, skip_special_tokens=True) for x in self.parts(prompt, reference, candidate))
+        return self._text(*self.parts(prompt, reference, candidate))
+
+    def _text(self, p: list[int], r: list[int], c: list[int]) -> str:
+        p, r, c = (self.tokenizer.decode(x, skip_special_tokens=True) for x in (p, r, c))
         nl = "" if self.layout.wrapper == "pretrain" else "\n"
         # The official client always adds "\n" in the sft wrapper (its empty-response check never fires).
         return p + nl + r + self.split_token + p + nl + c + self.reward_token
 
-    def encode(self, prompt: Any, reference: Any, candidate: Any) -> list[int]:
+    def _join(self, p: list[int], r: list[int], c: list[int]) -> list[int]:
         if self.layout.official:
-            return self.tokenizer(self.text(prompt, reference, candidate))["input_ids"]
-        p, r, c = self.parts(prompt, reference, candidate)
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return [*bos, *p, *self.newline, *r, self.split_id, *p, *self.newline, *c, self.reward_id]
+            return self.tokenizer(self._text(p, r, c))["input_ids"]
+        return [*self.bos, *p, *self.newline, *r, self.split_id, *p, *self.newline, *c, self.reward_id]
+
+    def encode(self, prompt: Any, reference: Any, candidate: Any) -> list[int]:
+        return self._join(*self.parts(prompt, reference, candidate))
+
+    def encode_pair(self, prompt: Any, reference: Any, chosen: Any, rejected: Any) -> tuple[list[int], list[int]]:
+        """(chosen ids, rejected ids) of a training triplet, sharing one truncated prompt (`pair_parts`)."""
+        p, r, good, bad = self.pair_parts(prompt, reference, chosen, rejected)
+        return self._join(p, r, good), self._join(p, r, bad)
 
 
 def add_polar_tokens(model: Any, tokenizer: Any) -> int:
@@ -221,9 +260,6 @@ class PolarScorer:
 
         saved = Path(path) / LAYOUT_FILE
         stored = json.loads(saved.read_text()) if saved.exists() else {}
-        wrapper = wrapper or stored.get("wrapper", "sft")
-        max_length = max_length or stored.get("max_length", 4096)
-        max_response_length = max_response_length or stored.get("max_response_length", 1024)
         from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -236,7 +272,14 @@ class PolarScorer:
                 model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         except OSError as err:
             raise ModelError(f"could not load POLAR reward model '{path}': {err}") from err
-        layout = PolarLayout(wrapper, max_length, max_response_length, official=official)
+        default = PolarLayout() if not official else PolarLayout(max_length=OFFICIAL_MAX_LENGTH,
+                                                                max_response_length=OFFICIAL_MAX_RESPONSE_LENGTH)  # fmt: skip
+        layout = PolarLayout(
+            wrapper or stored.get("wrapper", "sft"),
+            max_length or stored.get("max_length", default.max_length),
+            max_response_length or stored.get("max_response_length", default.max_response_length),
+            official=official,
+        )
         return cls(model, tokenizer, layout, batch_size=batch_size, device=device)
 
     def count_tokens(self, prompts: Sequence[Any], completions: Sequence[Any], references: Any = None) -> int:
@@ -248,7 +291,6 @@ class PolarScorer:
     def score(
         self, prompts: Sequence[Any], completions: Sequence[Any], references: Sequence[Any] | None = None
     ) -> list[float]:
-        import torch
 
         if references is None:
             raise RewardError("POLAR scores a completion against a reference answer: pass references")
@@ -256,7 +298,12 @@ class PolarScorer:
             raise RewardError(
                 f"POLAR: {len(prompts)} prompts, {len(completions)} completions, {len(references)} references"
             )
-        encoded = [self.encoder.encode(p, r, c) for p, r, c in zip(prompts, references, completions)]
+        return self.score_encoded([self.encoder.encode(p, r, c) for p, r, c in zip(prompts, references, completions)])
+
+    def score_encoded(self, encoded: list[list[int]]) -> list[float]:
+        """Scores of already encoded sequences (`PolarEncoder.encode`/`encode_pair`), batched, in input order."""
+        import torch
+
         # Longest first: batches of similar length waste less padding; scores go back to input order.
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         scores = [0.0] * len(encoded)
@@ -275,9 +322,10 @@ class PolarScorer:
 
     def score_triplets(self, rows: Any) -> tuple[list[float], list[float]]:
         """(chosen scores, rejected scores) of prompt/reference/chosen/rejected rows, in one batched pass."""
-        prompts, refs, n = list(rows["prompt"]), list(rows["reference"]), len(rows)
-        scores = self.score(prompts + prompts, list(rows["chosen"]) + list(rows["rejected"]), refs + refs)
-        return scores[:n], scores[n:]
+        pairs = [self.encoder.encode_pair(p, r, c, x)
+                 for p, r, c, x in zip(rows["prompt"], rows["reference"], rows["chosen"], rows["rejected"])]  # fmt: skip
+        scores = self.score_encoded([c for c, _ in pairs] + [x for _, x in pairs])  # as training encodes them
+        return scores[: len(pairs)], scores[len(pairs) :]
 
 
 @functools.lru_cache(maxsize=4)

@@ -101,14 +101,39 @@ def test_official_layout_reproduces_the_released_client_string():
 
 def test_truncation_keeps_prompt_tail_and_response_heads(rm):
     _, tok = rm
-    # Budget: responses cut to 4 each; the prompt gets (20 - 4 layout tokens - 4 - 4) // 2 = 4 tokens, its last 4.
+    # Budget: responses cut to 4 each; BOS, split, reward and two newlines are reserved (5 with a one-token "\n"),
+    # so the prompt gets (20 - 5 - 4 - 4) // 2 = 3 tokens, its last 3.
     enc = PolarEncoder(tok, PolarLayout("sft", max_length=20, max_response_length=4))
+    assert tok.bos_token_id is not None and len(ids(tok, "\n")) == 1 and enc.reserved == 5
     p, r, c = enc.parts("0123456789", "abcdefgh", "ABCDEFGH")
-    assert (tok.decode(p), tok.decode(r), tok.decode(c)) == ("6789", "abcd", "ABCD")
-    assert len(enc.encode("0123456789", "abcdefgh", "ABCDEFGH")) <= 20 + 1  # + BOS
-    # Short responses leave more room for the prompt.
+    assert (tok.decode(p), tok.decode(r), tok.decode(c)) == ("789", "abcd", "ABCD")
+    # Short responses leave more room for the prompt: (20 - 5 - 2 - 2) // 2 = 5.
     p, _, _ = enc.parts("0123456789", "ab", "AB")
-    assert tok.decode(p) == "456789"
+    assert tok.decode(p) == "56789"
+
+
+@pytest.mark.parametrize("max_length", range(13, 40))
+def test_own_layout_never_exceeds_max_length(rm, max_length):
+    _, tok = rm
+    enc = PolarEncoder(tok, PolarLayout("sft", max_length=max_length, max_response_length=4))
+    for prompt, ref, cand in [("0123456789" * 5, "abcdefgh", "ABCDEFGH"), ("0123456789" * 5, "a", "ABCDEFGH"),
+                              ("01", "ab", "AB")]:  # fmt: skip
+        assert len(enc.encode(prompt, ref, cand)) <= max_length
+        chosen, rejected = enc.encode_pair(prompt, ref, cand, "x")
+        assert len(chosen) <= max_length and len(rejected) <= max_length
+
+
+def test_chosen_and_rejected_share_one_prompt_truncation(rm):
+    """As xtuner trains the released RMs: the prompt budget is the smaller of the two, the same for both."""
+    _, tok = rm
+    enc = PolarEncoder(tok, PolarLayout("sft", max_length=24, max_response_length=6))
+    p, r, good, bad = enc.pair_parts("0123456789", "abcd", "ABCDEF", "X")
+    assert tok.decode(p) == "6789"  # (24 - 5 - 4 - max(6, 1)) // 2 = 4
+    assert enc.parts("0123456789", "abcd", "X")[0] != p  # alone, the short one would keep more of the prompt
+    chosen, rejected = enc.encode_pair("0123456789", "abcd", "ABCDEF", "X")
+    split = tok.convert_tokens_to_ids(SPLIT_TOKEN)
+    assert chosen[: chosen.index(split)] == rejected[: rejected.index(split)]  # the same prompt + reference half
+    assert chosen == enc._join(p, r, good) and rejected == enc._join(p, r, bad)
 
 
 def test_layout_without_room_for_a_prompt_is_refused():
@@ -121,6 +146,58 @@ def test_encoder_needs_the_polar_tokens():
 
     with pytest.raises(ModelError, match="add_polar_tokens"):
         PolarEncoder(build_tokenizer("text"))
+    # The released checkpoints' layout only builds and tokenises the client's string: no token is required.
+    PolarEncoder(build_tokenizer("text"), PolarLayout(official=True, max_length=64, max_response_length=16))
+
+
+def internlm2_like_tokenizer():
+    """A local tokenizer shaped like InternLM2's for the official layout: `<s>` BOS added by encode, `</s>` EOS,
+    `[UNUSED_TOKEN_130]` one special token, `<|reward|>` not a token of its own (split into characters)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("What is the capital of China? Beijing. Shanghai. <|reward|>\n0123456789abcdefghijklmnopqrstuvwxyz"
+                       "ABCDEFGHIJKLMNOPQRSTUVWXYZ,!"))  # fmt: skip
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>")  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": [OFFICIAL_REWARD_TOKEN]})
+    return tok
+
+
+def test_official_layout_with_an_internlm2_shaped_tokenizer_reproduces_the_readme_string():
+    tok = internlm2_like_tokenizer()
+    assert tok.encode("ab")[0] == tok.bos_token_id and tok.convert_tokens_to_ids("<|reward|>") == tok.unk_token_id
+    enc = PolarEncoder(tok, PolarLayout("sft", max_length=16384, max_response_length=4096, official=True))
+    q, ref = (
+        [{"role": "user", "content": "What is the capital of China?"}],
+        [{"role": "assistant", "content": "Beijing."}],
+    )
+    text = enc.text(q, ref, [{"role": "assistant", "content": "Beijing."}])
+    assert (
+        text
+        == "What is the capital of China?\nBeijing.<|reward|>What is the capital of China?\nBeijing.[UNUSED_TOKEN_130]"
+    )
+    ids = enc.encode(q, ref, "Shanghai.")
+    assert ids == tok(enc.text(q, ref, "Shanghai."))["input_ids"]  # the string, tokenised whole, as the client
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.convert_tokens_to_ids(OFFICIAL_REWARD_TOKEN)
+    # The client's truncation counts each part's BOS: "<s>" + 8 characters cut to 5 tokens keeps "<s>ABCD"; the
+    # prompt ("<s>" + 20 characters) gets (40 - 4 - 5 - 5) // 2 = 13 tokens, its tail: 13 characters, no BOS.
+    small = PolarEncoder(tok, PolarLayout("sft", max_length=40, max_response_length=5, official=True))
+    assert small.text("0123456789abcdefghij", "ABCDEFGH", "abcdefgh") == (
+        "789abcdefghij\nABCD<|reward|>789abcdefghij\nabcd[UNUSED_TOKEN_130]"
+    )
+
+
+def test_a_released_checkpoint_defaults_to_the_client_lengths(tmp_path):
+    from reward_models.polar import OFFICIAL_MAX_LENGTH, OFFICIAL_MAX_RESPONSE_LENGTH
+
+    assert (OFFICIAL_MAX_LENGTH, OFFICIAL_MAX_RESPONSE_LENGTH) == (16384, 4096)
+    assert (PolarLayout().max_length, PolarLayout().max_response_length) == (4096, 1024)  # posttrain's own RMs
 
 
 def test_added_token_embeddings_start_at_the_mean_embedding():
@@ -191,10 +268,19 @@ def test_polar_reward_function(rm, monkeypatch):
     assert norm[1] == pytest.approx(raw[1] - raw[0], abs=1e-6)
 
 
-def test_strip_think():
-    assert strip_think("<think>a</think>\nanswer") == "answer"
-    assert strip_think("<think>never closed") == ""
-    assert strip_think("plain") == "plain"
+@pytest.mark.parametrize(
+    ("text", "official"),
+    [("<think>a</think>\nanswer", "answer"),
+     ("<think>a</think> answer \n ", "answer"),  # surrounding whitespace stripped, trailing too
+     ("<think>never closed", "<think>never closed"),  # no block: scored as it is
+     ("stray</think> answer", "stray</think> answer"),  # a </think> without <think> is not a block
+     ("<think>a</think>x<think>b</think>y", "x<think>b</think>y"),  # the first block only
+     ("plain ", "plain ")],  # no block: not even stripped
+)  # fmt: skip
+def test_strip_think_matches_the_official_reward_function(text, official):
+    """Expected values follow InternLM/POLAR's `extract_thinking_content` (regex `<think>(.*?)</think>(.*)`,
+    DOTALL, search; the rest `.strip()`ped; no match: the text unchanged)."""
+    assert strip_think(text) == official
 
 
 # ---- the synthetic Markov world -----------------------------------------------------------------------------

@@ -16,10 +16,9 @@ def encode_rows(rows, encoder, origin: str):
     """Pre-tokenise each triplet into chosen/rejected id lists (datasets.map: cached, parallel on big sets)."""
 
     def encode(row: dict[str, Any]) -> dict[str, list[int]]:
-        return {
-            "chosen_ids": encoder.encode(row["prompt"], row["reference"], row["chosen"]),
-            "rejected_ids": encoder.encode(row["prompt"], row["reference"], row["rejected"]),
-        }
+        # One prompt truncation for both sequences of the pair (as xtuner trains the released RMs).
+        chosen, rejected = encoder.encode_pair(row["prompt"], row["reference"], row["chosen"], row["rejected"])
+        return {"chosen_ids": chosen, "rejected_ids": rejected}
 
     return rows.map(encode, remove_columns=rows.column_names, desc=f"tokenising {origin}")
 
