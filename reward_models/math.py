@@ -161,6 +161,27 @@ def check_math_answer(completion: str, gold: str) -> tuple[str | None, bool]:
     return str(pred[0]), bool(verify(gold_parsed, pred, **verify_kw))
 
 
+BOXED_TAIL_CHARS = 300  # DAPO's strict verifier (verl math_dapo, strict_box_verify) reads the last 300 characters
+
+
+def check_boxed_strict(completion: str, gold: str) -> tuple[str | None, bool]:
+    """The strict final-box check of NFT/DAPO's math runs: only a `\\boxed{}` in the completion's last 300
+    characters counts (the last one there); no box, no credit, whatever numbers the text holds. The boxed content
+    is compared with the gold by math-verify's equivalence (DAPO compares Minerva-normalised strings instead: this
+    accepts equivalent forms such as 0.5 for \\frac12 that it would reject)."""
+    from math_verify import parse, verify
+
+    gold_parsed = parse_gold(gold)
+    boxed = last_boxed(completion[-BOXED_TAIL_CHARS:])
+    if boxed is None:
+        return None, False
+    parse_kw, verify_kw = _math_verify_kwargs()
+    pred = parse(f"${boxed}$", **parse_kw)
+    if not pred:
+        return boxed, False
+    return str(pred[0]), bool(verify(gold_parsed, pred, **verify_kw))
+
+
 def is_math_correct(completion: str, gold: str) -> bool:
     """Whether math-verify finds the answer in `completion` equivalent to `gold` (see `check_math_answer`)."""
     return check_math_answer(completion, gold)[1]
@@ -176,5 +197,20 @@ def math_verify_reward(prompts: list, completions: list, answer: Any = None, **k
             correct = is_math_correct(text_of(completion), str(gold))
         except GoldAnswerError as err:  # every completion would score 0.0: a data problem, so say so
             raise RewardError(f"reward 'math_verify': {err}") from err
+        scores.append(1.0 if correct else 0.0)
+    return scores
+
+
+@register("boxed_strict")
+def boxed_strict_reward(prompts: list, completions: list, answer: Any = None, **kwargs: Any) -> list[float]:
+    """1.0 when the completion's last `\\boxed{}` in its final 300 characters holds the gold answer (math-verify
+    equivalence); no box there is 0.0: the strict final-box verifier of NFT's and DAPO's math runs."""
+    golds = _answers(answer, len(completions), "boxed_strict")
+    scores = []
+    for completion, gold in zip(completions, golds):
+        try:
+            correct = check_boxed_strict(text_of(completion), str(gold))[1]
+        except GoldAnswerError as err:
+            raise RewardError(f"reward 'boxed_strict': {err}") from err
         scores.append(1.0 if correct else 0.0)
     return scores

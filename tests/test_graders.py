@@ -162,13 +162,15 @@ def test_math_verify_without_an_answer_extracts_nothing():
 
 
 def test_graders_registry_names():
-    assert sorted(GRADERS) == ["gsm8k_flexible", "gsm8k_strict", "math_verify", "numeric_match"]
+    assert sorted(GRADERS) == ["boxed_strict", "gsm8k_flexible", "gsm8k_strict", "math_verify", "numeric_match"]
 
 
 def test_unknown_grader_suggests_the_closest_name():
     with pytest.raises(RecipeError, match=r"unknown grader 'gsm8k_strct' \(did you mean 'gsm8k_strict'\?\)"):
         get_grader("gsm8k_strct")
-    with pytest.raises(RecipeError, match="graders: gsm8k_flexible, gsm8k_strict, math_verify, numeric_match"):
+    with pytest.raises(
+        RecipeError, match="graders: boxed_strict, gsm8k_flexible, gsm8k_strict, math_verify, numeric_match"
+    ):
         grade_batch("bleu", ["x"], ["y"])
 
 
@@ -301,3 +303,20 @@ def test_every_gsm8k_reference_solution_grades_right_by_its_marked_answer():
     assert wrong == [] and len(rows) == 1319
     whole_text = sum(not verify(parse_gold(_gsm8k_gold(r)), parse(r["answer"])) for r in rows)
     assert whole_text > 0  # the failure mode this guards against is real on this data
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "right"),
+    [("... so the answer is $\\boxed{7}$.", "7", True),
+     ("... so the answer is 7.", "7", False),  # no box: no credit (math_verify would accept it)
+     ("\\boxed{7} is my first guess. " + "Checking again, step by step. " * 12, "7", False),  # box not in the tail
+     ("First \\boxed{5}, but finally \\boxed{7}", "7", True),
+     ("First \\boxed{7}, but finally \\boxed{5}", "7", False),
+     ("\\boxed{\\frac{1}{2}}", "0.5", True)],
+)  # fmt: skip
+def test_boxed_strict_credits_only_a_final_box(completion, gold, right):
+    from reward_models.math import boxed_strict_reward
+
+    assert get_grader("boxed_strict")(completion, gold).correct is right
+    assert boxed_strict_reward([""], [completion], answer=[gold]) == [1.0 if right else 0.0]
+    assert get_grader("math_verify")(completion, gold).correct or not right  # strict never accepts what it rejects

@@ -239,3 +239,103 @@ def test_trl_internals_nft_relies_on():
     for attr in ("self.eos_token_ids", "self.num_generations", "self.num_generations_eval", "self.max_completion_length",
                  "self.reward_weights", "self._metrics"):  # fmt: skip
         assert attr in init_src, attr
+
+
+# ------------------------------------------------------------------ NFT as the paper trains it: off-policy steps
+
+
+def _one_group(neg_weight=1.0, aggregation="constant", loss_const=None):
+    """One question, K = 2 answers of one token: the first right, the second wrong (r_hat = 1/2); pi_old gave each
+    token probability 0.5, pi_theta (after some optimizer steps of the same generation) gives 0.7 and 0.45, so
+    R = 1.4 and 0.9."""
+    old = torch.log(torch.tensor([[0.5], [0.5]], dtype=torch.float64))
+    new = torch.log(torch.tensor([[0.7], [0.45]], dtype=torch.float64)).requires_grad_()
+    correct, r_hat, informative = group_correctness(torch.tensor([1.0, 0.0]), 2, 0.5)
+    options = NFTOptions(aggregation=aggregation, loss_const=loss_const, neg_weight=neg_weight)
+    loss, _ = nft_loss(new, old, torch.ones(2, 1), correct, r_hat, informative, options)
+    (grad,) = torch.autograd.grad(loss, new)
+    return loss, grad.flatten()
+
+
+def test_off_policy_nft_loss_and_gradient_equal_hand_computed_values():
+    import math
+
+    loss, grad = _one_group()
+    # omega = 1 - r_hat = 1/2. Positive: -omega log R1. Negative: -omega log((1 - r_hat R2) / (1 - r_hat)) with
+    # v = (1 - 0.45) / 0.5 = 1.1 >= eps = 1 (not clipped). Constant aggregation: the token sum / 1000.
+    assert loss.item() == pytest.approx((-0.5 * math.log(1.4) - 0.5 * math.log(1.1)) / 1000, rel=1e-12)
+    # d/d log pi: positive -omega; negative omega * r_hat R2 / (1 - r_hat R2) = 0.5 * 0.45 / 0.55.
+    assert grad.tolist() == pytest.approx([-0.5 / 1000, 0.5 * 0.45 / 0.55 / 1000], rel=1e-12)
+    # Dr. GRPO's gradient there (A = r - r_hat = +-1/2, d/d log pi of -A R: -A R) points elsewhere: -0.7 and +0.45
+    # (and PPO's clip at 1 + 0.2 zeroes the first): not proportional to NFT's (-0.5, 0.409).
+    dr = torch.tensor([-0.5 * 1.4, 0.5 * 0.9], dtype=torch.float64)
+    assert abs(torch.nn.functional.cosine_similarity(grad, dr, dim=0).item()) < 0.999
+    on_loss, on_grad = _one_group_on_policy()
+    assert on_grad.tolist() == pytest.approx([-0.5 / 1000, 0.5 / 1000], rel=1e-12)  # R = 1: Dr. GRPO's (-A)
+    assert on_loss.item() == pytest.approx(0.0, abs=1e-15)
+
+
+def _one_group_on_policy():
+    old = torch.log(torch.tensor([[0.5], [0.5]], dtype=torch.float64))
+    new = old.clone().requires_grad_()
+    correct, r_hat, informative = group_correctness(torch.tensor([1.0, 0.0]), 2, 0.5)
+    loss, _ = nft_loss(new, old, torch.ones(2, 1), correct, r_hat, informative, NFTOptions(aggregation="constant"))
+    return loss, torch.autograd.grad(loss, new)[0].flatten()
+
+
+def test_neg_weight_scales_the_negative_term_and_the_constant_is_selectable():
+    _, full = _one_group()
+    _, half = _one_group(neg_weight=0.5)
+    assert half[0].item() == pytest.approx(full[0].item()) and half[1].item() == pytest.approx(full[1].item() / 2)
+    _, none = _one_group(neg_weight=0.0)  # the official code's RFT
+    assert none[1].item() == 0.0 and none[0].item() == pytest.approx(full[0].item())
+    _, per_100 = _one_group(loss_const=100.0)
+    assert per_100.tolist() == pytest.approx((full * 10).tolist())
+    with pytest.raises(ValueError, match="neg_weight must be >= 0"):
+        NFTOptions(neg_weight=-1.0)
+
+
+def test_the_constant_normaliser_sums_micro_batches_instead_of_averaging(trainers):
+    """dp_actor.py: each micro-batch's token sum / 1000, summed over the accumulation (not divided by it)."""
+    _, nft, model = trainers
+    inputs = batch()
+    try:
+        nft.current_gradient_accumulation_steps = 4
+        nft.nft_options = NFTOptions(aggregation="constant")
+        g_constant = grad(nft, model, inputs)
+        nft.nft_options = NFTOptions(aggregation="sum_const", loss_const=1000.0 / len(REWARDS))
+        g_sum = grad(nft, model, inputs)  # the same sum / 1000 per micro-batch, but divided by the 4 steps
+    finally:
+        nft.current_gradient_accumulation_steps = 1
+    assert rel(g_constant, 4 * g_sum) < 1e-9
+
+
+def test_dry_run_of_the_7b_recipe_shows_16_optimizer_steps_per_generation(capsys):
+    from posttrain.cli import main
+    from tests.conftest import REPO
+
+    rc = main(["train", str(REPO / "recipes" / "nft" / "qwen2.5-math-7b.yaml"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 3  # valid; this machine lacks the data file, vLLM and a GPU
+    assert "generation batch holds 8192 completions = 512 prompts x 16 samples (8 process(es)" in out
+    assert "optimizer steps per generation: 16 (512 completions each" in out
+    assert "aggregation=constant (sum / 1000 per process)" in out and "rewards: boxed_strict" in out
+
+
+def test_a_generation_batch_that_does_not_split_into_optimizer_steps_is_refused_with_its_numbers(
+    tmp_path, tiny_model_dir, capsys
+):
+    import yaml
+
+    from posttrain.cli import main
+    from tests.test_trainers import grpo_recipe
+
+    recipe = grpo_recipe(tmp_path, tiny_model_dir, reward="numeric_match", per_device_train_batch_size=8,
+                         gradient_accumulation_steps=3)  # fmt: skip
+    recipe.update(name="nft-bad", trainer="nft", algorithm={"beta": 0.0, "steps_per_generation": 4})
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "does not divide into optimizer steps: 4 micro-batches per generation" in err
+    assert "not a multiple of training.gradient_accumulation_steps 3" in err

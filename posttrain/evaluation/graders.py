@@ -1,6 +1,7 @@
 """Benchmark graders: (completion, gold answer) -> Verdict(extracted answer, correct), registered by name.
 
 - `math_verify`: symbolic equivalence by math-verify (LaTeX, \\boxed{}, fractions, intervals); for MATH-style sets.
+- `boxed_strict`: only a final `\\boxed{}` (in the last 300 characters) counts, compared by math-verify; NFT/DAPO.
 - `numeric_match`: the completion's last number equals the gold's exactly; cheap, for numeric answers.
 - `gsm8k_strict` / `gsm8k_flexible`: lm-evaluation-harness's GSM8K `strict-match` and `flexible-extract` filters
   followed by its `exact_match` metric, reproduced so scores compare with published lm-eval GSM8K numbers.
@@ -13,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from posttrain.errors import DataError, RecipeError, suggest
-from reward_models.math import GoldAnswerError, as_decimal, check_math_answer, extract_last_number
+from reward_models.math import (
+    GoldAnswerError,
+    as_decimal,
+    check_boxed_strict,
+    check_math_answer,
+    extract_last_number,
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +37,16 @@ def math_verify_grader(completion: str, gold: str) -> Verdict:
         extracted, correct = check_math_answer(completion, gold)
     except GoldAnswerError as err:
         raise DataError(f"grader 'math_verify': cannot parse the gold answer {gold!r}") from err
+    return Verdict(extracted, correct)
+
+
+def boxed_strict_grader(completion: str, gold: str) -> Verdict:
+    """Correct only when the completion's last `\\boxed{}` in its final 300 characters is equivalent to the gold
+    (`reward_models.math.check_boxed_strict`, the `boxed_strict` reward's decision)."""
+    try:
+        extracted, correct = check_boxed_strict(completion, gold)
+    except GoldAnswerError as err:
+        raise DataError(f"grader 'boxed_strict': cannot parse the gold answer {gold!r}") from err
     return Verdict(extracted, correct)
 
 
@@ -93,6 +110,7 @@ def gsm8k_flexible_grader(completion: str, gold: str) -> Verdict:
 
 GRADERS: dict[str, Callable[[str, str], Verdict]] = {
     "math_verify": math_verify_grader,
+    "boxed_strict": boxed_strict_grader,
     "numeric_match": numeric_match_grader,
     "gsm8k_strict": gsm8k_strict_grader,
     "gsm8k_flexible": gsm8k_flexible_grader,

@@ -70,6 +70,7 @@ def batch_geometry(recipe: Recipe, num_processes: int = 1) -> dict[str, int]:
     accum = t.get("gradient_accumulation_steps", 1)
     steps_per_gen = a.get("steps_per_generation") or accum
     generation_batch = t.get("generation_batch_size") or per_device * num_processes * steps_per_gen
+    micro_steps = generation_batch // max(per_device * num_processes, 1)  # micro-batches per generation, per process
     return {
         "per_device": per_device,
         "processes": num_processes,
@@ -77,11 +78,44 @@ def batch_geometry(recipe: Recipe, num_processes: int = 1) -> dict[str, int]:
         "generation_batch": generation_batch,
         "num_generations": recipe.rollout.num_generations,
         "prompts_per_generation": generation_batch // max(recipe.rollout.num_generations, 1),
+        "micro_steps": micro_steps,
+        # Optimizer steps taken from one generation batch: after the first, pi_old (the policy that sampled) lags
+        # pi_theta, TRL recomputes pi_old's log-probs, and likelihood ratios leave 1 (off-policy updates).
+        "optimizer_steps_per_generation": micro_steps // max(accum, 1),
     }
 
 
+def plan_processes(recipe: Recipe) -> int:
+    """Processes a plan counts: this launch's (WORLD_SIZE), else the recipe's accelerate_config's, else 1."""
+    import os
+
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if recipe.accelerate_config:
+        from pathlib import Path
+
+        from posttrain.models.memory import read_launch
+
+        path = Path(recipe.resolve_path(recipe.accelerate_config))
+        if path.is_file():
+            try:
+                return read_launch(path).processes
+            except Exception:  # an unreadable config is reported by validation; the plan falls back to 1
+                return 1
+    return 1
+
+
+def steps_line(recipe: Recipe) -> str:
+    g = batch_geometry(recipe, plan_processes(recipe))
+    n = g["optimizer_steps_per_generation"]
+    if n <= 1:
+        return "optimizer steps per generation: 1 (strictly on-policy: every likelihood ratio is 1)"
+    return (f"optimizer steps per generation: {n} ({g['generation_batch'] // n} completions each; pi_old's "
+            "log-probs recomputed, so ratios leave 1 after the first step: off-policy updates)")  # fmt: skip
+
+
 def group_rule_line(recipe: Recipe) -> str:
-    g = batch_geometry(recipe)
+    g = batch_geometry(recipe, plan_processes(recipe))
     ok = g["generation_batch"] % g["num_generations"] == 0
     return "rule: the generation batch must be a multiple of num_generations so every prompt's group is whole" + (
         "" if ok else "  <-- VIOLATED: change per_device_train_batch_size or num_generations"
@@ -94,14 +128,23 @@ def problems(recipe: Recipe) -> list[str]:
     import os
 
     g = batch_geometry(recipe, int(os.environ.get("WORLD_SIZE", "1")))
-    if g["generation_batch"] % g["num_generations"] == 0:
-        return []
-    return [
-        f"rollout.num_generations ({g['num_generations']}) must divide the generation batch ({g['generation_batch']} "
-        f"= training.per_device_train_batch_size {g['per_device']} x {g['processes']} process(es) x "
-        f"{g['generation_batch'] // max(g['per_device'] * g['processes'], 1)} step(s) per generation); change "
-        "per_device_train_batch_size or num_generations"
-    ]
+    found = []
+    if g["generation_batch"] % g["num_generations"] != 0:
+        found.append(
+            f"rollout.num_generations ({g['num_generations']}) must divide the generation batch "
+            f"({g['generation_batch']} = training.per_device_train_batch_size {g['per_device']} x {g['processes']} "
+            f"process(es) x {g['micro_steps']} step(s) per generation); change per_device_train_batch_size or "
+            "num_generations"
+        )
+    if g["micro_steps"] % max(g["accumulation"], 1) != 0:
+        found.append(
+            f"the generation batch does not divide into optimizer steps: {g['micro_steps']} micro-batches per "
+            f"generation (algorithm.steps_per_generation, or generation_batch_size {g['generation_batch']} / "
+            f"({g['per_device']} x {g['processes']} process(es))) is not a multiple of "
+            f"training.gradient_accumulation_steps {g['accumulation']}; set steps_per_generation to k x "
+            f"{g['accumulation']} for k optimizer steps per generation"
+        )
+    return found
 
 
 def rewards_line(recipe: Recipe) -> str:
@@ -109,15 +152,16 @@ def rewards_line(recipe: Recipe) -> str:
 
 
 def plan(recipe: Recipe) -> list[str]:
-    g = batch_geometry(recipe)
+    g = batch_geometry(recipe, plan_processes(recipe))
     return standard_plan(
         recipe,
         [
             f"GRPO: each generation batch holds {g['generation_batch']} completions = "
             f"{g['prompts_per_generation']} prompts x {g['num_generations']} samples "
             f"(per_device_train_batch_size {g['per_device']} x {g['processes']} process(es) x "
-            f"{g['accumulation']} accumulation step(s)); TRL counts completions, not prompts, in the batch size",
+            f"{g['micro_steps']} micro-batch(es)); TRL counts completions, not prompts, in the batch size",
             group_rule_line(recipe),
+            steps_line(recipe),
             f"rollout backend: {recipe.rollout.backend}"
             + (f" ({recipe.rollout.vllm.mode})" if recipe.rollout.backend == "vllm" else ""),
             rewards_line(recipe),

@@ -15,7 +15,15 @@ from posttrain.recipe import Recipe
 from posttrain.registry import TrainerSpec, trainer_options
 from posttrain.runs import RunDir
 from posttrain.trainers.base import RunResult, run_training, standard_plan
-from posttrain.trainers.grpo import GRPO_METHOD_KEYS, batch_geometry, build_trainer, group_rule_line, rewards_line
+from posttrain.trainers.grpo import (
+    GRPO_METHOD_KEYS,
+    batch_geometry,
+    build_trainer,
+    group_rule_line,
+    plan_processes,
+    rewards_line,
+    steps_line,
+)
 from posttrain.trainers.grpo import problems as grpo_problems
 
 
@@ -39,13 +47,22 @@ class NFTOptions:
     correct_threshold: float = field(
         default=0.5, metadata={"help": "reward >= threshold counts as correct (binary verifiers give 0 or 1)"}
     )
-    aggregation: Literal["sum_const", "seq_mean", "token_mean"] = field(
-        default="sum_const", metadata={"help": "token aggregation: TRL dr_grpo, grpo, bnpo respectively"}
-    )
+    aggregation: Literal["sum_const", "seq_mean", "token_mean", "constant"] = field(
+        default="sum_const",
+        metadata={"help": "token aggregation: TRL dr_grpo, grpo, bnpo respectively; constant = the sum of the "
+                          "optimizer step's tokens on each process / loss_const (NVlabs/NFT's dp_actor: / 1000)"},
+    )  # fmt: skip
     loss_const: float | None = field(
-        default=None, metadata={"help": "C in sum_const (sum / (B * C)); None = max completion length (Dr. GRPO's)"}
-    )
+        default=None,
+        metadata={"help": "C: sum_const divides by B x C (None = max completion length, Dr. GRPO's); constant by C "
+                          "alone (None = 1000, the official code's)"},
+    )  # fmt: skip
     negatives: bool = field(default=True, metadata={"help": "the implicit-negative term; False with weight one = RFT"})
+    neg_weight: float = field(
+        default=1.0,
+        metadata={"help": "weight of the implicit-negative term (the official neg_weight: 1 NFT, 0 RFT; its README "
+                          "suggests 0.5 for 32B)", "ge": 0.0},
+    )  # fmt: skip
     positives: bool = field(default=True, metadata={"help": "False = the 'negatives only' ablation"})
     mask_uninformative: bool = field(
         default=True, metadata={"help": "drop all-correct / all-wrong groups (RFT keeps all-correct: SFT data)"}
@@ -54,10 +71,14 @@ class NFTOptions:
     def __post_init__(self) -> None:
         if self.weight not in ("one_minus_rhat", "sqrt", "one"):
             raise ValueError(f"algorithm.weight must be one_minus_rhat, sqrt or one, got {self.weight!r}")
-        if self.aggregation not in ("sum_const", "seq_mean", "token_mean"):
+        if self.aggregation not in ("sum_const", "seq_mean", "token_mean", "constant"):
             raise ValueError(
-                f"algorithm.aggregation must be sum_const, seq_mean or token_mean, got {self.aggregation!r}"
+                f"algorithm.aggregation must be sum_const, seq_mean, token_mean or constant, got {self.aggregation!r}"
             )
+        if self.neg_weight < 0:
+            raise ValueError(f"algorithm.neg_weight must be >= 0, got {self.neg_weight}")
+        if self.loss_const is not None and self.loss_const <= 0:
+            raise ValueError(f"algorithm.loss_const must be > 0, got {self.loss_const}")
         if not 0.0 <= self.rhat_clamp < 0.5:
             raise ValueError(f"algorithm.rhat_clamp must be in [0, 0.5), got {self.rhat_clamp}")
         if self.neg_clip_eps <= 0:
@@ -89,17 +110,21 @@ def trainer_class():
 
 
 def plan(recipe: Recipe) -> list[str]:
-    g = batch_geometry(recipe)
+    g = batch_geometry(recipe, plan_processes(recipe))
     o = trainer_options(recipe)
     kind = recipe.trainer.upper()
     return standard_plan(
         recipe,
         [
             f"{kind}: each generation batch holds {g['generation_batch']} completions = "
-            f"{g['prompts_per_generation']} prompts x {g['num_generations']} samples (TRL counts completions)",
+            f"{g['prompts_per_generation']} prompts x {g['num_generations']} samples ({g['processes']} process(es); "
+            "TRL counts completions)",
             group_rule_line(recipe),
-            f"loss: omega={o.weight}, positives={o.positives}, negatives={o.negatives}, eps={o.neg_clip_eps:g}, "
-            f"r_hat clamp={o.rhat_clamp:g}, aggregation={o.aggregation}, reward >= {o.correct_threshold:g} is "
+            steps_line(recipe),
+            f"loss: omega={o.weight}, positives={o.positives}, negatives={o.negatives} x neg_weight {o.neg_weight:g}, "
+            f"eps={o.neg_clip_eps:g}, r_hat clamp={o.rhat_clamp:g}, aggregation={o.aggregation}"
+            f"{f' (sum / {o.loss_const or 1000:g} per process)' if o.aggregation == 'constant' else ''}, "
+            f"reward >= {o.correct_threshold:g} is "
             f"correct, {'all-correct/all-wrong groups masked' if o.mask_uninformative else 'no group masking'}",
             rewards_line(recipe),
         ],

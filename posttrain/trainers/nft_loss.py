@@ -16,8 +16,10 @@ On-policy (R = 1) the per-token gradient is -omega * grad log pi for a correct a
 and omega = sqrt((1 - r_hat)/r_hat) is GRPO with the population std sigma = sqrt(r_hat (1 - r_hat)) of binary
 rewards (TRL divides by the n-1 std + 1e-4 instead: a factor sqrt((K-1)/K) and an epsilon apart). The token
 aggregation must match too: `sum_const` = TRL `dr_grpo`, `seq_mean` = TRL `grpo`, `token_mean` = TRL `bnpo`
-(and `dapo` on one process without accumulation). Every normaliser counts all sequences/tokens of the batch,
-masked ones included, exactly as TRL counts zero-advantage ones.
+(and `dapo` on one process without accumulation); `constant` is the official code's (dp_actor.py: the tokens of
+each micro-batch summed and divided by 1000, the micro-batches summed, not averaged, per process). Every normaliser
+counts all sequences/tokens of the batch, masked ones included, exactly as TRL counts zero-advantage ones. The
+negative term carries `neg_weight` (the official code's float: 1 NFT, 0 RFT).
 """
 
 from __future__ import annotations
@@ -82,12 +84,14 @@ def nft_loss(
 
     w = omega(r_hat, options.weight) * keep
     pos_tokens = -w * log_ratio * pos * mask * float(options.positives)
-    neg_tokens = -w * neg_term * ~pos * mask * float(options.negatives)
+    neg_tokens = -w * neg_term * ~pos * mask * (float(options.negatives) * float(getattr(options, "neg_weight", 1.0)))
 
     def aggregate(tokens: torch.Tensor) -> torch.Tensor:
         if options.aggregation == "sum_const":
             const = options.loss_const or per_token_logps.size(1)
             return tokens.sum() / (tokens.size(0) * const)
+        if options.aggregation == "constant":  # NVlabs/NFT: sum over tokens / 1000, not divided by the batch
+            return tokens.sum() / (options.loss_const or 1000.0)
         if options.aggregation == "seq_mean":
             return (tokens.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
         return tokens.sum() / mask.sum().clamp(min=1.0)

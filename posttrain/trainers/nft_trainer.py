@@ -70,8 +70,9 @@ class NFTTrainer(GRPOTrainer):
             options = dataclasses.replace(options, loss_const=float(self.max_completion_length))
         loss, stats = nft_loss(per_token_logps, old, mask, inputs[CORRECT], inputs[RHAT], inputs[INFORMATIVE], options)
         mode = "train" if self.model.training else "eval"
-        # Trainer's own loss scaling is off for GRPOTrainer: each micro-batch loss is divided here, as TRL does.
-        if mode == "train":
+        # Trainer's own loss scaling is off for GRPOTrainer: each micro-batch loss is divided here, as TRL does;
+        # `constant` sums the micro-batches instead, as the official code does (its normaliser is the constant).
+        if mode == "train" and options.aggregation != "constant":
             loss = loss / self.current_gradient_accumulation_steps
         for name, value in stats.items():
             self._metrics[mode][f"nft/{name}"].append(self.accelerator.gather(value).mean().item())
