@@ -141,6 +141,7 @@ def test_two_process_accelerate_launch(tmp_path, tiny_model_dir, user_rewards):
     recipe = grpo_recipe(tmp_path, tiny_model_dir, max_steps=3, per_device_train_batch_size=32, save_steps=3)
     recipe["data"]["eval"] = {"synthetic": "arithmetic", "split": "eval", "n": 51}  # odd: one rank's shard is padded
     recipe["eval"] = {"name": "arith", "every_steps": 2}
+    recipe["algorithm"]["dynamic_sampling"] = True  # its rounds must stay in step across the two processes
     path = tmp_path / "grpo2.yaml"
     path.write_text(yaml.safe_dump(recipe))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
@@ -152,6 +153,7 @@ def test_two_process_accelerate_launch(tmp_path, tiny_model_dir, user_rewards):
     assert (run.final / "config.json").exists()
     logged = [r for r in run.read_metrics() if "reward" in r]
     assert [r["step"] for r in logged] == [1, 2, 3]  # one writer: the main process
+    assert all(r["dynamic_sampling/rounds"] >= 1 for r in logged)
     # Held-out eval is generated half per rank and gathered: it equals one process generating everything.
     from posttrain.evaluation import evaluate, recipe_benchmarks
     from posttrain.models.loading import load_tokenizer

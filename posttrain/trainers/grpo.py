@@ -19,6 +19,7 @@ from posttrain.trainers.base import (
     run_training,
     standard_plan,
 )
+from posttrain.trainers.dynamic_sampling import DynamicSamplingOptions
 
 # GRPOConfig fields that define a GRPO-family method (NFT and RFT reuse TRL's sampling, so they accept them too).
 GRPO_METHOD_KEYS = frozenset(
@@ -32,6 +33,7 @@ GRPO_METHOD_KEYS = frozenset(
 SPEC = TrainerSpec(
     name="grpo",
     description="group-relative policy optimisation with verifiable or model rewards (TRL GRPOTrainer)",
+    options=DynamicSamplingOptions,
     library_config="trl.trainer.grpo_config:GRPOConfig",
     method_keys=GRPO_METHOD_KEYS,
     needs_rewards=True,
@@ -105,6 +107,16 @@ def plan_processes(recipe: Recipe) -> int:
     return 1
 
 
+def dynamic_line(recipe: Recipe) -> str:
+    if not recipe.algorithm.get("dynamic_sampling", False):
+        return "dynamic sampling: off (groups whose rewards do not vary stay in the batch)"
+    rounds = recipe.algorithm.get("max_generation_rounds", DynamicSamplingOptions.max_generation_rounds)
+    which = ("groups whose answers are all right or all wrong" if recipe.trainer in ("nft", "rft")
+             else "groups whose rewards do not vary")  # fmt: skip
+    return (f"dynamic sampling: on; {which} are dropped and more prompts generated, up to {rounds} generation "
+            "rounds per batch (then kept groups repeat to fill it)")  # fmt: skip
+
+
 def steps_line(recipe: Recipe) -> str:
     g = batch_geometry(recipe, plan_processes(recipe))
     n = g["optimizer_steps_per_generation"]
@@ -136,6 +148,19 @@ def problems(recipe: Recipe) -> list[str]:
             f"process(es) x {g['micro_steps']} step(s) per generation); change per_device_train_batch_size or "
             "num_generations"
         )
+    dynamic = recipe.algorithm.get("dynamic_sampling", False)
+    local = g["per_device"] * g["micro_steps"]  # completions one process generates per generation batch
+    if dynamic and local % max(g["num_generations"], 1) != 0:
+        found.append(
+            f"algorithm.dynamic_sampling needs whole groups on every process: each process generates {local} "
+            f"completions per generation batch (per_device_train_batch_size {g['per_device']} x {g['micro_steps']} "
+            f"micro-batches), not a multiple of rollout.num_generations {g['num_generations']}"
+        )
+    if dynamic and recipe.rollout.top_k == 1:
+        found.append(
+            "algorithm.dynamic_sampling with rollout.top_k 1 (greedy): every answer of a group is the same, so its "
+            "rewards can never vary and every group would be dropped; sample (top_k 0 or > 1)"
+        )
     if g["micro_steps"] % max(g["accumulation"], 1) != 0:
         found.append(
             f"the generation batch does not divide into optimizer steps: {g['micro_steps']} micro-batches per "
@@ -162,6 +187,7 @@ def plan(recipe: Recipe) -> list[str]:
             f"{g['micro_steps']} micro-batch(es)); TRL counts completions, not prompts, in the batch size",
             group_rule_line(recipe),
             steps_line(recipe),
+            dynamic_line(recipe),
             f"rollout backend: {recipe.rollout.backend}"
             + (f" ({recipe.rollout.vllm.mode})" if recipe.rollout.backend == "vllm" else ""),
             rewards_line(recipe),
@@ -176,6 +202,19 @@ def reward_functions(recipe: Recipe):
     return build_rewards(specs)
 
 
+def trainer_class():
+    """TRL's GRPOTrainer with dynamic sampling (a pass-through unless `algorithm.dynamic_sampling` is on); imports
+    TRL, so only when training."""
+    from trl import GRPOTrainer
+
+    from posttrain.trainers.dynamic_sampling import DynamicSamplingMixin
+
+    class PosttrainGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
+        pass
+
+    return PosttrainGRPOTrainer
+
+
 def build_trainer(recipe: Recipe, run: RunDir, trainer_class: Any = None):
     """The configured GRPOTrainer (or a subclass, e.g. NFT's) with model, data and rewards from the recipe; the
     trainer's own option keys never reach GRPOConfig (`config_kwargs` strips them)."""
@@ -184,7 +223,7 @@ def build_trainer(recipe: Recipe, run: RunDir, trainer_class: Any = None):
     from posttrain.models.loading import peft_config
 
     model, tokenizer = load_model_and_tokenizer(recipe, run)
-    needs_answer = any(r.name in ("numeric_match", "math_verify") for r in recipe.rewards)
+    needs_answer = any(r.name in ("numeric_match", "math_verify", "boxed_strict") for r in recipe.rewards)
     rows = load_train_data(recipe, schema="prompt_answer" if needs_answer else None)
     funcs, weights = reward_functions(recipe)
     config = GRPOConfig(**config_kwargs(recipe, run), **rollout_kwargs(recipe), reward_weights=weights)
@@ -201,5 +240,8 @@ def build_trainer(recipe: Recipe, run: RunDir, trainer_class: Any = None):
 
 
 def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
-    trainer, tokenizer = build_trainer(recipe, run)
+    from posttrain.registry import trainer_options
+
+    trainer, tokenizer = build_trainer(recipe, run, trainer_class=trainer_class())
+    trainer.dynamic_options = trainer_options(recipe)
     return run_training(recipe, trainer, tokenizer, run, resume)

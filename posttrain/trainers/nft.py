@@ -15,10 +15,12 @@ from posttrain.recipe import Recipe
 from posttrain.registry import TrainerSpec, trainer_options
 from posttrain.runs import RunDir
 from posttrain.trainers.base import RunResult, run_training, standard_plan
+from posttrain.trainers.dynamic_sampling import DynamicSamplingOptions
 from posttrain.trainers.grpo import (
     GRPO_METHOD_KEYS,
     batch_geometry,
     build_trainer,
+    dynamic_line,
     group_rule_line,
     plan_processes,
     rewards_line,
@@ -28,7 +30,7 @@ from posttrain.trainers.grpo import problems as grpo_problems
 
 
 @dataclass(frozen=True)
-class NFTOptions:
+class NFTOptions(DynamicSamplingOptions):
     """NFT's own `algorithm:` keys (the loss of posttrain.trainers.nft_loss). RFT is `negatives=False, weight="one"`."""
 
     weight: Literal["one_minus_rhat", "sqrt", "one"] = field(
@@ -69,6 +71,7 @@ class NFTOptions:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.weight not in ("one_minus_rhat", "sqrt", "one"):
             raise ValueError(f"algorithm.weight must be one_minus_rhat, sqrt or one, got {self.weight!r}")
         if self.aggregation not in ("sum_const", "seq_mean", "token_mean", "constant"):
@@ -103,10 +106,16 @@ problems = grpo_problems  # the same batch rules: NFT samples through TRL's GRPO
 
 
 def trainer_class():
-    """The NFTTrainer class (its module imports TRL, which costs seconds: only when training)."""
-    from posttrain.trainers.nft_trainer import NFTTrainer
+    """The NFTTrainer class with dynamic sampling on top (its module imports TRL, which costs seconds: only when
+    training)."""
+    from posttrain.trainers.dynamic_sampling import DynamicSamplingMixin
+    from posttrain.trainers.nft_trainer import INFORMATIVE, NFTTrainer
 
-    return NFTTrainer
+    class DynamicNFTTrainer(DynamicSamplingMixin, NFTTrainer):  # outermost: it filters what NFT's wrapper returns
+        def _dynamic_keep(self, output, n):
+            return output[INFORMATIVE].bool()  # NFT's own notion: some answers right, some wrong
+
+    return DynamicNFTTrainer
 
 
 def plan(recipe: Recipe) -> list[str]:
@@ -121,6 +130,7 @@ def plan(recipe: Recipe) -> list[str]:
             "TRL counts completions)",
             group_rule_line(recipe),
             steps_line(recipe),
+            dynamic_line(recipe),
             f"loss: omega={o.weight}, positives={o.positives}, negatives={o.negatives} x neg_weight {o.neg_weight:g}, "
             f"eps={o.neg_clip_eps:g}, r_hat clamp={o.rhat_clamp:g}, aggregation={o.aggregation}"
             f"{f' (sum / {o.loss_const or 1000:g} per process)' if o.aggregation == 'constant' else ''}, "
@@ -137,4 +147,5 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
         raise RecipeError(f"{recipe.where}: trainer '{recipe.trainer}' has no KL term: set algorithm.beta to 0")
     trainer, tokenizer = build_trainer(recipe, run, trainer_class=trainer_class())
     trainer.nft_options = options
+    trainer.dynamic_options = options
     return run_training(recipe, trainer, tokenizer, run, resume)
