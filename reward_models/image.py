@@ -6,9 +6,11 @@ each scorer converts to what it needs. Built-ins, by name (`image_scorer(name, *
 - `saturation`: the coloured-squares task's analytic reward (`saturation_reward` below; the task's data is
   `posttrain.data.toy_images`): ~1.0 for a saturated square of the prompt's colour, ~0.25 for a dull one, 0 for
   grey. Needs nothing.
-- `pickscore`: PickScore (Kirstain et al. 2023), a CLIP-H fine-tuned on Pick-a-Pic: 100 x logit_scale-free cosine
-  of the CLIP image and text embeddings, times the model's logit scale, as the authors' inference snippet computes.
-- `hpsv2`: Human Preference Score v2 (Wu et al. 2023) through the `hpsv2` package.
+- `pickscore`: PickScore (Kirstain et al. 2023), a CLIP-H fine-tuned on Pick-a-Pic: by default the raw cosine of
+  the CLIP image and text embeddings x 100, the number the SePPO and Diffusion-DPO papers report;
+  `scale: logit` multiplies by the model's own exp(logit_scale) instead (the authors' inference snippet).
+- `hpsv2`: Human Preference Score v2 (Wu et al. 2023) through the `hpsv2` package, v2.0 by default (the SePPO
+  paper's), `hps_version: v2.1` for the later checkpoint.
 - `imagereward`: ImageReward (Xu et al. 2023) through the `image-reward` package (`import ImageReward`).
 - `clip_score`: CLIPScore (Hessel et al. 2021) as torchmetrics computes it: max(100 x cos(image, text), 0).
 
@@ -187,18 +189,25 @@ class _ClipLike:
             return_tensors="pt",
         ).to(self.device)  # fmt: skip
         with torch.no_grad():
-            image_emb = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-            text_emb = self.model.get_text_features(
-                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")
+            image_emb = _projected(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+            text_emb = _projected(
+                self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
             )
         image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
         text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
         return (image_emb * text_emb).sum(dim=-1)
 
 
+def _projected(features: Any) -> Any:
+    """The projected embeddings: transformers 4 returns the tensor, transformers 5 a BaseModelOutputWithPooling whose
+    `pooler_output` holds them."""
+    return features if hasattr(features, "norm") else features.pooler_output
+
+
 class PickScoreScorer(_ClipLike):
-    """PickScore: logit_scale x cos(image, text) with the PickScore_v1 CLIP-H (Kirstain et al. 2023, the authors'
-    inference snippet); ~21-23 for typical SD 1.5 images."""
+    """PickScore with the PickScore_v1 CLIP-H (Kirstain et al. 2023): `scale: cosine100` (default) = 100 x
+    cos(image, text), as the SePPO paper reports it (~21-23 for SD 1.5 images); `scale: logit` = exp(logit_scale)
+    x cos, the authors' inference snippet (the same number when the fine-tuned logit scale is exp(4.6052) = 100)."""
 
     name = "pickscore"
     hint = (
@@ -206,13 +215,17 @@ class PickScoreScorer(_ClipLike):
     )
 
     def __init__(self, model_path: str = "yuvalkirstain/PickScore_v1",
-                 processor_path: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device: str | None = None):  # fmt: skip
+                 processor_path: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device: str | None = None,
+                 scale: str = "cosine100"):  # fmt: skip
+        if scale not in ("cosine100", "logit"):
+            raise ImageScorerError(f"pickscore: scale must be 'cosine100' or 'logit', got {scale!r}")
         super().__init__(model_path, processor_path, device)
+        self.scale = scale
 
     def score(self, images: Any, prompts: Sequence[str]) -> list[float]:
         _check_lengths(images, prompts)
-        scale = self.model.logit_scale.exp()
-        return [float(v) for v in (scale * self._cosine(images, prompts)).cpu()]
+        factor = self.model.logit_scale.exp() if self.scale == "logit" else 100.0
+        return [float(v) for v in (factor * self._cosine(images, prompts)).cpu()]
 
 
 class ClipScorer(_ClipLike):
@@ -233,15 +246,18 @@ class ClipScorer(_ClipLike):
 
 
 class HPSv2Scorer:
-    """HPS v2 / v2.1 through the `hpsv2` package (`hpsv2.score(images, prompt, hps_version=...)`, one prompt per
-    call). `checkpoint` is a local HPS checkpoint; without one the package downloads it, which fails offline."""
+    """HPS v2.0 / v2.1 through the `hpsv2` package (`hpsv2.score(images, prompt, hps_version=...)`, one prompt per
+    call); v2.0 by default, the version the SePPO paper reports. `checkpoint` is a local HPS checkpoint; without one
+    the package downloads it, which fails offline."""
 
     name = "hpsv2"
 
-    def __init__(self, hps_version: str = "v2.1", checkpoint: str | None = None):
+    def __init__(self, hps_version: str = "v2.0", checkpoint: str | None = None):
+        if hps_version not in ("v2.0", "v2.1"):
+            raise ImageScorerError(f"hpsv2: hps_version must be 'v2.0' or 'v2.1', got {hps_version!r}")
         self.hpsv2 = _require("hpsv2", "hpsv2", self.name)
         if checkpoint is not None:
-            _require_weights(checkpoint, self.name, "checkpoint", "pass the path of HPS_v2.1_compressed.pt")
+            _require_weights(checkpoint, self.name, "checkpoint", f"pass the path of HPS_{hps_version}_compressed.pt")
         self.hps_version = hps_version
         self.checkpoint = checkpoint
 

@@ -227,3 +227,138 @@ def test_prompt_files_and_the_shipped_imagereward_prompt_set(tmp_path):
     assert bench.scorer["name"] == "imagereward" and "shipped" in bench.spec.settings()["data"]  # no local path
     with pytest.raises(DataError, match="no shipped prompt set 'nope' \\(shipped: imagereward_benchmark\\)"):
         load_prompts({"shipped": "nope"}, "t")
+
+
+# --------------------------------------------------------------------- the SePPO paper's evaluation protocol
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny CLIP (random weights, locally built tokenizer and image processor) saved as model + processor dirs,
+    with a logit scale of 50 so the two PickScore conventions differ."""
+    import math
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from posttrain.models.tiny_diffusion import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(max_length=77)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 16,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8, "projection_dim": 16},
+        projection_dim=16, logit_scale_init_value=math.log(50.0),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPModel(config).eval()
+    out = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(out)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+def test_pickscore_is_reported_as_the_raw_cosine_times_100(tiny_clip):
+    from transformers import CLIPModel, CLIPProcessor
+
+    images, prompts = squares(True), ["a red square", "a green square", "a blue square"]
+    paper = image_scorer("pickscore", model_path=str(tiny_clip), processor_path=str(tiny_clip))
+    snippet = image_scorer("pickscore", model_path=str(tiny_clip), processor_path=str(tiny_clip), scale="logit")
+    raw, scaled = paper.score(images, prompts), snippet.score(images, prompts)
+    # The model's own forward gives exp(logit_scale) x cos (its logits): dividing by its scale of 50 recovers cos.
+    model, processor = CLIPModel.from_pretrained(tiny_clip), CLIPProcessor.from_pretrained(tiny_clip)
+    inputs = processor(images=to_pil(images), text=prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image.diagonal()
+    assert raw == pytest.approx((100.0 * logits / 50.0).tolist(), abs=1e-4)
+    assert scaled == pytest.approx(logits.tolist(), abs=1e-4)  # the authors' snippet: the model's own scale
+    assert all(-100.0 <= r <= 100.0 for r in raw) and len({round(r, 4) for r in raw}) == 3
+    with pytest.raises(ImageScorerError, match="scale must be 'cosine100' or 'logit'"):
+        image_scorer("pickscore", model_path=str(tiny_clip), processor_path=str(tiny_clip), scale="exp")
+
+
+def test_hps_scores_with_v2_0_by_default(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+    fake = types.ModuleType("hpsv2")
+    fake.score = lambda images, prompt, hps_version, **kw: calls.append(hps_version) or [0.25]
+    monkeypatch.setitem(sys.modules, "hpsv2", fake)
+    assert image_scorer("hpsv2").score(squares(True)[:1], ["red"]) == [0.25] and calls == ["v2.0"]
+    image_scorer("hpsv2", hps_version="v2.1").score(squares(True)[:1], ["red"])
+    assert calls[-1] == "v2.1"
+    with pytest.raises(ImageScorerError, match="hps_version must be 'v2.0' or 'v2.1'"):
+        image_scorer("hpsv2", hps_version="v3")
+
+
+def test_the_paper_suites_point_at_their_sources_with_the_paper_sampling(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from posttrain.evaluation.diffusion import build_diffusion_benchmark
+    from posttrain.evaluation.suite import load_suite
+    from tests.conftest import REPO
+
+    suite = load_suite(str(REPO / "eval" / "suites" / "seppo_paper.yaml"))
+    by_name = {b.name: b for b in suite.benchmarks}
+    assert {b.data.get("dataset") or b.data.get("hpsv2_benchmark") for b in suite.benchmarks} == {
+        "yuvalkirstain/pickapic_v2_no_images", "nateraw/parti-prompts", "all"}  # fmt: skip
+    for bench in suite.benchmarks:
+        g = bench.generation
+        assert (g["scheduler"], g["steps"], g["guidance_scale"], g["seed"], g["n"], g["dtype"]) == (
+            "pipeline", 50, 7.5, 0, 1, "fp16")  # fmt: skip
+    scorers = sorted((b.name, (b.scorer if isinstance(b.scorer, str) else b.scorer["name"])) for b in suite.benchmarks)
+    assert {s for _, s in scorers} == {"pickscore", "hpsv2", "imagereward"} and len(scorers) == 9
+    assert by_name["hps_benchmark_hps"].scorer == {"name": "hpsv2", "hps_version": "v2.0"}
+    # Offline, a hub source fails through the data layer with a clear message.
+    with pytest.raises(DataError, match="pickapic_v2_no_images.*pass a local path"):
+        build_diffusion_benchmark(by_name["pickapic_validation_unique_pickscore"])
+    # The HPS benchmark's prompts come from the hpsv2 package, in style order.
+    fake = types.ModuleType("hpsv2")
+    fake.benchmark_prompts = lambda style: {
+        "photo": ["p1"],
+        "anime": ["a1", "a2"],
+        "paintings": [],
+        "concept-art": ["c"],
+    }
+    monkeypatch.setitem(sys.modules, "hpsv2", fake)
+    assert build_diffusion_benchmark(by_name["hps_benchmark_hps"]).prompts == ["a1", "a2", "c", "p1"]
+
+
+def test_prompts_from_a_dataset_column_through_the_data_layer(tmp_path):
+    from posttrain.evaluation.diffusion import load_prompts
+
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps({"caption": c, "id": i}) + "\n" for i, c in enumerate(["a", "b", "a", "c"])))
+    assert load_prompts({"dataset": str(path), "column": "caption"}, "t") == ["a", "b", "a", "c"]
+    assert load_prompts({"dataset": str(path), "column": "caption", "unique": True}, "t") == ["a", "b", "c"]
+    with pytest.raises(DataError, match="has no column 'Prompt' \\(columns: caption, id\\)"):
+        load_prompts({"dataset": str(path), "column": "Prompt"}, "t")
+
+
+def test_pipeline_scheduler_samples_with_the_models_own_scheduler_class(tiny_pixel, tmp_path):
+    import shutil
+
+    from diffusers import PNDMScheduler
+
+    from posttrain.models.diffusion import load_stack
+    from posttrain.rollout.diffusion import make_scheduler, sample_images
+
+    model = tmp_path / "sd_like"
+    shutil.copytree(tiny_pixel, model)
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    PNDMScheduler.from_config(config).save_pretrained(model / "scheduler")  # what SD 1.5's pipeline dir holds
+    stack = load_stack(model)
+    assert stack.scheduler_class == "PNDMScheduler" and type(stack.scheduler).__name__ == "DDPMScheduler"  # training
+    assert type(make_scheduler(stack.scheduler.config, "pipeline", stack.scheduler_class)).__name__ == "PNDMScheduler"
+    assert type(make_scheduler(stack.scheduler.config, "ddim")).__name__ == "DDIMScheduler"
+    a = sample_images(stack, ["red", "blue"], 10, 3.0, seed=0, device="cpu", scheduler="pipeline")
+    b = sample_images(stack, ["red", "blue"], 10, 3.0, seed=0, device="cpu", scheduler="pipeline")
+    c = sample_images(stack, ["red", "blue"], 10, 3.0, seed=0, device="cpu", scheduler="ddim")
+    assert torch.equal(a, b) and not torch.allclose(a, c) and a.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="'ddim' or 'pipeline'"):
+        make_scheduler(stack.scheduler.config, "euler")

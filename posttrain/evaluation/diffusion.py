@@ -34,7 +34,20 @@ from posttrain.errors import DataError, RewardError
 from posttrain.evaluation.runner import EvalResult
 from posttrain.evaluation.suite import BenchmarkSpec
 
-DATA_KEYS = ("prompts", "path", "shipped", "column", "repeat")
+DATA_KEYS = (
+    "prompts",
+    "path",
+    "shipped",
+    "dataset",
+    "hpsv2_benchmark",
+    "split",
+    "config",
+    "column",
+    "unique",
+    "repeat",
+)
+SCHEDULERS = ("ddim", "pipeline")
+DTYPES = ("fp32", "fp16")
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"  # prompt sets shipped as package data (see README there)
 Z95 = 1.959963984540054
 
@@ -50,6 +63,8 @@ class DiffusionBenchmark:
     seed: int = 0
     n: int = 1  # images per prompt
     batch_size: int = 32
+    scheduler: str = "ddim"  # or "pipeline": the model's own scheduler class (SD 1.5: PNDM), as the paper samples
+    dtype: str = "fp32"  # or "fp16" (on a GPU)
     scorer: dict[str, Any] = field(default_factory=lambda: {"name": "saturation"})
     baseline: str | None = None
     kind: str = "diffusion"
@@ -67,8 +82,11 @@ def scorer_spec(value: Any) -> dict[str, Any]:
 
 def load_prompts(data: dict[str, Any], origin: str) -> list[str]:
     """Prompts from `prompts:` (a list), `path:` (a JSON list of strings or of rows, jsonl rows, or a .txt file
-    with one prompt a line; rows give `column`, default `prompt`) or `shipped:` (a prompt set in
-    posttrain/evaluation/prompts/, by name), each repeated `repeat` times in a row."""
+    with one prompt a line; rows give `column`, default `prompt`), `shipped:` (a prompt set in
+    posttrain/evaluation/prompts/, by name), `dataset:` (a hub dataset or local dataset dir through the data layer,
+    with `split`, `config` and `column`) or `hpsv2_benchmark:` (the HPS v2 benchmark's prompts from the `hpsv2`
+    package: all, anime, concept-art, paintings or photo); `unique: true` drops repeated prompts (first kept); then
+    each is repeated `repeat` times in a row."""
     unknown = [k for k in data if k not in DATA_KEYS]
     if unknown:
         raise DataError(f"{origin}: unknown key '{unknown[0]}' in diffusion data (keys: {', '.join(DATA_KEYS)})")
@@ -84,13 +102,62 @@ def load_prompts(data: dict[str, Any], origin: str) -> list[str]:
             names = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.json")))
             raise DataError(f"{origin}: no shipped prompt set '{data['shipped']}' (shipped: {names})")
         prompts = _prompts_from_file(path, str(data.get("column", "prompt")), origin)
+    elif "dataset" in data:
+        prompts = _prompts_from_dataset(data, origin)
+    elif "hpsv2_benchmark" in data:
+        prompts = _hpsv2_benchmark_prompts(str(data["hpsv2_benchmark"]), origin)
     else:
-        raise DataError(f"{origin}: diffusion data needs 'prompts' (a list), 'path' (a prompt file) or 'shipped'")
+        raise DataError(
+            f"{origin}: diffusion data needs 'prompts' (a list), 'path' (a prompt file), 'shipped', 'dataset' or "
+            "'hpsv2_benchmark'"
+        )
+    if data.get("unique"):
+        prompts = list(dict.fromkeys(prompts))
     repeat = int(data.get("repeat", 1))
     prompts = [p for p in prompts for _ in range(repeat)]
     if not prompts:
         raise DataError(f"{origin}: has no prompts")
     return prompts
+
+
+def _prompts_from_dataset(data: dict[str, Any], origin: str) -> list[str]:
+    """A prompt column of a hub dataset (or a local dataset dir/file) loaded through the data layer: offline, a
+    hub name fails with the data layer's message (pass a local path)."""
+    from posttrain.data.sources import load_source
+
+    spec = {"path": str(data["dataset"]), "split": str(data.get("split", "train"))}
+    if data.get("config") is not None:
+        spec["config"] = str(data["config"])
+    rows = load_source(spec, origin=f"{origin}: data.dataset")
+    column = str(data.get("column", "prompt"))
+    if column not in rows.column_names:
+        raise DataError(
+            f"{origin}: {data['dataset']} has no column '{column}' (columns: {', '.join(rows.column_names)})"
+        )
+    prompts = rows[column]
+    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise DataError(f"{origin}: {data['dataset']}: row {bad + 1} has no string '{column}'")
+    return list(prompts)
+
+
+HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
+
+
+def _hpsv2_benchmark_prompts(style: str, origin: str) -> list[str]:
+    """The HPS v2 benchmark prompts (800 per style) as the `hpsv2` package ships them, in style order."""
+    if style not in ("all", *HPS_STYLES):
+        raise DataError(f"{origin}: hpsv2_benchmark must be all or one of {', '.join(HPS_STYLES)}, got {style!r}")
+    try:
+        import hpsv2
+    except ImportError as err:
+        raise DataError(
+            f"{origin}: the HPS v2 benchmark prompts come with the hpsv2 package: pip install hpsv2"
+        ) from err
+    found = hpsv2.benchmark_prompts(style)
+    if isinstance(found, dict):
+        return [p for name in HPS_STYLES if name in found for p in found[name]]
+    return list(found)
 
 
 def _prompts_from_file(path: Path, column: str, origin: str) -> list[str]:
@@ -117,17 +184,39 @@ def _prompts_from_file(path: Path, column: str, origin: str) -> list[str]:
     return prompts
 
 
+def describe_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> str:
+    """One line for a dry-run plan: the prompts' source and count (a hub dataset or the hpsv2 package is named, not
+    fetched), the sampling settings and the scorer."""
+    data, g = spec.data, spec.generation
+    if "dataset" in data and not Path(str(data["dataset"])).expanduser().exists():
+        source = f"prompts from hub dataset {data['dataset']} split {data.get('split', 'train')} column " \
+                 f"{data.get('column', 'prompt')} (not fetched by --dry-run)"  # fmt: skip
+    elif "hpsv2_benchmark" in data:
+        source = f"the HPS v2 benchmark prompts ({data['hpsv2_benchmark']}, from the hpsv2 package)"
+    else:
+        source = f"{len(build_diffusion_benchmark(spec, limit).prompts)} prompts"
+    scorer = scorer_spec(spec.scorer or "saturation")
+    options = ", ".join(f"{k} {v}" for k, v in scorer.items() if k != "name")
+    return (f"{spec.name}: {source}; {g.get('scheduler', 'ddim')} scheduler, {g.get('steps', 20)} steps, CFG "
+            f"{g.get('guidance_scale', 7.5)}, {g.get('n', 1)} image(s) per prompt, seed {g.get('seed', 0)}, "
+            f"{g.get('dtype', 'fp32')}; scorer {scorer['name']}" + (f" ({options})" if options else ""))  # fmt: skip
+
+
 def build_diffusion_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> DiffusionBenchmark:
     """Load the prompts (errors name the benchmark); `limit` caps the number of prompts (after `repeat`)."""
     origin = f"benchmark '{spec.name}'"
     prompts = load_prompts(spec.data, origin)
     cap = min(x for x in (limit, spec.limit, len(prompts)) if x is not None)
     g = spec.generation
+    scheduler, dtype = str(g.get("scheduler", "ddim")), str(g.get("dtype", "fp32"))
+    if scheduler not in SCHEDULERS or dtype not in DTYPES:
+        raise DataError(f"{origin}: generation.scheduler must be one of {', '.join(SCHEDULERS)} and generation.dtype "
+                        f"one of {', '.join(DTYPES)}, got {scheduler!r} and {dtype!r}")  # fmt: skip
     return DiffusionBenchmark(
         name=spec.name, prompts=prompts[:cap], steps=int(g.get("steps", 20)),
         guidance_scale=float(g.get("guidance_scale", 7.5)), seed=int(g.get("seed", 0)), n=int(g.get("n", 1)),
-        batch_size=int(g.get("batch_size", 32)), scorer=scorer_spec(spec.scorer or "saturation"),
-        baseline=spec.baseline, spec=spec,
+        batch_size=int(g.get("batch_size", 32)), scheduler=scheduler, dtype=dtype,
+        scorer=scorer_spec(spec.scorer or "saturation"), baseline=spec.baseline, spec=spec,
     )  # fmt: skip
 
 
@@ -153,7 +242,8 @@ def score_model(model: str | Path, bench: DiffusionBenchmark, scorer: Any, devic
 
     prompts = [p for p in bench.prompts for _ in range(bench.n)]
     stack = load_stack(model)
-    images = sample_images(stack, prompts, bench.steps, bench.guidance_scale, bench.seed, bench.batch_size, device)
+    images = sample_images(stack, prompts, bench.steps, bench.guidance_scale, bench.seed, bench.batch_size, device,
+                           scheduler=bench.scheduler, dtype=bench.dtype)  # fmt: skip
     return prompts, images, scorer.score(images, prompts)
 
 

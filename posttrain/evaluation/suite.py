@@ -31,11 +31,15 @@ BENCHMARK_KEYS = ("name", "use", "kind", "data", "prompt", "generation", "grader
                   "reward_model", "scorer", "baseline")  # fmt: skip
 PROMPT_KEYS = ("template", "chat_template", "system_prompt", "few_shot", "few_shot_data", "shot_template")
 GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed")
-DIFFUSION_GENERATION_KEYS = ("steps", "guidance_scale", "seed", "n", "batch_size")
+DIFFUSION_GENERATION_KEYS = ("steps", "guidance_scale", "seed", "n", "batch_size", "scheduler", "dtype")
 KINDS = ("generate", "preference", "polar", "diffusion")
 
 # lm-eval-harness's GSM8K prompt ("Question: ...\nAnswer:", 5 shots from the train split), so numbers compare.
 _GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "\n\n\n"]
+# The SePPO paper's sampling: the pipeline's default scheduler, 50 steps, CFG 7.5, one image per prompt, seed 0, fp16.
+PAPER_SAMPLING = {"scheduler": "pipeline", "steps": 50, "guidance_scale": 7.5, "seed": 0, "n": 1, "batch_size": 16,
+                  "dtype": "fp16"}  # fmt: skip
+
 BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
     "gsm8k": {
         "kind": "generate",
@@ -86,6 +90,27 @@ BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
         "data": {"shipped": "imagereward_benchmark", "column": "prompt"},
         "generation": {"steps": 50, "guidance_scale": 7.5, "seed": 0, "n": 1, "batch_size": 8},
         "scorer": "imagereward",
+    },
+    # The SePPO paper's evaluation (Zhang et al. 2024, sec. 5): SD 1.5 sampled with the pipeline's default scheduler
+    # (PNDM), 50 steps, CFG 7.5, one image per prompt from one seed-0 generator, fp16; scored by PickScore (raw
+    # cosine x 100), HPS v2.0 and ImageReward v1.0 (the suite eval/suites/seppo_paper.yaml runs every pair).
+    "pickapic_validation_unique": {  # Pick-a-Pic v2's 500 unique validation captions (the images are not needed)
+        "kind": "diffusion",
+        "data": {"dataset": "yuvalkirstain/pickapic_v2_no_images", "split": "validation_unique", "column": "caption"},
+        "generation": PAPER_SAMPLING,
+        "scorer": "pickscore",
+    },
+    "partiprompts": {  # PartiPrompts (Yu et al. 2022), 1,632 prompts
+        "kind": "diffusion",
+        "data": {"dataset": "nateraw/parti-prompts", "split": "train", "column": "Prompt"},
+        "generation": PAPER_SAMPLING,
+        "scorer": "pickscore",
+    },
+    "hps_benchmark": {  # HPS v2's benchmark: 800 prompts per style (anime, concept-art, paintings, photo)
+        "kind": "diffusion",
+        "data": {"hpsv2_benchmark": "all"},
+        "generation": PAPER_SAMPLING,
+        "scorer": {"name": "hpsv2", "hps_version": "v2.0"},
     },
 }  # fmt: skip
 

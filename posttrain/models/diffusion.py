@@ -26,6 +26,9 @@ class DiffusionStack:
     text_encoder: Any
     tokenizer: Any
     scheduler: Any  # the training (DDPM) noise scheduler
+    # The scheduler class the dir's scheduler_config.json names (SD 1.5: PNDMScheduler): what the pipeline samples
+    # with by default (`generation.scheduler: pipeline`).
+    scheduler_class: str = "DDPMScheduler"
 
     @property
     def pixel(self) -> bool:
@@ -51,9 +54,19 @@ def load_stack(path: str | Path) -> DiffusionStack:
             text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
             tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"),
             scheduler=DDPMScheduler.from_pretrained(root / "scheduler"),
+            scheduler_class=_scheduler_class(root / "scheduler"),
         )
     except (OSError, ValueError) as err:
         raise ModelError(f"{root}: could not load the diffusion components: {err}") from err
+
+
+def _scheduler_class(folder: Path) -> str:
+    import json
+
+    try:
+        return str(json.loads((folder / "scheduler_config.json").read_text()).get("_class_name", "DDPMScheduler"))
+    except (OSError, ValueError):
+        return "DDPMScheduler"
 
 
 def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:

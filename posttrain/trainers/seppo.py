@@ -158,10 +158,12 @@ def plan(recipe: Recipe) -> list[str]:
             f"reference: {cfg.reference} draw from the checkpoint pool; samples by DDIM {cfg.sample_steps} steps, "
             f"CFG {cfg.guidance_scale:g}"
         )
-    benchmarks = diffusion_benchmarks(recipe)  # validates the suite in a dry run too
-    if benchmarks:
-        names = ", ".join(f"{b.name} ({len(b.prompts) * b.n} images, scorer {b.scorer['name']})" for b in benchmarks)
-        lines.append(f"eval before and after training: {names}")
+    specs = diffusion_benchmarks(recipe, load=False)  # validates the suite in a dry run too (hub data not fetched)
+    if specs:
+        from posttrain.evaluation.diffusion import describe_benchmark
+
+        lines.append("eval before and after training (final/ also against the base, same prompts and noise):")
+        lines += [f"  {describe_benchmark(spec, recipe.eval.limit)}" for spec in specs]
     return lines
 
 
@@ -218,9 +220,10 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     return result
 
 
-def diffusion_benchmarks(recipe: Recipe) -> list:
+def diffusion_benchmarks(recipe: Recipe, load: bool = True) -> list:
     """The `kind: diffusion` benchmarks of `eval.suite`, evaluated before and after training (images are sampled
-    from the base model and from final/); a suite with other kinds is refused, naming them."""
+    from the base model and from final/); a suite with other kinds is refused, naming them. `load=False` returns
+    the validated specs without loading their prompts (a dry run fetches no hub data)."""
     if not recipe.eval.suite:
         return []
     from posttrain.evaluation.diffusion import build_diffusion_benchmark
@@ -231,6 +234,8 @@ def diffusion_benchmarks(recipe: Recipe) -> list:
     if other:
         raise RecipeError(f"{recipe.where}: eval.suite {recipe.eval.suite}: trainer seppo evaluates kind: diffusion "
                           f"benchmarks only, not {', '.join(other)}")  # fmt: skip
+    if not load:
+        return list(suite.benchmarks)
     return [build_diffusion_benchmark(b, limit=recipe.eval.limit) for b in suite.benchmarks]
 
 
