@@ -56,3 +56,71 @@ def user_rewards(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return tmp_path
+
+
+# ------------------------------------------------------------------ no deprecated calls from posttrain's own code
+
+_OWN = (str(REPO / "posttrain") + os.sep, str(REPO / "reward_models") + os.sep)
+
+
+def _own_caller() -> str | None:
+    """The posttrain/reward_models frame whose call into a library issued the warning, or None.
+
+    Walking out from the warning: frames of the warning's own package, the standard library, generated code and
+    constructors (`__init__`/`__post_init__`: a config's init chain passes its caller's arguments on, e.g. TRL's
+    GRPOConfig to transformers' TrainingArguments) are passed through. The first other frame decides: posttrain's
+    own code (its call used the deprecated API), or a test's or another library's (e.g. TRL's GRPOTrainer reading
+    `is_gradient_checkpointing` inside a generation posttrain asked for: TRL's call, not posttrain's)."""
+    import sys
+    import sysconfig
+
+    stdlib = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
+    site = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+
+    def package(name: str) -> str | None:
+        for root in site:
+            if name.startswith(root):
+                return Path(name[len(root) :].lstrip(os.sep)).parts[0]
+        return None
+
+    frame = sys._getframe(3)  # _own_caller <- show <- warnings._showwarnmsg <- the frame that called warnings.warn
+    warned_by = package(frame.f_code.co_filename)
+    while frame is not None:
+        name, func = frame.f_code.co_filename, frame.f_code.co_name
+        owner = package(name)
+        in_stdlib = owner is None and any(name.startswith(root) for root in stdlib)  # a venv's platstdlib holds site
+        if (name.startswith("<") or in_stdlib or (owner is not None and owner == warned_by)
+                or (owner is not None and func in ("__init__", "__post_init__"))):  # fmt: skip
+            frame = frame.f_back
+            continue
+        if owner is None and name.startswith(_OWN):
+            return f"{Path(name).relative_to(REPO)}:{frame.f_lineno}"
+        return None
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _no_deprecated_calls_from_posttrain():
+    """A DeprecationWarning or FutureWarning that posttrain's own call into transformers/TRL/accelerate/... causes
+    fails the test (e.g. passing `gradient_checkpointing` where transformers 5.24 wants `activation_checkpointing`);
+    the same warning from a test's own call into a library does not."""
+    import warnings
+
+    found: list[str] = []
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.simplefilter("always", category)
+        passed_on = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, (DeprecationWarning, FutureWarning)):
+                caller = _own_caller()
+                if caller is not None:
+                    found.append(f"{category.__name__}: {message} ({filename}:{lineno}), from {caller}")
+                return
+            passed_on(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+    if found:
+        pytest.fail("deprecated calls from posttrain's own code:\n" + "\n".join(dict.fromkeys(found)))
