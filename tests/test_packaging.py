@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from posttrain.cli import main
 from posttrain.shipped import find_shipped, recipes_dir, suites_dir
 
@@ -77,3 +79,52 @@ def test_tiny_base_model_is_built_once_and_atomically(tmp_path):
     assert calls == [tmp_path / "base_model.tmp"]  # built into the side dir, once
     assert (target / "config.json").exists() and not (target / "junk").exists()
     assert not (tmp_path / "base_model.tmp").exists()
+
+
+def _requirements() -> dict:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs += [Requirement(r) for r in project["optional-dependencies"]["vllm"]]
+    return {r.name.lower().replace("_", "-"): r for r in reqs}
+
+
+def test_the_oldest_tested_set_lies_inside_the_dependency_window():
+    """.ci/oldest.txt (CI's second job) pins the floor of each windowed package: every pin must satisfy pyproject's
+    specifier, and transformers' must admit vLLM 0.31 (which needs transformers < 5.18)."""
+    from packaging.version import Version
+
+    reqs = _requirements()
+    pins = {}
+    for line in (REPO / ".ci" / "oldest.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.strip().lower()] = Version(version.strip())
+    assert {"transformers", "datasets", "accelerate", "peft", "huggingface-hub", "trl"} <= set(pins)
+    for name, version in pins.items():
+        assert reqs[name].specifier.contains(version), (name, version, str(reqs[name].specifier))
+    assert pins["transformers"] < Version("5.18")
+    assert reqs["vllm"].specifier.contains(Version("0.31.0")) and not reqs["vllm"].specifier.contains(Version("0.32"))
+
+
+@pytest.mark.slow
+def test_the_vllm_extra_resolves_to_vllm_0_31_without_installing(tmp_path):
+    """pip's resolver in dry-run mode (metadata only, no CUDA wheels): `.[vllm]` gives vLLM 0.31 with the window."""
+    import json
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q", "--report",
+                           str(report), f"{REPO}[vllm]"], capture_output=True, text=True, timeout=600)  # fmt: skip
+    if proc.returncode != 0 and any(w in proc.stderr for w in ("NewConnectionError", "No matching distribution",
+                                                                "Could not find a version")):  # fmt: skip
+        pytest.skip(f"the package index is not reachable here: {proc.stderr.strip().splitlines()[-1][:200]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    assert found["vllm"].startswith("0.31.") and found["transformers"].startswith("5.17."), found
+    assert found["trl"].startswith("1.16.")

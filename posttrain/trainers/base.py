@@ -29,7 +29,7 @@ def config_kwargs(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     kwargs.update(
         output_dir=str(run.checkpoints),
         seed=recipe.seed,
-        activation_checkpointing=recipe.model.gradient_checkpointing,  # transformers 5's name for it
+        **{checkpointing_key(): recipe.model.gradient_checkpointing},
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         disable_tqdm=True,  # posttrain's own Progress callback shows stage, reward and accuracy
@@ -37,6 +37,17 @@ def config_kwargs(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = True
     return kwargs
+
+
+def checkpointing_key() -> str:
+    """TrainingArguments' name for gradient checkpointing: `activation_checkpointing` from transformers 5.24 (the
+    old name is deprecated there), `gradient_checkpointing` before (the window starts at 5.17, vLLM 0.31's)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def policy_source(recipe: Recipe, run: RunDir) -> str:
