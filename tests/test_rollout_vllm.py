@@ -254,3 +254,111 @@ def test_vllm_logprobs_of_the_sampled_tokens(fake_vllm):
     assert [s.token_ids for s in group] == [[10, 20], [11, 21]]
     assert group[0].logprobs == [-0.5, -1.0]  # the sampled token's entry, not the alternative 99
     assert gen.generate(["a"], SamplingParams(n=2, temperature=1.0)) == [["a|0", "a|1"]]
+
+
+# ---------------------------------------------- held-out eval through the trainer's own vLLM engine (TRL 1.16)
+
+
+class FakeEngine:
+    """trl.generation.vllm_generation.VLLMGeneration's surface the eval uses: mode, llm / vllm_client,
+    tensor_parallel_size, sync_weights()."""
+
+    def __init__(self, mode: str, llm: Any = None, client: Any = None, tp: int = 1):
+        self.mode, self.llm, self.vllm_client, self.tensor_parallel_size = mode, llm, client, tp
+        self.syncs = 0
+
+    def sync_weights(self):
+        self.syncs += 1
+
+
+class FakeTrainer:
+    def __init__(self, engine: FakeEngine, step: int = 0):
+        self.use_vllm, self.vllm_generation = True, engine
+        self.state = types.SimpleNamespace(global_step=step)
+        self._last_loaded_step = 0
+
+
+class FakeClient:
+    """trl.generation.vllm_client.VLLMClient.generate: completion token ids, n per prompt, prompt-major."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, top_k=0, max_tokens=16, logprobs=0,
+                 generation_kwargs=None, **kwargs):  # fmt: skip
+        self.calls.append({"prompts": list(prompts), "n": n, "temperature": temperature, "max_tokens": max_tokens,
+                           "kwargs": generation_kwargs})  # fmt: skip
+        ids = [self.tokenizer.encode(f"{p}{j}", add_special_tokens=False) for p in prompts for j in range(n)]
+        return {"prompt_ids": [[] for _ in prompts], "completion_ids": ids, "logprobs": None}
+
+
+def test_in_training_eval_generates_with_the_colocated_engine_synced_to_the_current_step(fake_vllm):
+    from posttrain.rollout.trainer_vllm import TrainerVLLMGenerator, held_out_generator
+
+    llm = FakeLLM("policy")
+    trainer = FakeTrainer(FakeEngine("colocate", llm=llm), step=20)
+    generator = held_out_generator(None, None, 8, trainer)
+    assert isinstance(generator, TrainerVLLMGenerator)
+    params = SamplingParams(n=1, max_new_tokens=12, temperature=0.0)
+    assert generator.generate(["1+2=", "3+4="], params) == [["1+2=|0"], ["3+4=|0"]]
+    assert trainer.vllm_generation.syncs == 1 and trainer._last_loaded_step == 20  # weights of step 20 pushed first
+    generator.generate(["5+6="], params)
+    assert trainer.vllm_generation.syncs == 1  # same step: TRL's rule, no second sync
+    assert llm.calls[0]["params"]["temperature"] == 0.0 and llm.calls[0]["params"]["max_tokens"] == 12
+
+
+def test_in_training_eval_sends_prompts_to_the_vllm_server_from_the_main_process(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from posttrain.rollout.trainer_vllm import held_out_generator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    client = FakeClient(tokenizer)
+    trainer = FakeTrainer(FakeEngine("server", client=client), step=0)
+    generator = held_out_generator(None, tokenizer, 8, trainer)
+    out = generator.generate(["12", "34"], SamplingParams(n=2, max_new_tokens=5, temperature=0.0, stop=("\n",)))
+    assert out == [["120", "120"], ["340", "340"]]  # greedy: one asked for, repeated n times as the hf backend does
+    assert client.calls == [{"prompts": ["12", "34"], "n": 1, "temperature": 0.0, "max_tokens": 5,
+                             "kwargs": {"seed": 0, "stop": ["\n"]}}]  # fmt: skip
+    assert trainer.vllm_generation.syncs == 0  # step 0: the engine already holds the initial weights
+
+
+def test_without_vllm_the_eval_generates_with_transformers(tiny_model_dir):
+    from posttrain.rollout.hf import HFGenerator
+    from posttrain.rollout.sharded import ShardedGenerator
+    from posttrain.rollout.trainer_vllm import held_out_generator
+
+    hf_trainer = types.SimpleNamespace(use_vllm=False)
+    generator = held_out_generator(object(), None, 8, hf_trainer)
+    assert isinstance(generator, ShardedGenerator) and isinstance(generator.generator, HFGenerator)
+
+
+def test_tensor_parallel_ranks_share_one_shard(monkeypatch):
+    import accelerate.utils
+
+    from posttrain.rollout.trainer_vllm import _TPGroups
+
+    state = types.SimpleNamespace(num_processes=4, process_index=3)
+    groups = _TPGroups(state, tp=2)
+    assert (groups.num_processes, groups.process_index) == (2, 1)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda items: ["g0", "g0", "g1", "g1"])
+    assert groups.gather(["g1"]) == ["g0", "g1"]  # one copy per tensor-parallel group
+
+
+def test_trl_internals_the_vllm_eval_relies_on():
+    import inspect
+
+    from trl import GRPOTrainer
+    from trl.generation.vllm_client import VLLMClient
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    src = inspect.getsource(GRPOTrainer._generate_single_turn)
+    assert "self.state.global_step != self._last_loaded_step" in src and "self.vllm_generation.sync_weights()" in src
+    init = inspect.getsource(VLLMGeneration.__init__)
+    for attr in ("self.mode", "self.llm", "self.vllm_client", "self.tensor_parallel_size"):
+        assert attr in init or attr in inspect.getsource(VLLMGeneration), attr
+    params = inspect.signature(VLLMClient.generate).parameters
+    assert {"prompts", "n", "temperature", "top_p", "top_k", "max_tokens", "logprobs", "generation_kwargs"} <= set(
+        params
+    )
+    assert '"completion_ids"' in inspect.getsource(VLLMClient.generate)

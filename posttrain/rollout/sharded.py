@@ -44,8 +44,14 @@ class ShardedGenerator:
         return padded[self.process_index * per : (self.process_index + 1) * per]
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
+        return self._sharded(self.generator.generate, prompts, params)
+
+    def generate_samples(self, prompts: list[str], params: SamplingParams) -> list[list[Any]]:
+        return self._sharded(self.generator.generate_samples, prompts, params)
+
+    def _sharded(self, method: Callable, prompts: list[str], params: SamplingParams) -> list[list[Any]]:
         if self.num_processes == 1 or not prompts:
-            return self.generator.generate(prompts, params)
-        mine = self.generator.generate(self.shard(prompts), params)
+            return method(prompts, params)
+        mine = method(self.shard(prompts), params)
         shards = self.gather([mine])  # one entry per rank, in rank order
         return [group for shard in shards for group in shard][: len(prompts)]

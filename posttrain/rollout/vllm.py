@@ -90,6 +90,16 @@ class VLLMGenerator:
             **(lora_engine_kwargs(lora_path) if lora_path is not None else {"enable_lora": False}),
         )
 
+    @classmethod
+    def from_engine(cls, llm: Any, lora_request: Any = None) -> VLLMGenerator:
+        """A generator over an engine someone else built and keeps current (TRL's colocated `vllm.LLM`, whose
+        weights the trainer syncs): no engine of its own."""
+        import vllm
+
+        self = cls.__new__(cls)
+        self._vllm, self.llm, self.lora_request = vllm, llm, lora_request
+        return self
+
     def generate(self, prompts: list[str], params: SamplingParams) -> list[list[str]]:
         return [[s.text for s in group] for group in self.generate_samples(prompts, params)]
 

@@ -121,7 +121,7 @@ def run_training(
     def held_out(tag: str) -> dict[str, float]:
         model = trainer.accelerator.unwrap_model(trainer.model)
         scored = evaluator(model) if evaluator is not None else None
-        results = _evaluate_policy(model, tokenizer, benchmarks, recipe.eval.batch_size)
+        results = _evaluate_policy(model, tokenizer, benchmarks, recipe.eval.batch_size, trainer)
         if not is_main:
             return {}
         return record_evaluation(run, recipe.name, tag, trainer.state.global_step, results, scored)
@@ -150,13 +150,12 @@ def run_training(
     return result
 
 
-def _evaluate_policy(model: Any, tokenizer: Any, benchmarks: list, batch_size: int) -> list:
-    """Greedy held-out results of the policy; every rank generates 1/N of each benchmark (gathered in order)."""
+def _evaluate_policy(model: Any, tokenizer: Any, benchmarks: list, batch_size: int, trainer: Any = None) -> list:
+    """Greedy held-out results of the policy (`held_out_generator`)."""
     from posttrain.evaluation import evaluate
-    from posttrain.rollout.hf import HFGenerator
-    from posttrain.rollout.sharded import ShardedGenerator
+    from posttrain.rollout.trainer_vllm import held_out_generator
 
-    generator = ShardedGenerator(HFGenerator(model, tokenizer, batch_size))
+    generator = held_out_generator(model, tokenizer, batch_size, trainer)
     return [evaluate(generator, benchmark, tokenizer) for benchmark in benchmarks]
 
 
@@ -186,7 +185,7 @@ def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, be
     if evaluator is not None and every:
         trainer.add_callback(EvaluatorEval(evaluator, every, metrics))
     if benchmarks and every:
-        trainer.add_callback(HeldOutEval(benchmarks, tokenizer, every, metrics, recipe.eval.batch_size))
+        trainer.add_callback(HeldOutEval(benchmarks, tokenizer, every, metrics, recipe.eval.batch_size, trainer))
 
 
 # ------------------------------------------------------------------------------------------------ dry-run plan

@@ -136,21 +136,22 @@ class HeldOutEval(TrainerCallback):
     (`ShardedGenerator`); the samples are gathered, every rank grades them, only the main one writes.
     """
 
-    def __init__(self, benchmarks, tokenizer, every_steps: int, metrics: MetricsJsonl, batch_size: int = 256):
+    def __init__(self, benchmarks, tokenizer, every_steps: int, metrics: MetricsJsonl, batch_size: int = 256,
+                 trainer: Any = None):  # fmt: skip
         self.benchmarks = benchmarks
         self.tokenizer = tokenizer
         self.every_steps = every_steps
         self.metrics = metrics
         self.batch_size = batch_size
+        self.trainer = trainer  # a trainer rolling out with vLLM evaluates through that engine
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.every_steps != 0:
             return
         from posttrain.evaluation import evaluate
-        from posttrain.rollout.hf import HFGenerator
-        from posttrain.rollout.sharded import ShardedGenerator
+        from posttrain.rollout.trainer_vllm import held_out_generator
 
-        generator = ShardedGenerator(HFGenerator(getattr(model, "module", model), self.tokenizer, self.batch_size))
+        generator = held_out_generator(getattr(model, "module", model), self.tokenizer, self.batch_size, self.trainer)
         for benchmark in self.benchmarks:
             self.metrics.pending.update(evaluate(generator, benchmark, self.tokenizer).metrics())
         control.should_log = True
