@@ -274,21 +274,42 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def check_launch(recipe: Recipe, problems: list) -> None:
-    """`accelerate_config` names a readable accelerate config file (the memory plan reads it)."""
-    from posttrain.models.memory import read_launch
+def check_launch(recipe: Recipe, problems: list, spec: Any = None) -> None:
+    """`accelerate_config` names a readable accelerate config file (the memory plan reads it), and the launch (this
+    process's `accelerate launch`, else that config) suits the trainer: DeepSpeed only where its loop runs under
+    it, LoRA only where the trainer applies it."""
+    from posttrain.models.memory import launch_of_this_process, read_launch
 
-    if recipe.accelerate_config is None:
+    launch = launch_of_this_process()
+    if recipe.accelerate_config is not None:
+        path = Path(recipe.resolve_path(recipe.accelerate_config))
+        if not path.is_file():
+            problems.append(RecipeError(f"{recipe.where}: accelerate_config: file not found: {recipe.accelerate_config}"))  # fmt: skip
+            return
+        try:
+            configured = read_launch(path)
+        except Exception as err:  # YAML errors, non-numeric process counts: all mean the file is not a usable config
+            problems.append(
+                RecipeError(f"{recipe.where}: accelerate_config {path}: not a usable accelerate config ({err})")
+            )
+            return
+        launch = launch or configured
+    if spec is None:
         return
-    path = Path(recipe.resolve_path(recipe.accelerate_config))
-    if not path.is_file():
-        problems.append(RecipeError(f"{recipe.where}: accelerate_config: file not found: {recipe.accelerate_config}"))
-        return
-    try:
-        read_launch(path)
-    except Exception as err:  # YAML errors, non-numeric process counts: all mean the file is not a usable config
+    if recipe.model.lora is not None and not spec.lora:
         problems.append(
-            RecipeError(f"{recipe.where}: accelerate_config {path}: not a usable accelerate config ({err})")
+            RecipeError(
+                f"{recipe.where}: model.lora: trainer '{spec.name}' trains all weights and has no LoRA "
+                "support; remove model.lora"
+            )  # fmt: skip
+        )
+    if launch is not None and launch.zero_stage is not None and not spec.deepspeed:
+        problems.append(
+            RecipeError(
+                f"{recipe.where}: trainer '{spec.name}' cannot run under DeepSpeed ZeRO-{launch.zero_stage} "
+                f"({launch.source}): its own accelerate loop (several models: frozen encoders, a reference copy, the "
+                "trained one) is built and tested for DDP only; launch it with recipes/accelerate/ddp.yaml"
+            )
         )
 
 

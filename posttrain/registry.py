@@ -76,6 +76,9 @@ class TrainerSpec:
     # (eval.data or data.eval). None: the trainer reads that data its own way (e.g. images) and checks it itself.
     train_schema: str | None = None
     eval_schema: str | None = None
+    # What the trainer's training loop can run under: DeepSpeed ZeRO (accelerate's DeepSpeed plugin) and peft LoRA.
+    deepspeed: bool = True
+    lora: bool = True
 
     def option_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.options)) if self.options else ()
@@ -157,7 +160,7 @@ def validate_recipe(recipe: Recipe, problems: list | None = None) -> None:
     preflight.check_rewards(recipe, found)
     preflight.check_rollout_backend(recipe, found)
     preflight.check_run_dir(recipe, found)
-    preflight.check_launch(recipe, found)
+    preflight.check_launch(recipe, found, spec)
     if not found:
         return
     err = problems_error(recipe.where, found)

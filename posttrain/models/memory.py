@@ -127,11 +127,26 @@ def read_launch(path: str | Path | None) -> Launch:
     ds = data.get("deepspeed_config") or {}
     stage = ds.get("zero_stage") if data.get("distributed_type") == "DEEPSPEED" else None
     return Launch(
-        processes=int(data.get("num_processes", 1)) * max(int(data.get("num_machines", 1)), 1),
+        processes=int(data.get("num_processes", 1)),  # accelerate's num_processes counts every machine's
         zero_stage=None if stage is None else int(stage),
         offload_optimizer=ds.get("offload_optimizer_device", "none") not in ("none", None),
         offload_params=ds.get("offload_param_device", "none") not in ("none", None),
         source=str(path),
+    )
+
+
+def launch_of_this_process() -> Launch | None:
+    """The launch this process runs under, from the environment `accelerate launch` sets; None outside one."""
+    import os
+
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return Launch(
+        processes=int(os.environ["WORLD_SIZE"]),
+        zero_stage=int(stage) if deepspeed and stage else None,
+        source="this accelerate launch",
     )
 
 

@@ -136,11 +136,17 @@ def group_rule_line(recipe: Recipe) -> str:
 
 def problems(recipe: Recipe) -> list[str]:
     """Batch rules TRL checks only once the model is loaded (GRPOConfig.__post_init__), with the fix: every
-    prompt's group of `num_generations` must fit whole in the generation batch, on the processes of this launch."""
-    import os
-
-    g = batch_geometry(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+    prompt's group of `num_generations` must fit whole in the generation batch, on the processes of this launch
+    (WORLD_SIZE under `accelerate launch`, else the recipe's accelerate_config)."""
+    g = batch_geometry(recipe, plan_processes(recipe))
     found = []
+    per_step = g["per_device"] * g["processes"]
+    if recipe.training.get("generation_batch_size") and g["generation_batch"] % per_step != 0:
+        found.append(
+            f"training.generation_batch_size {g['generation_batch']} does not split over {g['processes']} process(es) "
+            f"x per_device_train_batch_size {g['per_device']} = {per_step} completions per micro-batch; make it a "
+            f"multiple of {per_step} (or use fewer processes)"
+        )
     if g["generation_batch"] % g["num_generations"] != 0:
         found.append(
             f"rollout.num_generations ({g['num_generations']}) must divide the generation batch "

@@ -67,6 +67,7 @@ SPEC = TrainerSpec(
     train_schema="polar_triplet",
     eval_schema="polar_triplet",
     curves=("loss",),
+    lora=False,  # the value head and the new special-token embeddings train with all weights
 )
 
 

@@ -97,6 +97,8 @@ SPEC = TrainerSpec(
     options=SePPOOptions,
     library_config="posttrain.trainers.seppo:SePPOTraining",
     curves=("loss", "flip_rate", "implicit_acc"),
+    deepspeed=False,  # its own accelerate loop, built and tested for DDP
+    lora=False,
 )
 
 
