@@ -182,9 +182,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_plan(recipe, args)
         return 0
     result = train_recipe(recipe, resume=args.resume)
-    from accelerate import PartialState
+    from posttrain.models.processes import end_processes, process_state
 
-    if not PartialState().is_main_process:
+    is_main = process_state().is_main_process
+    end_processes()
+    if not is_main:
         return 0  # one summary per launch, not one per process
     if result.finished:
         print(f"run dir: {result.run_dir} holds this run, finished at step {result.global_step}: nothing to resume, "
@@ -249,7 +251,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
     root = recipes_dir()
     for path in sorted(root.rglob("*.yaml")):
-        if path.parent.name == "accelerate":
+        if path.relative_to(root).parts[0] == "accelerate":  # launch configs (and their cpu/ variants)
             continue
         data = yaml.safe_load(path.read_text()) or {}
         print(f"{str(path.relative_to(root)):42s} {data.get('description', '')}")

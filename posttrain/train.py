@@ -19,12 +19,12 @@ def train_recipe(recipe: Recipe, resume: bool = False):
     """Run `recipe` into its run dir, settled first (`RunDir.prepare`): a failed run starts again (its files moved
     aside), an interrupted one continues with resume=True, a finished one resumed returns what it recorded and
     changes nothing."""
-    from accelerate import PartialState
+    from posttrain.models.processes import process_state
 
     module = trainer_module(recipe.trainer, recipe.where)
     run = RunDir(recipe.run_dir())
     planned = planned_steps(recipe)
-    process = PartialState()
+    process = process_state()  # first in the process: a DeepSpeed launch on CPUs needs its backend named
     seen = run.state(planned)  # every process reads the dir before the main process changes it
     process.wait_for_everyone()
     state = run.prepare(recipe, resume=resume, planned_steps=planned, state=seen, is_main=process.is_main_process)

@@ -190,13 +190,28 @@ def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     import torch
 
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    inner = getattr(model, "module", model)  # DDP and DeepSpeed's engine wrap the model being trained
+    if inner is model:
+        hidden = model.base_model(**inputs).last_hidden_state
+    else:
+        # A wrapped model must run its own forward (DDP readies its gradient all-reduce there): the base model's
+        # output is taken from that forward with a hook, the head's pooled logits of the full forward are unused.
+        captured: dict[str, Any] = {}
+
+        def keep(module: Any, args: Any, output: Any) -> None:
+            captured["hidden"] = output.last_hidden_state
+
+        handle = inner.base_model.register_forward_hook(keep)
+        try:
+            model(**inputs)
+        finally:
+            handle.remove()
+        hidden = captured["hidden"]
     index = torch.arange(input_ids.size(1), device=input_ids.device)
     last = (index * attention_mask.long()).argmax(-1)
     pooled = hidden[torch.arange(input_ids.size(0), device=input_ids.device), last]
-    return score_head(model)(pooled).squeeze(-1).float()
+    return score_head(inner)(pooled).squeeze(-1).float()
 
 
 def score_head(model: Any) -> Any:

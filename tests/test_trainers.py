@@ -144,13 +144,17 @@ def test_two_process_accelerate_launch(tmp_path, tiny_model_dir, user_rewards):
     recipe["algorithm"]["dynamic_sampling"] = True  # its rounds must stay in step across the two processes
     path = tmp_path / "grpo2.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # The shipped CPU config starts 2 real processes (`--cpu --num_processes 2` starts one: posttrain/models/processes.py)
+    config = REPO / "recipes" / "accelerate" / "cpu" / "ddp.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "-m", "posttrain", "train", str(path)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("run dir:") == 1  # one summary: the main process's
     run = RunDir(tmp_path / "grpo")
     assert (run.final / "config.json").exists()
+    info = json.loads((run.final / "posttrain_final.json").read_text())
+    assert (info["processes"], info["distributed"]) == (2, "MULTI_CPU")  # two real processes
     logged = [r for r in run.read_metrics() if "reward" in r]
     assert [r["step"] for r in logged] == [1, 2, 3]  # one writer: the main process
     assert all(r["dynamic_sampling/rounds"] >= 1 for r in logged)

@@ -44,9 +44,9 @@ def build_once(target: Path, build: Callable[[Path], Any]) -> None:
     """Write a model dir once per run, safely under a multi-process launch: the main process builds it into
     `<target>.tmp` and renames it into place (so a half-written dir is never taken for a model), the others
     wait at accelerate's barrier and then find it there. A resumed run reuses it."""
-    from accelerate import PartialState
+    from posttrain.models.processes import process_state
 
-    with PartialState().main_process_first():
+    with process_state().main_process_first():
         if (target / "config.json").exists() or (target / "model_index.json").exists():
             return
         tmp = target.with_name(target.name + ".tmp")

@@ -24,9 +24,9 @@ class ShardedGenerator:
 
     def __init__(self, generator: Generator, state: Any = None, gather: Callable[[list], list] | None = None):
         if state is None:
-            from accelerate import PartialState
+            from posttrain.models.processes import process_state
 
-            state = PartialState()
+            state = process_state()
         if gather is None:
             from accelerate.utils import gather_object
 

@@ -45,9 +45,9 @@ class TrainerVLLMGenerator:
 
     def __init__(self, trainer: Any, tokenizer: Any, state: Any = None):
         if state is None:
-            from accelerate import PartialState
+            from posttrain.models.processes import process_state
 
-            state = PartialState()
+            state = process_state()
         self.trainer, self.tokenizer, self.state = trainer, tokenizer, state
         self.engine = trainer_engine(trainer)
         if self.engine is None:

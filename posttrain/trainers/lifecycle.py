@@ -91,9 +91,23 @@ def save_final(
     write(run.final_tmp)
     barrier()
     if is_main:
-        (run.final_tmp / FINAL_INFO).write_text(json.dumps({"step": step}))
+        (run.final_tmp / FINAL_INFO).write_text(json.dumps({"step": step, **launch_info()}))
         run.swap_in_final()
     return run.final
+
+
+def launch_info() -> dict:
+    """How the run was launched, recorded beside the final model: processes and accelerate's distributed type
+    (with the ZeRO stage under DeepSpeed)."""
+    import os
+
+    from posttrain.models.processes import process_state
+
+    state = process_state()
+    kind = str(state.distributed_type).rsplit(".", 1)[-1]
+    if kind == "DEEPSPEED":
+        kind += f" ZeRO-{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}"
+    return {"processes": state.num_processes, "distributed": kind}
 
 
 def finish(run: RunDir, recipe: Recipe, result: RunResult) -> None:

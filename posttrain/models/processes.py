@@ -1,0 +1,48 @@
+"""accelerate's process state, made right for a multi-process launch on a machine without GPUs.
+
+accelerate (1.10-1.15) picks a distributed backend only for an accelerator device, or for `cpu=True`, which
+its `launch` never passes on: a 2-process `accelerate launch` on CPUs (torchrun under `--multi_gpu`, or the
+DeepSpeed launcher) gives `PartialState` no backend, so every rank reports process 0 of 1. Barriers are then
+skipped (rank 1 read `base_model/` before rank 0 had written it), the data is not split between the ranks, and
+every rank writes the run dir. (`accelerate launch --cpu` and a `MULTI_CPU` config start only one process
+unless run under mpirun.) The fix is the first `PartialState` of the process, built with what accelerate needs
+to see the real world: `cpu=True` for DDP over gloo; for DeepSpeed, the gloo backend that DeepSpeed's CPU
+accelerator initialises (`cpu=True` would turn DeepSpeed off). Everything else is accelerate's own state.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def launched_on_cpu() -> bool:
+    """This process is one of several started by a launcher (torchrun's LOCAL_RANK, WORLD_SIZE > 1), and no CUDA
+    device is visible."""
+    if "LOCAL_RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def process_state() -> Any:
+    """accelerate's `PartialState` (a per-process singleton: the first call decides it, later ones share it)."""
+    from accelerate import PartialState
+
+    if launched_on_cpu() and not PartialState._shared_state:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            return PartialState(backend="gloo")
+        return PartialState(cpu=True)
+    return PartialState()
+
+
+def end_processes() -> None:
+    """Close torch.distributed after a multi-process run, every rank together. Left to interpreter exit, a ZeRO-3
+    run on CPUs aborted one rank after `final/` was written ("terminate called without an active exception"), and
+    the launch reported a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
