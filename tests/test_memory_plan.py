@@ -38,14 +38,15 @@ def test_model_states_by_hand():
     total = lambda terms: sum(t.bytes for t in terms)  # noqa: E731
     # no DeepSpeed, bf16 weights: weights + gradients + AdamW m and v, all 2 bytes
     assert total(model_state_terms(p, p, 2, Launch())) == 8 * p
-    # ZeRO-2: 2 + 2 bytes full, 16 bytes sharded over 8
-    assert total(model_state_terms(p, p, 2, Launch(processes=n, zero_stage=2))) == 4 * p + 2 * p
+    # ZeRO-2: 2 bytes of weights full, 2 of gradients and 16 of fp32 states sharded over 8; ZeRO-1: gradients whole
+    assert total(model_state_terms(p, p, 2, Launch(processes=n, zero_stage=2))) == 2 * p + 18 * p / n
+    assert total(model_state_terms(p, p, 2, Launch(processes=n, zero_stage=1))) == 4 * p + 16 * p / n
     # ZeRO-3: 2 bytes sharded + 16 sharded + the largest layer's weights and gradients
     assert total(model_state_terms(p, p, 2, Launch(processes=n, zero_stage=3), largest_layer=10**8)) == (
         18 * p / n + 4 * 10**8
     )
     # LoRA under ZeRO-2: full frozen weights, adapters' gradients and states only
-    assert total(model_state_terms(p, 10**6, 2, Launch(processes=n, zero_stage=2))) == 2 * p + 2 * 10**6 + 2 * 10**6
+    assert total(model_state_terms(p, 10**6, 2, Launch(processes=n, zero_stage=2))) == 2 * p + 18 * 10**6 / n
 
 
 @pytest.mark.parametrize("gpus", [1, 8])

@@ -181,7 +181,7 @@ def _vllm_runs_here() -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-SHIPPED = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if p.parent.name != "accelerate")
+SHIPPED = sorted(p for p in RECIPES_DIR.rglob("*.yaml") if p.relative_to(RECIPES_DIR).parts[0] != "accelerate")
 
 
 @pytest.mark.parametrize("recipe", SHIPPED, ids=[str(p.relative_to(RECIPES_DIR)) for p in SHIPPED])

@@ -220,8 +220,9 @@ def model_state_terms(
     params: int, trainable: int, weight_bytes: int, launch: Launch, largest_layer: int = 0
 ) -> list[Term]:
     """Weights, gradients and optimizer states per device. Under DeepSpeed, the accounting of its own
-    `estimate_zero2_model_states_mem_needs` (stages 1-2: full 16-bit weights and gradients, 16 bytes of fp32 master
-    weight, momentum, variance and gradient partition per trainable parameter sharded over the processes) and
+    `estimate_zero2_model_states_mem_needs` (stage 2: full 16-bit weights, the process's partition of the 16-bit
+    gradients, and 16 bytes of fp32 master weight, momentum, variance and gradient per trainable parameter sharded
+    over the processes: 2P + 18P/N, DeepSpeed 0.19; stage 1 keeps the gradients whole) and
     `estimate_zero3_model_states_mem_needs` (weights sharded too, plus the largest layer's weights and gradients
     gathered); generalised to LoRA, where only the adapters have gradients and optimizer states."""
     n, stage, w = launch.processes, launch.zero_stage, weight_bytes
@@ -235,8 +236,11 @@ def model_state_terms(
     optimizer = Term("optimizer (fp32 master, m, v, grads)", 0.0 if launch.offload_optimizer else 16 * trainable / n,
                      True, "offloaded to CPU" if launch.offload_optimizer else f"sharded over {n}")  # fmt: skip
     if stage < 3:
-        gradients = 0.0 if launch.offload_optimizer else trainable * w
-        return [Term(f"weights ({bits})", params * w, True), Term(f"gradients ({bits})", gradients, True), optimizer]
+        # ZeRO-2 reduce-scatters the gradients, so each process keeps its partition; ZeRO-1 keeps them whole.
+        gradients = 0.0 if launch.offload_optimizer else trainable * w / (n if stage == 2 else 1)
+        where = "offloaded to CPU" if launch.offload_optimizer else (f"sharded over {n}" if stage == 2 else "")
+        return [Term(f"weights ({bits})", params * w, True), Term(f"gradients ({bits})", gradients, True, where),
+                optimizer]  # fmt: skip
     weights = 0.0 if launch.offload_params or launch.offload_optimizer and launch.offload_params else params * w / n
     return [
         Term(f"weights ({bits})", weights, True, "offloaded" if launch.offload_params else f"sharded over {n}"),
