@@ -227,3 +227,21 @@ def test_seppo_runs_under_ddp_on_two_processes(tmp_path):
     assert all(r["loss"] == r["loss"] for r in rows)
     assert (run.final / "model_index.json").exists()
     assert sorted(p.name for p in (run.path / "pool").iterdir()) == [f"entry-{i}.safetensors" for i in range(3)]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_memory_plan_model_states_equal_the_bytes_deepspeed_holds(stage, tmp_path):
+    """scripts/zero_state_bytes.py reads DeepSpeed's ZeRO optimizer on every rank during a step: weights, the
+    gradient partition and the fp32 optimizer states each equal the plan's term within 1%."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / f"zero{stage}.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / f"zero{stage}.yaml"),
+           str(REPO / "scripts" / "zero_state_bytes.py"), "--hidden", "96", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads(out.with_name(f"{out.name}.rank{rank}").read_text())
+        assert (result["processes"], result["zero_stage"]) == (2, stage)
+        for row in result["rows"]:
+            assert row["measured"] == pytest.approx(row["plan"], rel=0.01), (rank, row)
+    assert "weights" in proc.stdout and "ratio" in proc.stdout

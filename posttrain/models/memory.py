@@ -224,7 +224,8 @@ def model_state_terms(
     gradients, and 16 bytes of fp32 master weight, momentum, variance and gradient per trainable parameter sharded
     over the processes: 2P + 18P/N, DeepSpeed 0.19; stage 1 keeps the gradients whole) and
     `estimate_zero3_model_states_mem_needs` (weights sharded too, plus the largest layer's weights and gradients
-    gathered); generalised to LoRA, where only the adapters have gradients and optimizer states."""
+    gathered) plus ZeRO-3's gradient partition buffer, which that estimator omits and DeepSpeed holds (measured:
+    scripts/zero_state_bytes.py); generalised to LoRA, where only the adapters have gradients and optimizer states."""
     n, stage, w = launch.processes, launch.zero_stage, weight_bytes
     if stage is None:
         return [
@@ -242,8 +243,17 @@ def model_state_terms(
         return [Term(f"weights ({bits})", params * w, True), Term(f"gradients ({bits})", gradients, True, where),
                 optimizer]  # fmt: skip
     weights = 0.0 if launch.offload_params or launch.offload_optimizer and launch.offload_params else params * w / n
+    # ZeRO-3 also keeps a persistent flat buffer for its partition of the gradients (in the model's dtype), which
+    # DeepSpeed's estimator leaves out; measured in a CPU run (scripts/zero_state_bytes.py, docs/performance.md).
+    gradients = 0.0 if launch.offload_optimizer else trainable * w / n
     return [
         Term(f"weights ({bits})", weights, True, "offloaded" if launch.offload_params else f"sharded over {n}"),
+        Term(
+            f"gradients ({bits})",
+            gradients,
+            True,
+            "offloaded to CPU" if launch.offload_optimizer else f"sharded over {n}",
+        ),  # fmt: skip
         Term("largest layer, gathered", 2 * w * largest_layer, True, "its weights and gradients"),
         optimizer,
     ]
