@@ -320,6 +320,48 @@ def test_polar_markov_is_a_synthetic_source():
         load_source({"synthetic": "polar_markov", "carry_drop": 0.5})
 
 
+def test_a_larger_training_pool_keeps_the_held_out_chains():
+    import numpy as np
+
+    from posttrain.data import load_source
+    from posttrain.data.markov import MarkovWorld
+
+    small, large = MarkovWorld().chains, MarkovWorld(n_train=200).chains
+    assert all(np.array_equal(small[k], large[k]) for k in small)  # held-out, first twelve, checkpoints unchanged
+    assert len(MarkovWorld(n_train=200).pool("train")) == 200 + 3
+    ds = load_source({"synthetic": "polar_markov", "split": "train", "n": 400, "policies": 200})
+    assert len(set(ds["policy_a"])) > 100  # rows draw on the whole pool
+    held = load_source({"synthetic": "polar_markov", "split": "heldout", "n": 20, "policies": 200})
+    assert held.to_list() == load_source({"synthetic": "polar_markov", "split": "heldout", "n": 20}).to_list()
+    with pytest.raises(DataError, match="policies must be an integer >= 2, got 1"):
+        load_source({"synthetic": "polar_markov", "policies": 1})
+
+
+def test_reference_only_bayes_score_by_hand():
+    from posttrain.data.markov import MarkovWorld, reference_bayes_score
+
+    world = MarkovWorld(alphabet="ab", concentration=1.0)
+    # Reference "aa" after prompt "a": counts a->a = 2. Candidate "a": (2+1)/(2+2) with it, (0+1)/(0+2) without.
+    assert reference_bayes_score(world, "a", "aa", "a") == pytest.approx(math.log(0.75 / 0.5))
+    assert reference_bayes_score(world, "a", "aa", "b") == pytest.approx(math.log(0.25 / 0.5))
+    # Candidate "aa": the second a->a also counts the first: (2+1+1)/(3+2) vs (1+1)/(1+2).
+    assert reference_bayes_score(world, "a", "aa", "aa") == pytest.approx(math.log(1.5) + math.log(0.8 / (2 / 3)))
+
+
+def test_reference_only_bayes_ceiling_is_below_the_ideal_and_above_the_target():
+    from posttrain.data.markov import MarkovWorld, reference_bayes_score
+
+    world = MarkovWorld()
+    rows = world.triplets("heldout", 400, seed=0)
+
+    def wins(score):
+        return sum(score(r, r["chosen"]) > score(r, r["rejected"]) for r in rows) / len(rows)
+
+    bayes = wins(lambda r, c: reference_bayes_score(world, r["prompt"], r["reference"], c))
+    ideal = wins(lambda r, c: world.ideal_reward(r["policy_a"], r["prompt"], c))
+    assert 0.9 < bayes < ideal  # seeing only the reference costs a few points; 0.9 is reachable in principle
+
+
 # ---- pretraining a tiny RM on the Markov world (slow: ~2 min) --------------------------------------------------
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 SPLITS = ("train", "heldout")
+DEFAULT_TRAIN_POLICIES = 12
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class MarkovWorld:
     """The policy pool; the same arguments always give the same chains."""
 
     alphabet: str = "abcdefgh"
-    n_train: int = 12
+    n_train: int = DEFAULT_TRAIN_POLICIES
     n_heldout: int = 4
     n_checkpoints: int = 3
     concentration: float = 0.1  # Dirichlet concentration of each transition row: lower = more distinct policies
@@ -48,8 +49,13 @@ class MarkovWorld:
 
         rng = np.random.default_rng(self.seed)
         v = len(self.alphabet)
-        chains = {f"train-{i}": rng.dirichlet([self.concentration] * v, size=v) for i in range(self.n_train)}
+        base = min(self.n_train, DEFAULT_TRAIN_POLICIES)
+        chains = {f"train-{i}": rng.dirichlet([self.concentration] * v, size=v) for i in range(base)}
         chains |= {f"heldout-{i}": rng.dirichlet([self.concentration] * v, size=v) for i in range(self.n_heldout)}
+        # Training chains past the default twelve come from their own stream, so a larger pool keeps the same
+        # held-out chains (and the same first twelve): accuracies across pool sizes compare on one held-out set.
+        extra = np.random.default_rng([self.seed, 1])
+        chains |= {f"train-{i}": extra.dirichlet([self.concentration] * v, size=v) for i in range(base, self.n_train)}
         if self.n_checkpoints:
             # Checkpoints along a training run from train-0 to train-1: neighbours differ by a small step.
             start, end = chains["train-0"], chains["train-1"]
@@ -139,11 +145,36 @@ class MarkovWorld:
         return rows
 
 
-def polar_markov_split(split: str = "train", n: int = 2000, seed: int = 0, world_seed: int = 0) -> Dataset:
-    """POLAR triplets from the default MarkovWorld (`{synthetic: polar_markov, split: train|heldout, n: ...}`)."""
+def polar_markov_split(split: str = "train", n: int = 2000, seed: int = 0, world_seed: int = 0,
+                       policies: int = DEFAULT_TRAIN_POLICIES) -> Dataset:  # fmt: skip
+    """POLAR triplets from the MarkovWorld (`{synthetic: polar_markov, split: train|heldout, n: ...}`); `policies`
+    is the number of training chains (the held-out chains do not depend on it)."""
     from datasets import Dataset
 
-    return Dataset.from_list(MarkovWorld(seed=world_seed).triplets(split, n, seed))
+    if not (isinstance(policies, int) and not isinstance(policies, bool) and policies >= 2):
+        raise DataError(f"polar_markov: policies must be an integer >= 2, got {policies!r}")
+    return Dataset.from_list(MarkovWorld(seed=world_seed, n_train=policies).triplets(split, n, seed))
+
+
+def reference_bayes_score(world: MarkovWorld, prompt: str, reference: str, candidate: str) -> float:
+    """The best reward that, like a POLAR RM, sees only the reference and not the pool: log P(c | r) - log P(c),
+    with both predictives under the world's Dirichlet prior on transition rows (counts from the reference's
+    transitions, the candidate's own earlier transitions updating both). Its held-out accuracy is the ceiling an RM
+    that generalises to unseen policies can reach; the pool-knowing `ideal_reward` is above it."""
+    v, alpha = len(world.alphabet), world.concentration
+    ref = world._index(prompt[-1] + reference)
+    cand = world._index(prompt[-1] + candidate)
+    seen = [[0] * v for _ in range(v)]
+    for a, b in zip(ref, ref[1:]):
+        seen[a][b] += 1
+    own = [[0] * v for _ in range(v)]
+    score = 0.0
+    for a, b in zip(cand, cand[1:]):
+        with_ref = (seen[a][b] + own[a][b] + alpha) / (sum(seen[a]) + sum(own[a]) + v * alpha)
+        without = (own[a][b] + alpha) / (sum(own[a]) + v * alpha)
+        score += math.log(with_ref) - math.log(without)
+        own[a][b] += 1
+    return score
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:

@@ -23,7 +23,7 @@ PATH_KEYS = ("path", "config", "data_dir")
 # Each synthetic task's keyword arguments (posttrain.data.arithmetic / posttrain.data.markov).
 SYNTHETIC_TASK_OPTIONS = {
     "arithmetic": ("n", "seed", "digits", "carry_drop", "eval_fraction"),
-    "polar_markov": ("n", "seed", "world_seed"),
+    "polar_markov": ("n", "seed", "world_seed", "policies"),
 }
 SYNTHETIC_OPTIONS = tuple(dict.fromkeys(o for opts in SYNTHETIC_TASK_OPTIONS.values() for o in opts))
 SYNTHETIC_KEYS = ("synthetic", *SYNTHETIC_OPTIONS)

@@ -205,6 +205,12 @@ def describe_text_data(recipe: Recipe) -> list[str]:
         if path is not None and not Path(recipe.resolve_path(path)).exists():
             lines.append(f"data.{split}: hub dataset '{path}' (not fetched by --dry-run)")
             continue
+        if spec.get("synthetic") == "polar_markov" and isinstance(spec.get("n"), int):
+            # n rows of one seeded stream: the columns are read from a few, the count is n (generating tens of
+            # thousands of triplets would make --dry-run as slow as the start of training)
+            rows = load_source({**spec, "n": 1}, base_dir=base, origin=f"{recipe.where}: data.{split}")
+            lines.append(f"data.{split}: {spec['n']} rows, columns {', '.join(rows.column_names)}")
+            continue
         rows = load_source(spec, base_dir=base, origin=f"{recipe.where}: data.{split}")
         lines.append(f"data.{split}: {len(rows)} rows, columns {', '.join(rows.column_names)}")
     return lines
