@@ -8,7 +8,17 @@ a markdown summary to print into docs/nft.md.
     python scripts/experiments/nft_vs_rft_grpo.py --seeds 0 1 2 --settings main hard --out runs/nft_experiment
 
 Settings: `main` = the quickstart's (half of the carry demonstrations drop the carry); `hard` = 90% dropped, where
-correct carry samples are rare and no method saturates within the budget.
+correct carry samples are rare and no method saturates within the budget; `hard3` = `hard` on 3-digit operands.
+
+The paper's regime, several optimizer steps per generation with dynamic sampling (`--mu`):
+
+    python scripts/experiments/nft_vs_rft_grpo.py --seeds 0 1 2 --settings hard hard3 --mu 2 4 8 \
+        --out runs/nft_offpolicy
+
+Every arm then takes the same number of optimizer steps of the same size (48 prompts x 8 samples each); one
+generation of 48·mu prompts feeds mu of them (pi_old's log-probs recomputed, so ratios leave 1 and the clips can
+bind), and groups whose rewards do not vary are dropped and regenerated. Same optimizer steps and same kept samples
+in every arm; what differs is how stale the samples are.
 """
 
 from __future__ import annotations
@@ -22,13 +32,22 @@ from pathlib import Path
 import posttrain  # noqa: F401  (OMP_WAIT_POLICY before torch)
 
 REPO = Path(__file__).resolve().parents[2]
-SETTINGS = {"main": {"carry_drop": 0.5}, "hard": {"carry_drop": 0.9}}
+SETTINGS = {"main": {"carry_drop": 0.5}, "hard": {"carry_drop": 0.9}, "hard3": {"carry_drop": 0.9, "digits": 3}}
 ARMS = {
     "Dr. GRPO": ("grpo/arithmetic.yaml", ["algorithm.loss_type=dr_grpo", "algorithm.scale_rewards=none"]),
     "NFT": ("nft/quickstart.yaml", []),
     "RFT": ("rft/quickstart.yaml", []),
     "NFT negatives only": ("nft/quickstart.yaml", ["algorithm.positives=false"]),
 }
+# `--mu`: the four methods of the paper's comparison; GRPO is TRL's original loss (per-sequence mean, std-scaled).
+OFFPOLICY_ARMS = {
+    "Dr. GRPO": ARMS["Dr. GRPO"],
+    "GRPO": ("grpo/arithmetic.yaml", ["algorithm.loss_type=grpo"]),
+    "NFT": ARMS["NFT"],
+    "RFT": ARMS["RFT"],
+}
+# `--mu ... --ablations`: is NFT's gap to RFT its smaller weight omega = 1 - r_hat (RFT's is 1), not the negatives?
+OFFPOLICY_ABLATIONS = {"NFT omega=1": ("nft/quickstart.yaml", ["algorithm.weight=one"])}
 # `--ablations`: why NFT does not beat RFT here (run on the settings given, same SFT models as the main arms).
 # lr: is NFT's smaller step (omega = 1 - r_hat <= 1) the gap?  sqrt: the GRPO-equivalent weight.  masked: does RFT
 # gain from SFT on all-correct groups, which NFT masks?  mu=2: two optimizer steps per rollout batch, where NFT
@@ -44,8 +63,11 @@ KEYS = ("eval/arithmetic/accuracy", "eval/arithmetic/accuracy[carry=True]", "eva
 
 
 def data_overrides(setting: str) -> list[str]:
-    drop = SETTINGS[setting]["carry_drop"]
-    return [f"data.train.carry_drop={drop}"]
+    opts = SETTINGS[setting]
+    out = [f"data.train.carry_drop={opts['carry_drop']}"]
+    if "digits" in opts:  # 3-digit: 648k training pairs; 100k of them are plenty for the budgets here
+        out += [f"data.train.digits={opts['digits']}", "data.train.n=100000", f"data.eval.digits={opts['digits']}"]
+    return out
 
 
 def run(recipe: str, out: Path, overrides: list[str]):
@@ -77,7 +99,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/nft_experiment")
     parser.add_argument("--ablations", action="store_true", help="also run the ABLATIONS arms")
     parser.add_argument("--arms", nargs="+", default=None, help="only these arms (names as in ARMS/ABLATIONS)")
+    parser.add_argument("--mu", type=int, nargs="+", default=None,
+                        help="optimizer steps per generation, dynamic sampling on: the OFFPOLICY_ARMS at each mu")  # fmt: skip
     args = parser.parse_args()
+    if args.mu:
+        return offpolicy(args)
     out = Path(args.out)
     results: dict = {}
     start = time.monotonic()
@@ -108,9 +134,97 @@ def main() -> None:
     plot(results, out / "nft_curves.png")
 
 
+def offpolicy(args) -> None:
+    """The `--mu` sweep: every OFFPOLICY_ARMS arm at each mu, dynamic sampling on, same optimizer steps."""
+    out = Path(args.out)
+    results: dict = {}
+    start = time.monotonic()
+    for setting in args.settings:
+        for seed in args.seeds:
+            base = [f"seed={seed}", *data_overrides(setting)]
+            sft_dir = out / setting / f"seed{seed}" / "sft"
+            sft = run("sft/arithmetic.yaml", sft_dir, base)
+            results.setdefault(setting, {}).setdefault("SFT", {})[seed] = {"final": final(sft), "curve": []}
+            for mu in args.mu:
+                arms = {**OFFPOLICY_ARMS, **(OFFPOLICY_ABLATIONS if args.ablations else {})}
+                for arm, (recipe, extra) in arms.items():
+                    if args.arms and arm not in args.arms:
+                        continue
+                    name = f"{arm.lower().replace(' ', '_').replace('.', '').replace('=', '')}_mu{mu}"
+                    overrides = [*base, *extra, f"model.path={sft_dir / 'final'}", f"training.max_steps={args.steps}",
+                                 f"algorithm.steps_per_generation={mu}", "algorithm.dynamic_sampling=true",
+                                 "eval.every_steps=20", "training.save_steps=1000"]  # fmt: skip
+                    t0 = time.monotonic()
+                    records = run(recipe, out / setting / f"seed{seed}" / name, overrides)
+                    entry = {"final": final(records), "curve": curve(records), "stats": dynamic_stats(records),
+                             "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
+                    results[setting].setdefault(f"{arm} mu={mu}", {})[seed] = entry
+                    print(f"[{time.monotonic() - start:.0f}s] {setting} seed {seed} {arm} mu={mu}: "
+                          f"{entry['final'][KEYS[0]]:.3f}", flush=True)  # fmt: skip
+                    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(summary(results, args))
+    print(stats_table(results))
+    plot_offpolicy(results, args.mu, out / "nft_offpolicy_curves.png")
+
+
+def plot_offpolicy(results: dict, mus: list[int], path: Path) -> None:
+    """One panel per (setting, mu): held-out accuracy against optimizer steps, one line per arm (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), len(mus), figsize=(4.2 * len(mus), 3.4 * len(results)), squeeze=False)
+    for row, (setting, arms) in zip(axes, results.items()):
+        for ax, mu in zip(row, mus):
+            for arm in {**OFFPOLICY_ARMS, **OFFPOLICY_ABLATIONS}:
+                curves = [s["curve"] for s in arms.get(f"{arm} mu={mu}", {}).values() if s["curve"]]
+                if not curves:
+                    continue
+                steps = [p[0] for p in curves[0]]
+                mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
+                ax.plot(steps, mean, marker=".", label=arm)
+            ax.set_title(f"{setting}, {mu} optimizer steps per generation", fontsize=9)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylim(0.4, 1.0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def dynamic_stats(records: list[dict]) -> dict[str, float]:
+    """Means over logged steps of the dynamic-sampling and clip metrics that are present."""
+    out = {}
+    for key in ("dynamic_sampling/rounds", "dynamic_sampling/fill_rate", "dynamic_sampling/dropped_groups",
+                "dynamic_sampling/kept_groups", "nft/neg_clip_frac", "clip_ratio/region_mean"):  # fmt: skip
+        vals = [r[key] for r in records if key in r]
+        if vals:
+            out[key] = statistics.mean(vals)
+    return out
+
+
+def stats_table(results: dict) -> str:
+    keys = sorted({k for arms in results.values() for seeds in arms.values() for s in seeds.values()
+                   for k in s.get("stats", {})})  # fmt: skip
+    lines = ["| setting | arm | " + " | ".join(keys) + " | minutes per run |", "|---|---|" + "---|" * (len(keys) + 1)]
+    for setting, arms in results.items():
+        for arm, seeds in arms.items():
+            runs = [s for s in seeds.values() if "stats" in s]
+            if not runs:
+                continue
+            cells = [f"{statistics.mean(r['stats'].get(k, float('nan')) for r in runs):.3f}" for k in keys]
+            minutes = statistics.mean(r["seconds"] for r in runs) / 60
+            lines.append(f"| {setting} | {arm} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
 def summary(results: dict, args) -> str:
-    lines = [f"seeds {args.seeds}, {args.steps} rollout batches per arm, 48 prompts x 8 samples per step; final held-out "
-             "greedy accuracy, mean ± sd over seeds (per-seed values in brackets)", ""]  # fmt: skip
+    budget = (f"{args.steps} optimizer steps per arm (mu of them per generation), dynamic sampling on" if args.mu
+              else f"{args.steps} rollout batches per arm")  # fmt: skip
+    lines = [f"seeds {args.seeds}, {budget}, 48 prompts x 8 samples per step; final held-out greedy accuracy, mean ± "
+             "sd over seeds (per-seed values in brackets)", ""]  # fmt: skip
     for setting, arms in results.items():
         lines += [f"**{setting}** ({SETTINGS[setting]['carry_drop']:.0%} of carry demonstrations drop the carry)", "",
                   "| arm | all | carry | no carry |", "|---|---|---|---|"]  # fmt: skip
