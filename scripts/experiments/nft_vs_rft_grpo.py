@@ -178,12 +178,7 @@ def plot_offpolicy(results: dict, mus: list[int], path: Path) -> None:
     for row, (setting, arms) in zip(axes, results.items()):
         for ax, mu in zip(row, mus):
             for arm in {**OFFPOLICY_ARMS, **OFFPOLICY_ABLATIONS}:
-                curves = [s["curve"] for s in arms.get(f"{arm} mu={mu}", {}).values() if s["curve"]]
-                if not curves:
-                    continue
-                steps = [p[0] for p in curves[0]]
-                mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
-                ax.plot(steps, mean, marker=".", label=arm)
+                plot_mean_curve(ax, arms.get(f"{arm} mu={mu}", {}), arm)
             ax.set_title(f"{setting}, {mu} optimizer steps per generation", fontsize=9)
             ax.set_xlabel("optimizer step")
             ax.set_ylim(0.4, 1.0)
@@ -239,6 +234,14 @@ def summary(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def plot_mean_curve(ax, seeds: dict, label: str) -> None:
+    """One line: the held-out accuracy curve averaged over the seeds that have one."""
+    curves = [s["curve"] for s in seeds.values() if s["curve"]]
+    if curves:
+        steps = [p[0] for p in curves[0]]
+        ax.plot(steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker=".", label=label)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -248,12 +251,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, (setting, arms) in zip(axes[0], results.items()):
         for arm, seeds in arms.items():
-            curves = [s["curve"] for s in seeds.values() if s["curve"]]
-            if not curves:
-                continue
-            steps = [p[0] for p in curves[0]]
-            mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
-            ax.plot(steps, mean, marker=".", label=arm)
+            plot_mean_curve(ax, seeds, arm)
         ax.set_title(f"{setting}: held-out accuracy (mean over seeds)", fontsize=10)
         ax.set_xlabel("rollout batch (= optimizer step, except mu=2 arms)")
         ax.set_ylim(0, 1.02)
