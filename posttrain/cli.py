@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", default="80GiB", type=memory_size,
                    help="device size the --dry-run memory plan assumes (default 80GiB)")  # fmt: skip
     p.add_argument("--accelerate-config", default=None, metavar="YAML",
-                   help="accelerate config for the memory plan (default: the recipe's accelerate_config)")  # fmt: skip
+                   help="accelerate config for the memory plan and --rehearse (default: the recipe's accelerate_config)")  # fmt: skip
+    p.add_argument("--rehearse", action="store_true", help="2 steps on 2 CPU processes with tiny stand-ins (docs/rehearse.md)")  # fmt: skip
+    p.add_argument("--rehearse-dir", default=None, metavar="DIR", help="default runs/rehearsal/<recipe name>")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="SFT then GRPO on a tiny CPU model: RL fixing what imitation got wrong")
@@ -170,9 +172,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from posttrain.shipped import find_shipped
     from posttrain.train import load_and_validate, train_recipe
 
+    if args.rehearse and (args.dry_run or args.resume):
+        raise PosttrainError("--rehearse runs a rehearsal of its own: it takes neither --dry-run nor --resume")
     try:
         recipe = load_and_validate(find_shipped(args.recipe), args.overrides)
     except MachineError as err:
+        if args.rehearse and getattr(err, "recipe", None) is not None:
+            return _rehearse(err.recipe, args)  # no GPU, no vLLM, data not there yet: what a rehearsal stands in for
         if not args.dry_run or getattr(err, "recipe", None) is None:
             raise
         _print_plan(err.recipe, args)  # a valid recipe this machine can't run: the plan, then why (exit 3)
@@ -181,6 +187,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_plan(recipe, args)
         return 0
+    if args.rehearse:
+        return _rehearse(recipe, args)
     result = train_recipe(recipe, resume=args.resume)
     from posttrain.models.processes import end_processes, process_state
 
@@ -193,6 +201,23 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"nothing was changed (final model: {result.run_dir}/final, report: {result.run_dir}/report.md)")  # fmt: skip
         return 0
     print(f"run dir: {result.run_dir}  (final model: {result.run_dir}/final, report: {result.run_dir}/report.md)")
+    return 0
+
+
+def _rehearse(recipe, args: argparse.Namespace) -> int:
+    from posttrain.rehearse import prepare_rehearsal, run_rehearsal
+
+    workdir = Path(args.rehearse_dir or f"runs/rehearsal/{recipe.name}")
+    print(f"preparing the rehearsal of {recipe.where} in {workdir} ...", flush=True)
+    rehearsal = prepare_rehearsal(recipe, workdir, args.accelerate_config)
+    lines = rehearsal.lines()
+    print("\n".join(lines[1:]), flush=True)
+    known = len(rehearsal.not_rehearsed)
+    run_rehearsal(rehearsal, echo=lambda line: print(line, flush=True))
+    for line in rehearsal.not_rehearsed[known:]:  # what the run showed it did not exercise
+        print(f"not rehearsed: {line}")
+    print(f"rehearsal passed: {recipe.where} ran 2 optimizer steps on 2 CPU processes, resumed from checkpoint-1 "
+          f"(run: {rehearsal.run_dir}; rehearsed recipe: {rehearsal.recipe_path})")  # fmt: skip
     return 0
 
 

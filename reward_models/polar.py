@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from reward_models.errors import ModelError, RewardError
 from reward_models.registry import register
-from reward_models.scoring import is_messages, messages_text
+from reward_models.scoring import is_messages, messages_text, whole_model_loading
 
 if TYPE_CHECKING:
     import torch
@@ -281,10 +281,11 @@ class PolarScorer:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
             official = REWARD_TOKEN not in tokenizer.get_vocab() and OFFICIAL_REWARD_TOKEN in tokenizer.get_vocab()
-            if official:
-                model: Any = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16)
-            else:
-                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            with whole_model_loading():  # not partitioned by a ZeRO-3 run that loads it as a reward
+                if official:
+                    model: Any = AutoModel.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16)
+                else:
+                    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
         except OSError as err:
             raise ModelError(f"could not load POLAR reward model '{path}': {err}") from err
         default = PolarLayout() if not official else PolarLayout(max_length=OFFICIAL_MAX_LENGTH,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -36,3 +37,30 @@ def messages_text(value: Any) -> str:
     if is_messages(value):
         return "\n".join(str(m["content"]) for m in value)
     return str(value)
+
+
+@contextlib.contextmanager
+def whole_model_loading() -> Iterator[None]:
+    """Load a frozen scoring model whole, also inside a DeepSpeed ZeRO-3 run.
+
+    Under ZeRO-3 (accelerate's `zero3_init_flag`), transformers' `from_pretrained` partitions every model it builds
+    across the ranks: a reward model a reward function loads for itself then has empty weights outside a DeepSpeed
+    engine (its first call fails with "Padding_idx must be within num_embeddings"). A scorer is used for inference
+    only, by every rank on its own samples, so it is loaded whole (the memory plan counts it so). transformers has
+    no public switch for this: its registered DeepSpeed config is unset for the load and restored after.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # transformers without its DeepSpeed integration: nothing partitions
+        yield
+        return
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)

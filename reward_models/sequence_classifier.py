@@ -10,7 +10,7 @@ from typing import Any
 
 from reward_models.errors import ModelError, RewardError
 from reward_models.registry import register
-from reward_models.scoring import messages_text
+from reward_models.scoring import messages_text, whole_model_loading
 
 
 class SequenceClassifierScorer:
@@ -27,9 +27,10 @@ class SequenceClassifierScorer:
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-            self.model, info = AutoModelForSequenceClassification.from_pretrained(
-                model_path, num_labels=1, output_loading_info=True
-            )
+            with whole_model_loading():  # not partitioned by a ZeRO-3 run that loads it as a reward
+                self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                    model_path, num_labels=1, output_loading_info=True
+                )
         except OSError as err:
             raise ModelError(f"could not load reward model '{model_path}': {err}") from err
         missing_head = [k for k in info.get("missing_keys", []) if k.split(".")[0] in ("score", "classifier")]

@@ -42,6 +42,7 @@ class ModelShape:
     vocab: int
     tied: bool = False
     qkv_bias: bool = False
+    family: str = "llama"  # config.json's model_type (what `--rehearse` builds a tiny model of)
 
     @property
     def params(self) -> int:
@@ -72,11 +73,12 @@ class ModelShape:
             vocab=config["vocab_size"],
             tied=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
+            family=str(config.get("model_type") or "llama"),
         )
 
 
-_QWEN25_15B = ModelShape(1536, 28, 12, 2, 8960, 151936, tied=True, qkv_bias=True)
-_QWEN25_7B = ModelShape(3584, 28, 28, 4, 18944, 152064, tied=False, qkv_bias=True)
+_QWEN25_15B = ModelShape(1536, 28, 12, 2, 8960, 151936, tied=True, qkv_bias=True, family="qwen2")
+_QWEN25_7B = ModelShape(3584, 28, 28, 4, 18944, 152064, tied=False, qkv_bias=True, family="qwen2")
 # From each model's config.json on the hub (hidden, layers, heads, kv heads, intermediate, vocab, tied).
 KNOWN_SHAPES: dict[str, ModelShape] = {
     "Qwen/Qwen2.5-Math-1.5B": _QWEN25_15B,
@@ -85,8 +87,8 @@ KNOWN_SHAPES: dict[str, ModelShape] = {
     "Qwen/Qwen2.5-Math-7B": _QWEN25_7B,
     "Qwen/Qwen2.5-7B": _QWEN25_7B,
     "Qwen/Qwen2.5-7B-Instruct": _QWEN25_7B,
-    "internlm/POLAR-1_8B": ModelShape(2048, 24, 16, 8, 8192, 92544),
-    "internlm/POLAR-7B": ModelShape(4096, 32, 32, 8, 14336, 92544),
+    "internlm/POLAR-1_8B": ModelShape(2048, 24, 16, 8, 8192, 92544, family="internlm2"),
+    "internlm/POLAR-7B": ModelShape(4096, 32, 32, 8, 14336, 92544, family="internlm2"),
 }
 
 

@@ -46,3 +46,22 @@ def end_processes() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# `posttrain train --rehearse` sets this to a step: after the checkpoint of that step is written and marked complete,
+# every process leaves at once, as a crash would, and the rehearsal's second launch resumes from it.
+STOP_AFTER_CHECKPOINT_ENV = "POSTTRAIN_STOP_AFTER_CHECKPOINT"
+
+
+def stop_after_checkpoint(step: int) -> None:
+    """Leave the process now (all ranks, after a barrier, exit code 0, nothing cleaned up) when the rehearsal asked
+    to stop after the checkpoint of `step`; otherwise nothing. Called by every rank after a checkpoint is marked."""
+    wanted = os.environ.get(STOP_AFTER_CHECKPOINT_ENV)
+    if not wanted or int(wanted) != int(step):
+        return
+    import sys
+
+    process_state().wait_for_everyone()
+    print(f"[rehearsal] stopping after checkpoint-{step}, as a crash would", flush=True)
+    sys.stderr.flush()
+    os._exit(0)

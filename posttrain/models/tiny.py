@@ -86,3 +86,64 @@ def save_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# ChatML, the template of the Qwen family (and many others): what a tiny stand-in needs for `data.chat_template`.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges (one id per byte, 256 + 3 special tokens) and a ChatML chat
+    template: any text encodes, and it reloads with the same ids whatever class transformers picks for the model
+    family (a `qwen2` config reloads it as `Qwen2Tokenizer`, which rebuilt the character tokenizer above wrongly)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )  # fmt: skip
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def save_family_model(
+    out_dir: str | Path, family: str, *, tied: bool = True, head: str = "causal", seed: int = 0
+) -> tuple[Path, str]:
+    """A tiny random model of architecture `family` (a transformers `model_type`: qwen2, llama, mistral, ...) with
+    the byte tokenizer, saved loadable with from_pretrained: 2 layers, hidden 64, grouped-query attention.
+    `head`: causal (a policy) or classifier (a scalar-head reward model). A family transformers does not know
+    natively (e.g. internlm2, remote code only) falls back to llama; returns (dir, the family built)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tokenizer = build_byte_tokenizer()
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                 tie_word_embeddings=tied, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                 bos_token_id=None)  # fmt: skip
+    built = family
+    try:
+        config = AutoConfig.for_model(family, **shape)
+    except (ValueError, KeyError):
+        built, config = "llama", AutoConfig.for_model("llama", **shape)
+    if head == "classifier":
+        config.num_labels = 1
+    torch.manual_seed(seed)
+    cls = AutoModelForSequenceClassification if head == "classifier" else AutoModelForCausalLM
+    model = cls.from_config(config)
+    if head == "causal":
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out, built

@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from posttrain.models.processes import stop_after_checkpoint
 from posttrain.runs import RunDir, mark_complete
 
 # Short names for the progress bar, first match wins.
@@ -46,6 +47,7 @@ class CheckpointMarker(TrainerCallback):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 mark_complete(ckpt)
+        stop_after_checkpoint(state.global_step)  # a rehearsal's planned stop (every rank; a no-op otherwise)
 
 
 class NothingLeftToTrain(Exception):

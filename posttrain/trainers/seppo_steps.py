@@ -32,6 +32,7 @@ from posttrain.models.diffusion import (
     tokenize,
 )
 from posttrain.models.loading import resolve_precision
+from posttrain.models.processes import stop_after_checkpoint
 from posttrain.models.tiny_diffusion import tiny_diffusion_spec
 from posttrain.recipe import Recipe
 from posttrain.rollout.diffusion import ddim_sample
@@ -273,6 +274,7 @@ class SePPORun:
             (path / STATE_FILE).write_text(json.dumps(state))
             mark_complete(path)
         accelerator.wait_for_everyone()
+        stop_after_checkpoint(self.global_step)  # a rehearsal's planned stop (every rank; a no-op otherwise)
         return path
 
     def write_final(self, target: Path) -> None:
