@@ -2,7 +2,7 @@
 # Packaging check (CI): build the sdist and wheel, install the wheel (not editable) into a fresh venv, and run what
 # a new user runs, from a directory outside the checkout: `posttrain recipes`, `--dry-run` of every shipped recipe
 # (0, or 3 = valid but not runnable on this machine: vLLM/GPU recipes, POLAR data an earlier step writes) and a
-# shortened `posttrain quickstart`.
+# shortened `posttrain quickstart`, and a `--rehearse`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -36,4 +36,13 @@ done < recipes.txt
 "$PT" quickstart --out qs --set training.max_steps=3 --set eval.limit=16 > qs.txt
 grep -q "report:" qs.txt && test -f qs/report.md
 echo "quickstart from the wheel: ok"
+# A rehearsal from the wheel (2 CPU processes, DDP), and the clear refusal of a ZeRO recipe without DeepSpeed.
+"$PT" train recipes/grpo/arithmetic.yaml --rehearse --rehearse-dir reh > reh.txt
+grep -q "rehearsal passed" reh.txt && test -f reh/run/final/posttrain_final.json
+set +e
+"$PT" train recipes/nft/qwen2.5-math-7b.yaml --rehearse 2> reh_err.txt > /dev/null
+rc=$?
+set -e
+[ "$rc" -eq 2 ] && grep -q "uses DeepSpeed, which is not installed" reh_err.txt
+echo "rehearsal from the wheel: ok"
 cd "$REPO" && rm -rf "$WORK"

@@ -23,6 +23,7 @@ launches themselves are `accelerate launch`.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import random
 import re
@@ -201,6 +202,11 @@ class _Builder:
             given = yaml.safe_load(Path(path).read_text()) or {}
             kind = given.get("distributed_type", "NO")
             if kind == "DEEPSPEED":
+                if importlib.util.find_spec("deepspeed") is None:
+                    raise RehearsalError(
+                        f"{self.recipe.where}: its launch ({path}) uses DeepSpeed, which is not installed here; "
+                        "install it to rehearse that launch: DS_BUILD_OPS=0 pip install 'posttrain[deepspeed]'"
+                    )
                 config = copy.deepcopy(given)
                 ds = config.setdefault("deepspeed_config", {})
                 offload = [k for k in ("offload_optimizer_device", "offload_param_device") if ds.get(k) not in (None, "none")]  # fmt: skip
@@ -517,6 +523,8 @@ def run_rehearsal(rehearsal: Rehearsal, echo: Callable[[str], None] = print, tim
         raise RehearsalFailed(
             f"launch 2 (--resume) left a {state.kind} run (final step {state.final_step}); log: {second}"
         )
+    if not _loadable(run.final):
+        raise RehearsalFailed(f"final/ holds no model a from_pretrained can load (no config and weights): {run.final}")
     losses = _training_losses(run)
     repeated = sorted(step for step, values in losses.items() if len(values) > 1)
     if repeated:
@@ -538,8 +546,10 @@ def _launch(rehearsal: Rehearsal, n: int, extra: list[str], env_extra: dict[str,
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(rehearsal.accelerate_config),
            "--main_process_port", str(port), "-m", "posttrain", "train", str(rehearsal.recipe_path), *extra]  # fmt: skip
     root = str(Path(posttrain.__file__).resolve().parents[1])  # the posttrain this process runs, in every rank
+    # On the CPU also on a GPU machine: no CUDA device visible, DeepSpeed's CPU accelerator.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env_extra}  # fmt: skip
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "CUDA_VISIBLE_DEVICES": "",
+           "DS_ACCELERATOR": "cpu", **env_extra}  # fmt: skip
     what = "train to checkpoint-1, then stop" if not extra else f"--resume to step {STEPS}"
     echo(f"launch {n}/2: {what} (log: {log})")
     start = time.monotonic()
@@ -552,6 +562,14 @@ def _launch(rehearsal: Rehearsal, n: int, extra: list[str], env_extra: dict[str,
         raise RehearsalFailed(f"launch {n} failed (exit {proc.returncode}); log: {log}\n{_tail(log)}")
     echo(f"launch {n}/2 done in {time.monotonic() - start:.0f} s")
     return log
+
+
+def _loadable(final: Path) -> bool:
+    """A Hugging Face model dir (config + weights, whole, sharded or a LoRA adapter) or a diffusers pipeline dir."""
+    if (final / "model_index.json").is_file():
+        return (final / "unet").is_dir()
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
+    return (final / "config.json").is_file() and any((final / name).is_file() for name in weights)
 
 
 def _tail(log: Path, lines: int = 40) -> str:

@@ -156,6 +156,17 @@ def test_negative_value_is_clipped_forward_with_straight_through_gradient():
         assert stats["neg_clip_frac"].item() == 1.0
 
 
+def test_rft_logs_no_negative_side_stats():
+    from posttrain.trainers.rft import RFTOptions
+
+    args = (torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1, 2), torch.tensor([False]), torch.tensor([0.5]),
+            torch.tensor([True]))  # fmt: skip
+    _, stats = nft_loss(*args, RFTOptions())
+    assert set(stats) == {"pos_loss"}
+    _, stats = nft_loss(*args, NFTOptions())
+    assert {"pos_loss", "neg_loss", "neg_clip_frac"} == set(stats)
+
+
 def test_nft_optimum_is_old_policy_restricted_to_correct_answers():
     torch.manual_seed(0)
     pi_old = torch.softmax(torch.randn(6, dtype=torch.float64), 0)

@@ -97,10 +97,9 @@ def nft_loss(
         return tokens.sum() / mask.sum().clamp(min=1.0)
 
     pos_loss, neg_loss = aggregate(pos_tokens), aggregate(neg_tokens)
-    neg_mask = (~pos & keep) * mask
-    stats = {
-        "pos_loss": pos_loss.detach(),
-        "neg_loss": neg_loss.detach(),
-        "neg_clip_frac": ((v < options.neg_clip_eps) * neg_mask).sum().detach() / neg_mask.sum().clamp(min=1.0),
-    }
+    stats = {"pos_loss": pos_loss.detach()}
+    if options.negatives:  # RFT (no implicit-negative term) logs no negative-side stats: they would mean nothing
+        neg_mask = (~pos & keep) * mask
+        stats["neg_loss"] = neg_loss.detach()
+        stats["neg_clip_frac"] = ((v < options.neg_clip_eps) * neg_mask).sum().detach() / neg_mask.sum().clamp(min=1.0)
     return pos_loss + neg_loss, stats
