@@ -568,7 +568,9 @@ def _loadable(final: Path) -> bool:
     """A Hugging Face model dir (config + weights, whole, sharded or a LoRA adapter) or a diffusers pipeline dir."""
     if (final / "model_index.json").is_file():
         return (final / "unet").is_dir()
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
+    if (final / "adapter_config.json").is_file():  # a LoRA run's final/: the adapter (peft's from_pretrained)
+        return any((final / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin"))
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     return (final / "config.json").is_file() and any((final / name).is_file() for name in weights)
 
 
