@@ -16,6 +16,7 @@ from posttrain.models.memory import (
     parse_size,
 )
 from posttrain.shipped import recipes_dir
+from tests.conftest import REPO
 
 GPU_RECIPES = ["grpo/qwen2.5-math-1.5b-gsm8k.yaml", "nft/qwen2.5-math-7b.yaml", "polar/pretrain_1.5b.yaml",
                "polar/grpo_qwen2.5-7b_polar.yaml"]  # fmt: skip
@@ -99,3 +100,49 @@ def test_memory_sizes_and_bad_launch_configs(tmp_path, capsys):
     assert "not a memory size" in capsys.readouterr().err
     rc = main(["train", str(recipes_dir() / "sft/arithmetic.yaml"), "--dry-run", "--set", "accelerate_config=no.yaml"])
     assert rc == 2 and "accelerate_config: file not found: no.yaml" in capsys.readouterr().err
+
+
+def test_peak_memory_is_logged_on_a_cuda_device_only(monkeypatch):
+    import torch
+
+    from posttrain.trainers.callbacks import PeakMemory
+
+    logs: dict = {"loss": 1.0}
+    PeakMemory().on_log(None, None, None, logs=logs)
+    assert logs == {"loss": 1.0} or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 1024**3)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: int(4.5 * 1024**3))
+    PeakMemory().on_log(None, None, None, logs=logs)
+    assert logs["memory/peak_allocated_gib"] == 3.0 and logs["memory/peak_reserved_gib"] == 4.5
+
+
+def test_memory_vs_plan_sets_the_largest_logged_peak_beside_the_plan(tmp_path):
+    import importlib.util
+
+    from posttrain.models.memory import GIB, model_shape, parse_size, plan_for, read_launch
+    from posttrain.preflight import MachineError
+    from posttrain.registry import load_and_validate
+    from posttrain.runs import RunDir
+
+    spec = importlib.util.spec_from_file_location("memory_vs_plan", REPO / "scripts" / "memory_vs_plan.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    name = recipes_dir() / "grpo" / "qwen2.5-math-1.5b-gsm8k.yaml"
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    assert "no memory/ metrics logged" in script.comparison(str(name), str(run.path))[-1]
+    for peak in (10.0, 20.5, 18.0):
+        run.append_metrics(
+            {"step": 1, "loss": 0.1, "memory/peak_allocated_gib": peak, "memory/peak_reserved_gib": 22.0}
+        )
+    try:
+        recipe = load_and_validate(name)
+    except MachineError as err:
+        recipe = err.recipe
+    plan = plan_for(recipe, read_launch(recipe.resolve_path(recipe.accelerate_config)), parse_size("80GiB"),
+                    model_shape(recipe.model.path))  # fmt: skip
+    lines = script.comparison(str(name), str(run.path))
+    allocated = next(line for line in lines if "peak_allocated_gib" in line)
+    assert "20.50 GiB" in allocated and f"{20.5 / (plan.total / GIB):.2f}x the plan" in allocated
+    assert any(line.startswith("plan total") for line in lines)

@@ -167,6 +167,7 @@ def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, be
         EvaluatorEval,
         HeldOutEval,
         MetricsJsonl,
+        PeakMemory,
         Progress,
         StopAtMaxSteps,
         TimeBudget,
@@ -174,8 +175,10 @@ def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, be
 
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts when the default tqdm bar is off
     metrics = MetricsJsonl(run, recipe.name)
-    # First, so queued eval metrics reach the report_to integrations in the same log call.
+    # First, so queued eval metrics reach the report_to integrations in the same log call (PeakMemory before it,
+    # so its numbers are in the row MetricsJsonl writes).
     trainer.callback_handler.callbacks.insert(0, metrics)
+    trainer.callback_handler.callbacks.insert(0, PeakMemory())
     trainer.add_callback(StopAtMaxSteps())  # before Progress: no bar for a run with nothing left to train
     trainer.add_callback(CheckpointMarker())
     trainer.add_callback(Progress(recipe.name))

@@ -116,6 +116,22 @@ class Progress(TrainerCallback):
             self.bar = None
 
 
+class PeakMemory(TrainerCallback):
+    """On a CUDA device, log this process's peak memory so far (`memory/peak_allocated_gib`, what tensors held, and
+    `memory/peak_reserved_gib`, what the caching allocator took) with each log: the measured number to set beside
+    the `--dry-run` memory plan (scripts/memory_vs_plan.py). The main process writes it; DDP and ZeRO ranks hold
+    the same share. Nothing on CPU."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        import torch
+
+        if logs is None or not torch.cuda.is_available():
+            return
+        gib = 1024**3
+        logs["memory/peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / gib, 3)
+        logs["memory/peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / gib, 3)
+
+
 class EvaluatorEval(TrainerCallback):
     """Every `every_steps` steps, log a trainer's own `evaluator(model) -> metrics` (reward models: held-out pairs)."""
 
