@@ -353,7 +353,8 @@ class _Builder:
         if tokens > MAX_NEW_TOKENS:
             rollout["max_new_tokens"] = MAX_NEW_TOKENS
             self.note(f"rollout.max_new_tokens: {tokens} -> {MAX_NEW_TOKENS}")
-        self.did(f"generation with transformers: {rollout.get('num_generations', 8)} samples per prompt")
+        if self.spec.needs_rewards:
+            self.did(f"generation with transformers: {rollout.get('num_generations', 8)} samples per prompt")
 
     # --- data ------------------------------------------------------------------------------------------
 
