@@ -36,13 +36,9 @@ done < recipes.txt
 "$PT" quickstart --out qs --set training.max_steps=3 --set eval.limit=16 > qs.txt
 grep -q "report:" qs.txt && test -f qs/report.md
 echo "quickstart from the wheel: ok"
-# A rehearsal from the wheel (2 CPU processes, DDP), and the clear refusal of a ZeRO recipe without DeepSpeed.
-"$PT" train recipes/grpo/arithmetic.yaml --rehearse --rehearse-dir reh > reh.txt
+# A GPU recipe rehearsed from the wheel: 2 CPU processes; this venv has no DeepSpeed, so DDP stands in, and says so.
+"$PT" train recipes/nft/qwen2.5-math-7b.yaml --rehearse --rehearse-dir reh > reh.txt
 grep -q "rehearsal passed" reh.txt && test -f reh/run/final/posttrain_final.json
-set +e
-"$PT" train recipes/nft/qwen2.5-math-7b.yaml --rehearse 2> reh_err.txt > /dev/null
-rc=$?
-set -e
-[ "$rc" -eq 2 ] && grep -q "uses DeepSpeed, which is not installed" reh_err.txt
+grep -q "DeepSpeed ZeRO-2 (not installed here" reh.txt
 echo "rehearsal from the wheel: ok"
 cd "$REPO" && rm -rf "$WORK"

@@ -125,14 +125,15 @@ def test_unknown_format_is_refused(tmp_path):
         prepare_rehearsal(recipe, tmp_path / "r")
 
 
-def test_a_deepspeed_launch_without_deepspeed_installed_is_refused_before_models_are_built(tmp_path, monkeypatch):
+def test_without_deepspeed_installed_a_zero_launch_is_rehearsed_under_ddp_and_said(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
-    with pytest.raises(RehearsalError, match=r"uses DeepSpeed, which is not installed.*posttrain\[deepspeed\]"):
-        prepare_rehearsal(load("nft/qwen2.5-math-7b.yaml"), tmp_path / "r")
-    assert not (tmp_path / "r" / "model").exists()
+    rehearsal = prepare_rehearsal(load("nft/qwen2.5-math-7b.yaml"), tmp_path / "r")
+    launch = yaml.safe_load(rehearsal.accelerate_config.read_text())
+    assert launch["distributed_type"] == "MULTI_GPU" and launch["num_processes"] == 2
+    assert any("ZeRO-2" in line and "posttrain[deepspeed]" in line for line in rehearsal.not_rehearsed)
 
 
 def test_refused_inside_a_launch(tmp_path, monkeypatch):
