@@ -43,6 +43,7 @@ from posttrain.data.stand_ins import pickapic_rows, text_rows, write_rows
 from posttrain.errors import PosttrainError, RecipeError
 from posttrain.models.stand_ins import model_family, stand_in_reward_model
 from posttrain.recipe import Recipe
+from posttrain.runs import loadable_model_dir, training_losses
 
 STEPS = 2  # optimizer steps a rehearsal trains: a checkpoint at step 1, resumed to step 2
 ROWS = 32  # synthetic rows per data source; local sources are cut to this many
@@ -526,9 +527,9 @@ def run_rehearsal(rehearsal: Rehearsal, echo: Callable[[str], None] = print, tim
         raise RehearsalFailed(
             f"launch 2 (--resume) left a {state.kind} run (final step {state.final_step}); log: {second}"
         )
-    if not _loadable(run.final):
+    if not loadable_model_dir(run.final):
         raise RehearsalFailed(f"final/ holds no model a from_pretrained can load (no config and weights): {run.final}")
-    losses = _training_losses(run)
+    losses = training_losses(run)
     repeated = sorted(step for step, values in losses.items() if len(values) > 1)
     if repeated:
         raise RehearsalFailed(f"--resume trained step(s) {repeated} again instead of continuing from checkpoint-1; log: {second}")  # fmt: skip
@@ -567,16 +568,6 @@ def _launch(rehearsal: Rehearsal, n: int, extra: list[str], env_extra: dict[str,
     return log
 
 
-def _loadable(final: Path) -> bool:
-    """A Hugging Face model dir (config + weights, whole, sharded or a LoRA adapter) or a diffusers pipeline dir."""
-    if (final / "model_index.json").is_file():
-        return (final / "unet").is_dir()
-    if (final / "adapter_config.json").is_file():  # a LoRA run's final/: the adapter (peft's from_pretrained)
-        return any((final / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin"))
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-    return (final / "config.json").is_file() and any((final / name).is_file() for name in weights)
-
-
 def _tail(log: Path, lines: int = 40) -> str:
     """The error a launch died of: posttrain's own error lines (`XError: ...` and what follows them) or the first
     Python traceback, else the log's last lines (torchrun's summary says only which rank failed)."""
@@ -591,12 +582,3 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _training_losses(run: Any) -> dict[int, list[float]]:
-    """step -> the training losses logged at it (a resume that started over would log step 1 twice)."""
-    seen: dict[int, list[float]] = {}
-    for row in run.read_metrics():
-        if "loss" in row and "step" in row and ":" not in str(row.get("stage", "")):
-            seen.setdefault(int(row["step"]), []).append(float(row["loss"]))
-    return seen

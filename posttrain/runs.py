@@ -295,3 +295,22 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and value != value:
         return None
     return value
+
+
+def loadable_model_dir(final: Path) -> bool:
+    """A Hugging Face model dir (config + weights, whole, sharded or a LoRA adapter) or a diffusers pipeline dir."""
+    if (final / "model_index.json").is_file():
+        return (final / "unet").is_dir()
+    if (final / "adapter_config.json").is_file():  # a LoRA run's final/: the adapter (peft's from_pretrained)
+        return any((final / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin"))
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return (final / "config.json").is_file() and any((final / name).is_file() for name in weights)
+
+
+def training_losses(run: RunDir) -> dict[int, list[float]]:
+    """step -> the training losses logged at it (a resume that started over would log step 1 twice)."""
+    seen: dict[int, list[float]] = {}
+    for row in run.read_metrics():
+        if "loss" in row and "step" in row and ":" not in str(row.get("stage", "")):
+            seen.setdefault(int(row["step"]), []).append(float(row["loss"]))
+    return seen
