@@ -569,13 +569,22 @@ def _launch(rehearsal: Rehearsal, n: int, extra: list[str], env_extra: dict[str,
 
 
 def _tail(log: Path, lines: int = 40) -> str:
-    """The error a launch died of: posttrain's own error lines (`XError: ...` and what follows them) or the first
-    Python traceback, else the log's last lines (torchrun's summary says only which rank failed)."""
+    """The error a launch died of: posttrain's own error line (`XError: ...` and what follows it) or a worker's
+    Python traceback; else a worker's native crash lines (`terminate called ...`) and the log's last lines (the
+    launcher's own traceback and summary say only which rank failed)."""
     text = log.read_text(errors="replace").splitlines()
+    launcher = ("accelerate/commands/launch.py", "torch/distributed/run.py", "torch/distributed/launcher")
     for i, line in enumerate(text):
-        if line.startswith("Traceback (most recent call last)") or re.match(r"^\w+(Error|Exception): ", line):
-            return "\n".join(text[i : i + lines])
-    return "\n".join(text[-lines:])
+        line = re.sub(r"^\[rank\d+\]:\s*", "", line)
+        block = text[i : i + lines]
+        if re.match(r"^\w+(Error|Exception): ", line):
+            return "\n".join(block)
+        if line.startswith("Traceback (most recent call last)") and not any(
+            m in b for b in block[:4] for m in launcher
+        ):
+            return "\n".join(block)
+    crash = [line for line in text if re.search(r"terminate called|what\(\):|Signal \d+|exitcode\s*:", line)]
+    return "\n".join([*crash, "...", *text[-lines // 2 :]])
 
 
 def _free_port() -> int:
