@@ -298,9 +298,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def loadable_model_dir(final: Path) -> bool:
-    """A Hugging Face model dir (config + weights, whole, sharded or a LoRA adapter) or a diffusers pipeline dir."""
-    if (final / "model_index.json").is_file():
-        return (final / "unet").is_dir()
+    """A Hugging Face model dir (config + weights, whole, sharded or a LoRA adapter), or a diffusion stack whose
+    unet/ diffusers loads (a pipeline dir has model_index.json; the pixel-space toy stack has none)."""
+    if (final / "model_index.json").is_file() or (final / "unet").is_dir():
+        unet = final / "unet"
+        weights = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                   "diffusion_pytorch_model.bin")  # fmt: skip
+        return (unet / "config.json").is_file() and any((unet / name).is_file() for name in weights)
     if (final / "adapter_config.json").is_file():  # a LoRA run's final/: the adapter (peft's from_pretrained)
         return any((final / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin"))
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")

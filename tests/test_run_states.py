@@ -245,3 +245,37 @@ def test_kill_9_at_a_random_moment_then_resume_is_bitwise_equal_and_stops_at_max
     assert steps == list(range(1, 61))
     again = subprocess.run([*cmd, path, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "nothing was changed" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("files", "loadable"),
+    [
+        (["config.json", "model.safetensors"], True),
+        (["config.json", "model.safetensors.index.json"], True),  # sharded
+        (["adapter_config.json", "adapter_model.safetensors"], True),  # a LoRA run's final/
+        (["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors"], True),  # SD layout
+        (["unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"], True),
+        (["config.json"], False),  # no weights
+        (["adapter_config.json"], False),
+        (["model_index.json", "unet/config.json"], False),  # a unet without weights
+        (["posttrain_final.json"], False),
+    ],
+    ids=[
+        "whole",
+        "sharded",
+        "lora",
+        "pipeline",
+        "pixel-stack",
+        "config-only",
+        "adapter-only",
+        "unet-no-weights",
+        "marker-only",
+    ],  # fmt: skip
+)
+def test_loadable_model_dir_knows_each_final_layout(tmp_path, files, loadable):
+    from posttrain.runs import loadable_model_dir
+
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    assert loadable_model_dir(tmp_path) is loadable

@@ -40,10 +40,20 @@ def process_state() -> Any:
 def end_processes() -> None:
     """Close torch.distributed after a multi-process run, every rank together. Left to interpreter exit, a ZeRO-3
     run on CPUs aborted one rank after `final/` was written ("terminate called without an active exception"), and
-    the launch reported a failure."""
+    the launch reported a failure.
+
+    The trainer is still alive here, in reference cycles (a Trainer and its callbacks, its accelerator), and so is
+    the DDP or DeepSpeed engine it wraps, which holds the process group: `destroy_process_group` alone only
+    unregisters the group, and its gloo threads were torn down whenever the cycle was collected, at interpreter
+    exit, in no set order (the likely cause of one rank's SIGABRT seen once in CI at the end of a rehearsal's
+    resumed DDP launch, not reproduced in 70 local runs). Collecting first frees
+    the engines, so the group is destroyed here, on every rank, after the barrier."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

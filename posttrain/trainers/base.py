@@ -183,7 +183,7 @@ def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, be
     trainer.add_callback(CheckpointMarker())
     trainer.add_callback(Progress(recipe.name))
     if recipe.training.get("time_budget_s") is not None:
-        trainer.add_callback(TimeBudget(recipe.training["time_budget_s"]))
+        trainer.add_callback(TimeBudget(recipe.training["time_budget_s"], trainer.accelerator))
     every = recipe.eval.every_steps
     if evaluator is not None and every:
         trainer.add_callback(EvaluatorEval(evaluator, every, metrics))

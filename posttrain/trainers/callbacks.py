@@ -65,10 +65,16 @@ class StopAtMaxSteps(TrainerCallback):
 
 
 class TimeBudget(TrainerCallback):
-    """Stop training after `seconds` of wall time (counted from the first step, so model loading is excluded)."""
+    """Stop training after `seconds` of wall time (counted from the first step, so model loading is excluded).
 
-    def __init__(self, seconds: float):
+    Every process stops at the same step: each one's clock decides only its own trigger, and accelerate's
+    `set_trigger`/`check_trigger` (a reduce over the processes, every step) stops them all when any one is out of
+    time. Decided per process, the first rank out of time went on to final/ while the others entered the next
+    step's gradient all-reduce: a hang, or gloo aborting on mismatched collectives."""
+
+    def __init__(self, seconds: float, accelerator: Any = None):
         self.seconds = seconds
+        self.accelerator = accelerator  # None: one process, its own clock decides
         self.start: float | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -76,7 +82,12 @@ class TimeBudget(TrainerCallback):
             self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.start is not None and time.monotonic() - self.start >= self.seconds:
+        out_of_time = self.start is not None and time.monotonic() - self.start >= self.seconds
+        if self.accelerator is not None:
+            if out_of_time:
+                self.accelerator.set_trigger()
+            out_of_time = self.accelerator.check_trigger()
+        if out_of_time:
             control.should_training_stop = True
             control.should_log = True
 

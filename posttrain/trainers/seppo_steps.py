@@ -207,9 +207,16 @@ class SePPORun:
                 record.update(learning_rate=self.lr_scheduler.get_last_lr()[0], reference=ref_index,
                               pool_size=len(self.pool), seconds=round(time.monotonic() - start, 3))  # fmt: skip
                 self.run.append_metrics({"step": self.global_step, "stage": f"{self.recipe.name}:{stage}", **record})
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and self.out_of_time(deadline):
                 return False
         return True
+
+    def out_of_time(self, deadline: float) -> bool:
+        """Any process past `deadline` (accelerate's trigger, reduced over the processes): all stop at one update,
+        as TimeBudget does for the other trainers."""
+        if time.monotonic() >= deadline:
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
 
     def update(self, batches: Any, sample_gen: Any, grid: Path | None) -> dict[str, float]:
         """One optimizer update over `gradient_accumulation_steps` micro-batches; the mean of their stats."""
