@@ -182,6 +182,41 @@ def test_cli_rejects_rehearse_with_dry_run(capsys):
     assert "neither --dry-run nor --resume" in capsys.readouterr().err
 
 
+LAUNCHER_TRACE = """Traceback (most recent call last):
+  File "/v/lib/python3.11/site-packages/accelerate/commands/launch.py", line 1300, in <module>
+    main()
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+Failures:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -6 (pid: 4242)
+  error_file: <N/A>
+"""
+
+
+@pytest.mark.parametrize(
+    ("worker", "shown", "hidden"),
+    [
+        ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"x.py\", line 1\n[rank1]: ValueError: bad row 3\n",
+         "ValueError: bad row 3", "ChildFailedError"),
+        ("step 2 done\nterminate called without an active exception\n", "terminate called without an active", "launch.py"),
+        ("RewardError: reward 'mine' raised KeyError: 'answer'\n", "RewardError: reward 'mine'", "ChildFailedError"),
+    ],
+    ids=["worker-traceback", "native-abort", "posttrain-error"],
+)  # fmt: skip
+def test_a_failed_launch_shows_the_workers_error_not_the_launchers(tmp_path, worker, shown, hidden):
+    from posttrain.rehearse import _tail
+
+    log = tmp_path / "launch-2.log"
+    log.write_text("loading\n" + worker + LAUNCHER_TRACE)
+    tail = _tail(log)
+    assert shown in tail
+    if "terminate" in shown:
+        assert "exitcode  : -6" in tail  # the signal, from the launcher's summary
+    else:
+        assert hidden not in tail.split(shown)[0]  # the worker's error comes first, not the launcher's traceback
+
+
 # ------------------------------------------------------------------------------------------- slow: real launches
 
 
