@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shutil
@@ -9,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from posttrain.evaluation.leaderboard import find_run_dirs, write_leaderboard
 from posttrain.evaluation.store import ResultRecord, ResultsStore
@@ -79,8 +82,10 @@ def test_html_is_self_contained_with_embedded_images(store, runs_dir, tmp_path):
     html = html_path.read_text()
     for external in ('src="http', "<script src", "<link"):
         assert external not in html
-    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    images = re.findall(r'<img alt="[^"]*" width="(\d+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert len(images) == 2  # the accuracy panels and the one run with curves
+    for width, data in images:  # shown at 3/4 of the PNG's pixel width
+        assert int(width) == int(Image.open(io.BytesIO(base64.b64decode(data))).size[0] * 0.75)
     assert 'class="best"' in html
     assert 'title="n=1000, suite arithmetic' in html  # n is in the cell's tooltip
 
@@ -101,6 +106,27 @@ def test_empty_store_and_no_runs_still_write_valid_pages(tmp_path):
     html = html_path.read_text()
     assert "No results yet" in html and html.rstrip().endswith("</html>")
     assert "<table" not in html and "data:image" not in html
+
+
+def test_html_escapes_untrusted_names(tmp_path):
+    # Model labels and paths, benchmark names and run dir names come from users: none may inject markup.
+    evil = "<script>alert('x')</script>"
+    s = ResultsStore(tmp_path / "r.db")
+    s.add(ResultRecord(model='runs/"q"&<b>/final', model_label=evil, benchmark='a<b>&"c"', settings={},
+                       metrics={"accuracy": 0.5, "accuracy_stderr": 0.01}, n=10, created=1.0))  # fmt: skip
+    run = tmp_path / "runs" / "<img src=x onerror=alert(1)>"
+    run.mkdir(parents=True)
+    run.joinpath("metrics.jsonl").write_text(
+        "\n".join(json.dumps({"step": i, "loss": 1.0 / (i + 1)}) for i in range(3))
+    )
+    _, html_path = write_leaderboard(s, tmp_path / "out", tmp_path / "runs")
+    html = html_path.read_text()
+    assert "<script" not in html and "<b>" not in html and "<img src=x" not in html
+    assert '<td class="model" title="runs/&#34;q&#34;&amp;&lt;b&gt;/final">' in html  # attribute: quotes escaped too
+    assert ">&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;</td>" in html
+    assert "<th>a&lt;b&gt;&amp;&#34;c&#34;</th>" in html
+    assert "<h3>&lt;img src=x onerror=alert(1)&gt;</h3>" in html
+    assert 'alt="training curves of &lt;img src=x onerror=alert(1)&gt;"' in html
 
 
 @pytest.mark.slow

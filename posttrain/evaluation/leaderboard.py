@@ -2,22 +2,25 @@
 
 `write_leaderboard` shows the newest result per (model, benchmark) (`ResultsStore.latest`), its headline metric ± its
 standard error, the best value per benchmark marked, one bar panel per benchmark, and the training curves of every run dir
-under `runs/`. The HTML embeds its images as base64 PNGs and its CSS inline, so the one file can be mailed, attached
-to a CI job or opened from anywhere without the PNGs beside it.
+under `runs/`. The markdown is built here line by line; the HTML is rendered from the Jinja2 template
+`templates/leaderboard.html.j2` (package data) with autoescape on, so names and paths are escaped by Jinja2, not by
+hand. The page embeds its images as base64 PNGs (widths read with Pillow) and its CSS inline, so the one file can be
+mailed, attached to a CI job or opened from anywhere without the PNGs beside it.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import math
 import re
-import struct
 import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import jinja2
 
 from posttrain.evaluation.store import ResultRecord, ResultsStore
 from posttrain.report import DEFAULT_CURVES, _plt, plot_curves
@@ -346,92 +349,60 @@ def _no_curves_text(header: _Header) -> str:
     return f"No run under `{header.runs_dir}` has reward, loss or held-out accuracy in its metrics.jsonl."
 
 
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; color: #1a202c;
-       max-width: 1200px; margin: 24px auto; padding: 0 20px; line-height: 1.45; }
-h1 { margin-bottom: 4px; } h2 { margin-top: 32px; border-bottom: 1px solid #e2e8f0; padding-bottom: 4px; }
-h3 { margin: 20px 0 6px; font-size: 15px; }
-.meta, .note, footer { color: #4a5568; font-size: 13px; }
-code { background: #edf2f7; padding: 1px 4px; border-radius: 3px; font-size: 12px; }
-table { border-collapse: collapse; margin: 12px 0; font-size: 14px; }
-th, td { border: 1px solid #e2e8f0; padding: 6px 12px; text-align: right; white-space: nowrap; }
-th { background: #f7fafc; } th:first-child, td:first-child { text-align: left; }
-td.model { font-weight: 600; white-space: normal; max-width: 360px; overflow-wrap: anywhere; }
-td.best { background: #c6f6d5; font-weight: 700; }
-td.missing { color: #a0aec0; text-align: center; }
-td.mean { color: #2d3748; background: #fafafa; }
-tbody tr:hover td { filter: brightness(0.97); }
-img { max-width: 100%; height: auto; border: 1px solid #edf2f7; }
-.empty { padding: 16px; background: #fffaf0; border: 1px solid #feebc8; border-radius: 4px; }
-footer { margin-top: 36px; border-top: 1px solid #e2e8f0; padding-top: 8px; }
-"""
-
-
 # Figures are drawn at 110 dpi; shown at 3/4 of their pixel width every figure's text has the same size on the page
 # (a two-panel curve figure is not blown up to the width of a three-panel one) and stays sharp on HiDPI screens.
 _IMG_SCALE = 0.75
 
 
-def _img(path: Path, alt: str) -> str:
-    raw = path.read_bytes()
-    width = int(struct.unpack(">I", raw[16:20])[0] * _IMG_SCALE)  # IHDR width, the first field after the signature
-    data = base64.b64encode(raw).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" width="{width}" src="data:image/png;base64,{data}">'
+@functools.cache
+def _html_template() -> jinja2.Template:
+    # Autoescape on: model and benchmark names, run names and paths come from users and are escaped by Jinja2.
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("posttrain.evaluation", "templates"),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return env.get_template("leaderboard.html.j2")
 
 
-def _code(text: str) -> str:
-    # The summary and notes mark paths with markdown backticks; HTML shows them as <code>.
-    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text, quote=False))
+def _img(path: Path, alt: str) -> dict[str, object]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width = int(image.size[0] * _IMG_SCALE)
+    return {"alt": alt, "width": width, "data": base64.b64encode(path.read_bytes()).decode("ascii")}
+
+
+def _html_cells(board: Board, row: Row) -> list[dict[str, str]]:
+    cells = []
+    for bench in board.benchmarks:
+        rec = row.cells.get(bench)
+        if rec is None:
+            cells.append({"css_class": "missing", "title": f"{bench} not evaluated", "text": MISSING})
+        else:
+            css_class = "best" if _is_best(board, bench, rec) else ""
+            cells.append({"css_class": css_class, "title": _cell_title(rec), "text": _cell_text(rec)})
+    return cells
 
 
 def render_html(board: Board, curves: list[RunCurves], header: _Header, accuracy_png: Path | None) -> str:
-    esc = html.escape
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        "<title>posttrain leaderboard</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>Leaderboard</h1>",
-        f'<p class="meta">{_code(_summary(header))}</p>',
+    """The page, from templates/leaderboard.html.j2: everything passed to the template is plain text."""
+    rows = [
+        {"label": row.label, "model": row.model, "cells": _html_cells(board, row), "mean": _mean_text(board, row)}
+        for row in board.rows
     ]
-    if not board.rows:
-        parts.append(
-            '<p class="empty">No results yet: run <code>posttrain eval --model ... --suite ...</code> to add some.</p>'
-        )
-    else:
-        parts.append(
-            '<p class="note">Accuracy ± standard error (columns marked (score): a mean score on the scorer\'s own '
-            "scale ± its standard error; hover a cell for n, suite and settings); the highlighted cell is the best "
-            "per benchmark; – means not evaluated. Rows are sorted by mean accuracy over the accuracy benchmarks each "
-            "model has (how many, when not all, in brackets); scores are never averaged with accuracies.</p>"
-        )
-        parts.append("<table><thead><tr><th>model</th>")
-        parts += [f"<th>{esc(board.header(b))}</th>" for b in board.benchmarks]
-        parts.append("<th>mean</th></tr></thead><tbody>")
-        for row in board.rows:
-            parts.append(f'<tr><td class="model" title="{esc(row.model)}">{esc(row.label)}</td>')
-            for bench in board.benchmarks:
-                rec = row.cells.get(bench)
-                if rec is None:
-                    parts.append(f'<td class="missing" title="{esc(bench)} not evaluated">{MISSING}</td>')
-                    continue
-                cls = ' class="best"' if _is_best(board, bench, rec) else ""
-                parts.append(f'<td{cls} title="{esc(_cell_title(rec))}">{esc(_cell_text(rec))}</td>')
-            parts.append(f'<td class="mean">{esc(_mean_text(board, row))}</td></tr>')
-        parts.append("</tbody></table>")
-        if accuracy_png is not None:
-            parts.append(_img(accuracy_png, "accuracy per benchmark"))
-    parts.append("<h2>Training curves</h2>")
-    if curves:
-        for run in curves:
-            parts.append(f"<h3>{esc(run.name)}</h3>")
-            parts.append(_img(run.png, f"training curves of {run.name}"))
-    else:
-        parts.append(f'<p class="note">{_code(_no_curves_text(header))}</p>')
-    parts.append(f"<footer>Reproduce: <code>{esc(header.reproduce)}</code></footer>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return _html_template().render(
+        summary=_summary(header),
+        headings=[board.header(b) for b in board.benchmarks],
+        rows=rows,
+        accuracy_image=_img(accuracy_png, "accuracy per benchmark") if accuracy_png is not None else None,
+        curves=[{"name": run.name, "image": _img(run.png, f"training curves of {run.name}")} for run in curves],
+        no_curves=_no_curves_text(header),
+        reproduce=header.reproduce,
+    )
 
 
 def _cell_title(rec: ResultRecord) -> str:
