@@ -12,6 +12,7 @@ from pathlib import Path
 
 import posttrain  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 from posttrain.errors import PosttrainError
+from posttrain.recipe import BACKENDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model on a benchmark suite; results go to the results store")
     p.add_argument("--model", required=True, help="model dir (e.g. runs/x/final) or hub id")
     p.add_argument("--suite", required=True, help="suite YAML, e.g. eval/suites/arithmetic.yaml")
-    p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    p.add_argument("--backend", choices=BACKENDS, default="hf")
     p.add_argument("--store", default="eval/results.db", help="SQLite results store (default eval/results.db)")
     p.add_argument("--samples-dir", default="eval/samples", help="per-sample outputs (jsonl per benchmark)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate at most N rows per benchmark")
@@ -103,7 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rewards", help="list built-in reward functions")
     p.set_defaults(func=cmd_rewards)
 
-    p = sub.add_parser("data", help="build training data (POLAR pretraining triplets, fine-tuning rows)")
+    _add_data_commands(
+        sub.add_parser("data", help="build training data (POLAR pretraining triplets, fine-tuning rows)")
+    )
+
+    _add_tiny_model_command(sub.add_parser("tiny-model", help="build a tiny local model + tokenizer dir (no hub)"))
+    return parser
+
+
+def _add_tiny_model_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="arithmetic", help="character set: arithmetic or text")
+    p.add_argument("--out", required=True)
+    p.add_argument("--hidden-size", type=positive_int, default=128)
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+
+
+def _add_data_commands(p: argparse.ArgumentParser) -> None:
+    """`posttrain data polar-pretrain | polar-finetune`."""
     data = p.add_subparsers(dest="data_command", required=True)
     d = data.add_parser("polar-pretrain", help="sample a pool of policies into POLAR pretraining triplets")
     d.add_argument("--policies", nargs="+", required=True, metavar="MODEL", help="model dirs or hub ids (>= 2)")
@@ -113,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=positive_int, default=1024)
     d.add_argument("--prefix-words", type=positive_int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="cut each prompt to a random prefix of MIN..MAX words (pretraining on ordinary text)")  # fmt: skip
-    d.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    d.add_argument("--backend", choices=BACKENDS, default="hf")
     d.add_argument("--chunk", type=positive_int, default=64, help="prompts per generate call and per shard append")
     d.add_argument("--seed", type=non_negative_int, default=0)
     d.set_defaults(func=cmd_data_polar_pretrain)
@@ -125,16 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--field", default=None, help="the ranked list's field (default 'ranked') or reference field "
                    "(default 'reference')")  # fmt: skip
     d.set_defaults(func=cmd_data_polar_finetune)
-
-    p = sub.add_parser("tiny-model", help="build a tiny local model + tokenizer dir (no hub)")
-    p.add_argument("--task", default="arithmetic", help="character set: arithmetic or text")
-    p.add_argument("--out", required=True)
-    p.add_argument("--hidden-size", type=positive_int, default=128)
-    p.add_argument("--layers", type=positive_int, default=2)
-    p.add_argument("--heads", type=positive_int, default=4)
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.set_defaults(func=cmd_tiny_model)
-    return parser
 
 
 def cmd_data_polar_pretrain(args: argparse.Namespace) -> int:

@@ -143,10 +143,18 @@ def check_data(recipe: Recipe, train_schema: str | None, eval_schema: str | None
 
     if train_schema is not None and recipe.data.train is not None:
         # The schema's fields and the columns the rewards read, each checked in every row (a missing answer would
-        # otherwise surface at the first reward call, after generation).
-        read = [c for r in recipe.rewards for c in reward_columns(r.name, r.kwargs)]
+        # otherwise surface at the first reward call, after generation); a column a reward reads that the data
+        # lacks altogether is named with the reward.
+        read = _reward_columns(recipe)
         fields = tuple(dict.fromkeys((*SCHEMAS[train_schema], *read)))
-        rows = _load(recipe, recipe.data.train, "data.train", fields, problems)
+        found: list = []
+        rows = _load(recipe, recipe.data.train, "data.train", fields, found)
+        if rows is None and read and found:
+            rows = _load(recipe, recipe.data.train, "data.train", train_schema, [])
+            missing = [] if rows is None else [c for c in read if c not in rows.column_names]
+            found = [_reward_column_error(recipe, rows, column) for column in missing] or found
+            rows = None
+        problems.extend(found)
         if rows is not None:
             _check_template(recipe, rows, "data.train", problems)
     held_out = recipe.eval.data or recipe.data.eval
@@ -226,16 +234,28 @@ def _check_template(recipe: Recipe, rows: Any, section: str, problems: list) -> 
         )
 
 
-def reward_columns(name: str, kwargs: Mapping[str, Any]) -> list[str]:
-    """Dataset columns a built-in reward reads (TRL passes every column to a reward as a keyword argument, so
-    a missing one only shows at the first reward call, after generation)."""
-    if name in ("numeric_match", "math_verify"):
-        return ["answer"]
-    if name == "polar":
-        return [str(kwargs.get("reference_column", "reference"))]
-    if name == "remote" and kwargs.get("reference_column"):
-        return [str(kwargs["reference_column"])]
-    return []
+def _reward_columns(recipe: Recipe) -> dict[str, str]:
+    """Column -> the first reward reading it (`rewards[i] (name)`), as each reward declares (reward_models)."""
+    from reward_models import reward_columns
+
+    read: dict[str, str] = {}
+    for i, reward in enumerate(recipe.rewards):
+        try:
+            columns = reward_columns(reward.name, reward.kwargs)
+        except RewardError:
+            continue  # an unknown reward or a user module that does not import: check_rewards names it
+        for column in columns:
+            read.setdefault(column, f"rewards[{i}] ({reward.name})")
+    return read
+
+
+def _reward_column_error(recipe: Recipe, rows: Any, column: str) -> DataError:
+    reader = _reward_columns(recipe)[column]
+    return DataError(
+        f"{recipe.where}: {reader} reads the column '{column}': data.train has no column '{column}' (columns: "
+        f"{', '.join(rows.column_names)}); add it, or map one with data.train.columns, e.g. columns: "
+        f"{{{column}: <column>}}"
+    )
 
 
 # ---------------------------------------------------------------------------------------- rewards, rollout, run
@@ -315,6 +335,49 @@ def check_launch(recipe: Recipe, problems: list, spec: Any = None) -> None:
                 f"{recipe.where}: trainer '{spec.name}' cannot run under DeepSpeed ZeRO-{launch.zero_stage} "
                 f"({launch.source}): its own accelerate loop (several models: frozen encoders, a reference copy, the "
                 "trained one) is built and tested for DDP only; launch it with recipes/accelerate/ddp.yaml"
+            )
+        )
+
+
+# What a model dir of each kind a trainer trains holds (TrainerSpec.model), and what to pass instead.
+_MODEL_FILES = {
+    "causal_lm": (("config.json",), "a transformers model dir (config.json and weights)"),
+    "sequence_classifier": (("config.json",), "a transformers model dir (config.json and weights)"),
+    "diffusion": (("unet", "text_encoder", "tokenizer", "scheduler"), "a diffusers pipeline dir (unet/, "
+                  "text_encoder/, tokenizer/, scheduler/)"),
+}  # fmt: skip
+
+
+def check_model(recipe: Recipe, spec: Any, problems: list) -> None:
+    """`model.path`, when it names a local path, is a dir of the kind the trainer trains (the run itself would
+    refuse it a moment after start): a path not there yet is a MachineError (an earlier step often writes it), a
+    file or a dir of another kind a RecipeError. Hub ids are fetched when training starts."""
+    from posttrain.data.sources import _looks_local
+
+    if recipe.model.tiny is not None or recipe.model.path is None:
+        return
+    source = Path(recipe.resolve_path(recipe.model.path)).expanduser()
+    if not source.exists():
+        if _looks_local(recipe.model.path):
+            problems.append(
+                MachineError(
+                    f"{recipe.where}: model.path: model dir not found: {recipe.model.path} (an earlier step writes it? "
+                    "run that first, or copy the model there)"
+                )
+            )
+        return
+    needs, what = _MODEL_FILES[spec.model]
+    if not source.is_dir():
+        problems.append(RecipeError(f"{recipe.where}: model.path {source} is a file; trainer '{spec.name}' needs {what}"))  # fmt: skip
+        return
+    missing = [name for name in needs if not (source / name).exists()]
+    if missing:
+        kind = next((k for k, (files, _) in _MODEL_FILES.items() if all((source / f).exists() for f in files)), None)
+        found = f"it holds {_MODEL_FILES[kind][1].split(' (')[0]}" if kind else "it holds no model"
+        problems.append(
+            RecipeError(
+                f"{recipe.where}: model.path {source} is not {what}: {found} (missing: {', '.join(missing)}); "
+                f"trainer '{spec.name}' trains a {spec.model.replace('_', ' ')} model"
             )
         )
 

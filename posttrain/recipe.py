@@ -79,11 +79,15 @@ class VLLMOptions:
     server_port: int = field(default=8000, metadata={"ge": 1, "le": 65535})
 
 
+Backend = Literal["hf", "vllm"]  # rollout backends: transformers generate, vLLM
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
+
+
 @dataclass
 class RolloutSection:
     """Sampling of completions during RL (and for RFT / POLAR data building)."""
 
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Backend = "hf"
     num_generations: int = field(default=8, metadata={"ge": 2})  # a group of one has no relative advantage
     max_new_tokens: int = field(default=256, metadata={"ge": 1})
     temperature: float = field(default=1.0, metadata={"gt": 0})
@@ -105,6 +109,33 @@ class EvalSection:
     batch_size: int = field(default=256, metadata={"ge": 1})
     slice_column: str | None = None  # boolean/categorical column for per-slice accuracy (e.g. carry)
     limit: int | None = field(default=None, metadata={"ge": 1})  # cap on rows per benchmark (held-out and suite)
+
+
+class Settings(typing.Mapping[str, Any]):
+    """Read-only `training:`/`algorithm:` values with their defaults, by key or attribute:
+    `recipe.settings.per_device_train_batch_size`. A key no config of the trainer has is an AttributeError/KeyError
+    (a typo in posttrain's code, not a recipe problem: validation refuses unknown recipe keys first)."""
+
+    def __init__(self, values: typing.Mapping[str, Any]):
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["_values"][key]
+        except KeyError:
+            raise AttributeError(f"no training/algorithm setting '{key}' for this trainer") from None
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Settings({self._values!r})"
 
 
 @dataclass
@@ -129,6 +160,11 @@ class Recipe:
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the merged YAML, for recipe.resolved.yaml
     overridden: set[str] = field(default_factory=set, repr=False)  # dotted keys set with --set (for errors)
+    # Filled in by validation (posttrain.registry.validate_recipe): the trainer's options dataclass, built from
+    # `algorithm:`, and every `training:`/`algorithm:` value the trainer's library config and posttrain's own
+    # training keys take, the library's own defaults (read from its dataclass) under the recipe's values.
+    options: Any = field(default=None, repr=False)
+    settings: Settings = field(default_factory=lambda: Settings({}), repr=False)
 
     @property
     def where(self) -> str:
@@ -146,7 +182,7 @@ class Recipe:
         return value
 
 
-_INTERNAL = ("source", "raw", "overridden")
+_INTERNAL = ("source", "raw", "overridden", "options", "settings")
 
 # ----------------------------------------------------------------------------------------------- loading
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import PosttrainError, RecipeError, suggest
-from posttrain.recipe import Context, Recipe, bounds_problem, coerce, load_recipe, problems_error
+from posttrain.recipe import Context, Recipe, Settings, bounds_problem, coerce, load_recipe, problems_error
 
 # trainer name -> module with SPEC, plan(recipe) and train(recipe, run, resume). Adding a trainer = one line here.
 TRAINERS: dict[str, str] = {
@@ -61,6 +61,9 @@ class PosttrainTraining:
     )
 
 
+ModelKind = typing.Literal["causal_lm", "sequence_classifier", "diffusion"]
+
+
 @dataclass(frozen=True)
 class TrainerSpec:
     """What a trainer module declares about itself (module attribute `SPEC`)."""
@@ -79,6 +82,12 @@ class TrainerSpec:
     # What the trainer's training loop can run under: DeepSpeed ZeRO (accelerate's DeepSpeed plugin) and peft LoRA.
     deepspeed: bool = True
     lora: bool = True
+    # What the shared layers ask about the method (the memory plan, --rehearse, the dry-run plan, validation):
+    model: ModelKind = "causal_lm"  # what it trains: a causal LM, a scalar-head reward model, a diffusion stack
+    generates: bool = False  # samples completions from the policy while it trains (rollouts, rewards)
+    sequences_per_row: int = 1  # sequences one training row becomes (chosen + rejected: 2; POLAR's triplet: 3)
+    reference_model: bool = False  # holds a frozen copy of the policy when the library's `beta` is > 0
+    length_key: str | None = "max_length"  # the setting bounding a row's tokens (a generating trainer: the rollout's)
 
     def option_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.options)) if self.options else ()
@@ -153,6 +162,7 @@ def validate_recipe(recipe: Recipe, problems: list | None = None) -> None:
         found.append(err)
     if spec is not None:
         _validate_trainer_sections(recipe, spec, found)
+        preflight.check_model(recipe, spec, found)
         preflight.check_data(recipe, spec.train_schema, spec.eval_schema, found)
     if recipe.data.train is None:
         found.append(RecipeError(f"{recipe.where}: missing 'data.train' (a data source: path, or synthetic)"))
@@ -191,9 +201,10 @@ def _validate_trainer_sections(recipe: Recipe, spec: TrainerSpec, found: list) -
     recipe.algorithm = _coerce_section(recipe.algorithm, algorithm_types, "algorithm", ctx, own_options)
     recipe.training = _coerce_section(recipe.training, training_types, "training", ctx, own_training)
     try:
-        trainer_options(recipe)  # the options dataclass checks its own values
+        recipe.options = trainer_options(recipe)  # the options dataclass checks its own values
     except RecipeError as err:
         found.append(err)
+    recipe.settings = resolved_settings(recipe, spec)
     preflight.check_library_values(recipe, spec.library_config, found)
     if spec.needs_rewards and not recipe.rewards and not recipe.raw.get("rewards"):
         found.append(RecipeError(f"{recipe.where}: trainer '{spec.name}' needs at least one entry under 'rewards'"))
@@ -239,6 +250,32 @@ def trainer_options(recipe: Recipe) -> Any:
         return spec.options(**{k: v for k, v in recipe.algorithm.items() if k in names})
     except ValueError as err:
         raise RecipeError(f"{recipe.where}: {err}") from err
+
+
+@cache
+def library_defaults(config_class: str) -> dict[str, Any]:
+    """Field -> default of a library config dataclass, as the library declares it (a default_factory is called)."""
+    module, _, cls = config_class.partition(":")
+    config = getattr(importlib.import_module(module), cls)
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def resolved_settings(recipe: Recipe, spec: TrainerSpec) -> Settings:
+    """Every `training:`/`algorithm:` setting the trainer takes: the library config's defaults (read from its
+    dataclass, never copied), posttrain's own training keys' and options' defaults, under the recipe's values."""
+    algorithm_types, training_types = allowed_keys(spec)
+    library = library_defaults(spec.library_config) if spec.library_config else {}
+    defaults = {k: library.get(k) for k in (*training_types, *algorithm_types) if k in library}
+    defaults.update({f.name: f.default for f in dataclasses.fields(PosttrainTraining)})
+    if recipe.options is not None:
+        defaults.update({k: getattr(recipe.options, k) for k in spec.option_names()})
+    return Settings({**defaults, **recipe.training, **recipe.algorithm})
 
 
 def library_kwargs(recipe: Recipe) -> dict[str, Any]:

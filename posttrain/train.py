@@ -40,7 +40,7 @@ def planned_steps(recipe: Recipe) -> int | None:
     module = trainer_module(recipe.trainer, recipe.where)
     if hasattr(module, "planned_steps"):
         return module.planned_steps(recipe)
-    steps = recipe.training.get("max_steps", -1)
+    steps = recipe.settings.get("max_steps")
     return int(steps) if isinstance(steps, int) and steps > 0 else None
 
 
@@ -64,7 +64,7 @@ def dry_run_plan(recipe: Recipe, gpu_memory: str = "80GiB", accelerate_config: s
     spec = module.SPEC
     lines = [f"trainer: {spec.name} — {spec.description}", f"run dir: {recipe.run_dir()}", _model_line(recipe)]
     lines.extend(module.plan(recipe))
-    budget = recipe.training.get("time_budget_s")
+    budget = recipe.settings.get("time_budget_s")
     if budget is not None:
         lines.append(f"time budget: stops after {budget:.0f} s of training")
     return lines + memory_lines(recipe, gpu_memory, accelerate_config)
@@ -79,7 +79,9 @@ def memory_lines(recipe: Recipe, gpu_memory: str = "80GiB", accelerate_config: s
         return ["memory plan: a tiny local model (a few MB); none needed"]
     config = accelerate_config or (recipe.resolve_path(recipe.accelerate_config) if recipe.accelerate_config else None)
     source = recipe.resolve_path(recipe.model.path or "")
-    plan = plan_for(recipe, read_launch(config), parse_size(gpu_memory), model_shape(source))
+    plan = plan_for(
+        recipe, get_spec(recipe.trainer, recipe.where), read_launch(config), parse_size(gpu_memory), model_shape(source)
+    )
     if plan is None:
         return [f"memory plan: the shape of '{source}' is unknown here (not a causal LM with a readable config.json)"]
     return plan.lines()

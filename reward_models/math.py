@@ -50,7 +50,7 @@ def _answers(answer: Any, n: int, name: str) -> list[Any]:
     return golds
 
 
-@register("numeric_match")
+@register("numeric_match", columns=("answer",))
 def numeric_match_reward(prompts: list, completions: list, answer: Any = None, **kwargs: Any) -> list[float]:
     """1.0 when the completion's last number equals the gold answer exactly (132 == 132.0, 132 != 1322)."""
     golds = _answers(answer, len(completions), "numeric_match")
@@ -187,7 +187,7 @@ def is_math_correct(completion: str, gold: str) -> bool:
     return check_math_answer(completion, gold)[1]
 
 
-@register("math_verify")
+@register("math_verify", columns=("answer",))
 def math_verify_reward(prompts: list, completions: list, answer: Any = None, **kwargs: Any) -> list[float]:
     """1.0 when math-verify finds the completion's answer equivalent to the gold answer (LaTeX, \\boxed{}, numbers)."""
     golds = _answers(answer, len(completions), "math_verify")
@@ -201,7 +201,7 @@ def math_verify_reward(prompts: list, completions: list, answer: Any = None, **k
     return scores
 
 
-@register("boxed_strict")
+@register("boxed_strict", columns=("answer",))
 def boxed_strict_reward(prompts: list, completions: list, answer: Any = None, **kwargs: Any) -> list[float]:
     """1.0 when the completion's last `\\boxed{}` in its final 300 characters holds the gold answer (math-verify
     equivalence); no box there is 0.0: the strict final-box verifier of NFT's and DAPO's math runs."""

@@ -45,6 +45,7 @@ _LAYOUT_TOKENS = 4
 OFFICIAL_MAX_LENGTH, OFFICIAL_MAX_RESPONSE_LENGTH = 16384, 4096
 
 Wrapper = Literal["sft", "pretrain"]
+DEFAULT_WRAPPER: Wrapper = "sft"  # POLAR's official layout for fine-tuned RMs
 
 
 def as_text(value: Any) -> str:
@@ -352,7 +353,7 @@ def _cached_scorer(path: str, wrapper: str | None, max_length: int | None, max_r
     )
 
 
-@register("polar")
+@register("polar", column_options=("reference_column",), model_option="model", stand_in=add_polar_tokens)
 def polar_reward(
     prompts: list[Any],
     completions: list[Any],

@@ -12,23 +12,75 @@ import importlib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from reward_models.errors import RewardError, closest, suggest
 
-_BUILTINS: dict[str, Callable] = {}
 _SPEC_KEYS = ("name", "weight", "kwargs")
+_TRAINER_ARGS = ("prompts", "completions")
 
 
-def register(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: make `func` available as the built-in reward `name`."""
+@dataclass(frozen=True)
+class RewardInfo:
+    """What a reward declares about itself, next to its `@register`: what trainers, validation, the memory plan and
+    `--rehearse` need to know without calling it (one source for all of them).
+
+    - `columns`: dataset columns it always reads (TRL passes every column as a keyword argument, so a missing one
+      would only show at the first reward call, after generation);
+    - `column_options`: its options whose value names a column it reads (the function's default when the recipe
+      leaves the option out; None: no column);
+    - `model_option`: the option naming a model it loads (the memory plan counts it; a rehearsal builds a tiny
+      stand-in there), `stand_in`: `f(model, tokenizer)` preparing a tiny random model to stand in (e.g. POLAR's
+      special tokens);
+    - `service_option`: the option naming a server it calls (a rehearsal says it must be up).
+    """
+
+    name: str
+    func: Callable
+    columns: tuple[str, ...] = ()
+    column_options: tuple[str, ...] = ()
+    model_option: str | None = None
+    stand_in: Callable[[Any, Any], Any] | None = None
+    service_option: str | None = None
+
+    def reads(self, kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+        """The dataset columns this reward reads with the recipe's `kwargs`."""
+        kwargs = kwargs or {}
+        named = []
+        for option in self.column_options:
+            value = kwargs[option] if option in kwargs else _default(self.func, option)
+            if value:
+                named.append(str(value))
+        return tuple(dict.fromkeys((*self.columns, *named)))
+
+    def model(self, kwargs: Mapping[str, Any] | None) -> str | None:
+        """The model this reward loads with the recipe's `kwargs` (None: it loads none)."""
+        value = (kwargs or {}).get(self.model_option) if self.model_option else None
+        return None if value is None else str(value)
+
+
+_BUILTINS: dict[str, RewardInfo] = {}
+
+
+def register(
+    name: str,
+    *,
+    columns: tuple[str, ...] = (),
+    column_options: tuple[str, ...] = (),
+    model_option: str | None = None,
+    stand_in: Callable[[Any, Any], Any] | None = None,
+    service_option: str | None = None,
+) -> Callable[[Callable], Callable]:
+    """Decorator: make `func` available as the built-in reward `name`, with what it reads declared (`RewardInfo`)."""
 
     def wrap(func: Callable) -> Callable:
         old = _BUILTINS.get(name)
         # Same qualified name is a module reload, not a clash.
-        if old is not None and (old.__module__, old.__qualname__) != (func.__module__, func.__qualname__):
-            raise RewardError(f"reward '{name}' is already registered by {old.__module__}.{old.__qualname__}")
-        _BUILTINS[name] = func
+        if old is not None and (old.func.__module__, old.func.__qualname__) != (func.__module__, func.__qualname__):
+            raise RewardError(f"reward '{name}' is already registered by {old.func.__module__}.{old.func.__qualname__}")
+        _BUILTINS[name] = RewardInfo(name, func, tuple(columns), tuple(column_options), model_option, stand_in,
+                                     service_option)  # fmt: skip
         return func
 
     return wrap
@@ -41,8 +93,15 @@ def reward_names() -> list[str]:
 
 def resolve_reward(name: str) -> Callable:
     """A built-in reward by name, or user code given as `package.module:function`."""
+    return reward_info(name).func
+
+
+def reward_info(name: str) -> RewardInfo:
+    """What reward `name` declares. User code (`package.module:function`) declares nothing: it reads the columns its
+    signature requires (named parameters without a default, besides prompts and completions)."""
     if ":" in name:
-        return _import_reward(name)
+        func = _import_reward(name)
+        return RewardInfo(name, func, columns=_required_params(func))
     if name not in _BUILTINS:
         # The hint shares the parenthesis with the list of names: "(did you mean 'x'? built-in rewards: ...)".
         close = closest(name, _BUILTINS)
@@ -52,6 +111,28 @@ def resolve_reward(name: str) -> Callable:
             "user code: 'package.module:function')"
         )
     return _BUILTINS[name]
+
+
+def reward_columns(name: str, kwargs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The dataset columns reward `name` reads with the recipe's `kwargs`."""
+    return reward_info(name).reads(kwargs)
+
+
+def _default(func: Callable, option: str) -> Any:
+    try:
+        parameter = inspect.signature(func).parameters.get(option)
+    except (TypeError, ValueError):
+        return None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def _required_params(func: Callable) -> tuple[str, ...]:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in params if p.kind in kinds and p.default is p.empty and p.name not in _TRAINER_ARGS)
 
 
 def _import_reward(name: str) -> Callable:

@@ -22,7 +22,7 @@ from reward_models.registry import register
 _TRANSIENT = (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException)
 
 
-@register("remote")
+@register("remote", column_options=("reference_column",), service_option="url")
 def remote_reward(
     prompts: list[Any],
     completions: list[Any],

@@ -101,7 +101,7 @@ def cached_scorer(model: str, batch_size: int, max_length: int) -> SequenceClass
     return SequenceClassifierScorer(model, batch_size=batch_size, max_length=max_length)
 
 
-@register("sequence_classifier")
+@register("sequence_classifier", model_option="model")
 def sequence_classifier_reward(
     prompts: list[Any],
     completions: list[Any],

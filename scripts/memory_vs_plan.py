@@ -34,7 +34,7 @@ def measured_peaks(run_dir: str | Path) -> dict[str, float]:
 def comparison(recipe_path: str, run_dir: str, gpu_memory: str = "80GiB", accelerate_config: str | None = None) -> list[str]:  # fmt: skip
     from posttrain.models.memory import GIB, model_shape, parse_size, plan_for, read_launch
     from posttrain.preflight import MachineError
-    from posttrain.registry import load_and_validate
+    from posttrain.registry import get_spec, load_and_validate
     from posttrain.train import memory_lines
 
     try:
@@ -42,7 +42,7 @@ def comparison(recipe_path: str, run_dir: str, gpu_memory: str = "80GiB", accele
     except MachineError as err:  # validated on a machine without the GPU it ran on
         recipe = err.recipe
     config = accelerate_config or (recipe.resolve_path(recipe.accelerate_config) if recipe.accelerate_config else None)
-    plan = plan_for(recipe, read_launch(config), parse_size(gpu_memory),
+    plan = plan_for(recipe, get_spec(recipe.trainer), read_launch(config), parse_size(gpu_memory),
                     model_shape(recipe.resolve_path(recipe.model.path or "")))  # fmt: skip
     lines = list(memory_lines(recipe, gpu_memory, accelerate_config))
     peaks = measured_peaks(run_dir)

@@ -3,18 +3,23 @@
 For each: the exit code, words its one-line-per-problem message must contain, no traceback, and, for recipe and
 data problems, that it failed before any model or tokenizer was built (`posttrain train` runs for real here, with
 model construction made to blow up) and that `--dry-run` finds it too. Reward-server requests have their own
-catalogue (tests/test_reward_server_catalogue.py), as do run dirs and checkpoints (tests/test_run_states.py).
+catalogues (tests/test_reward_server.py::test_payload_of_the_wrong_shape_is_422_naming_the_field and
+tests/test_reward_server.py::test_hostile_bodies_get_a_json_error_naming_the_reason), as do run dirs and
+checkpoints (tests/test_run_states.py).
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from posttrain.cli import main
+from tests.conftest import REPO
 
 BASE = {
     "trainer": "grpo",
@@ -301,3 +306,14 @@ def test_bad_files_and_flags_get_one_clear_line(tmp_path, capsys, no_models):
 
 def test_the_catalogue_covers_at_least_sixty_inputs(tmp_path):
     assert len(RECIPE_CASES) + len(DATA_CASES) + len(_file_cases(tmp_path)) + 2 >= 60
+
+
+def test_the_tests_this_module_cites_exist():
+    cited = re.findall(r"(tests/\w+\.py)(?:::(\w+))?", __doc__)
+    assert len(cited) >= 3
+    for path, name in cited:
+        assert (REPO / path).is_file(), f"cites {path}, which does not exist"
+        if name:
+            tree = ast.parse((REPO / path).read_text())
+            names = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+            assert name in names, f"cites {path}::{name}, which is not a test there"

@@ -107,14 +107,30 @@ def test_peak_memory_is_logged_on_a_cuda_device_only(monkeypatch):
 
     from posttrain.trainers.callbacks import PeakMemory
 
+    keys = {"memory/peak_allocated_gib", "memory/peak_reserved_gib"}
+    # this machine as it is: the two keys appear exactly when it has CUDA
     logs: dict = {"loss": 1.0}
     PeakMemory().on_log(None, None, None, logs=logs)
-    assert logs == {"loss": 1.0} or torch.cuda.is_available()
+    assert set(logs) == {"loss"} | (keys if torch.cuda.is_available() else set())
+
+    def no_cuda_query(*args, **kwargs):
+        raise AssertionError("CUDA memory was queried on a machine without CUDA")
+
+    # no CUDA, forced so that a GPU machine checks this branch too: logs unchanged, CUDA never queried
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", no_cuda_query)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", no_cuda_query)
+    logs = {"loss": 1.0}
+    PeakMemory().on_log(None, None, None, logs=logs)
+    assert logs == {"loss": 1.0}
+    PeakMemory().on_log(None, None, None, logs=None)  # nothing to log into: no error
+
+    # CUDA, faked on every machine: the peaks in GiB
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 1024**3)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: int(4.5 * 1024**3))
     PeakMemory().on_log(None, None, None, logs=logs)
-    assert logs["memory/peak_allocated_gib"] == 3.0 and logs["memory/peak_reserved_gib"] == 4.5
+    assert logs == {"loss": 1.0, "memory/peak_allocated_gib": 3.0, "memory/peak_reserved_gib": 4.5}
 
 
 def test_memory_vs_plan_sets_the_largest_logged_peak_beside_the_plan(tmp_path):
@@ -122,7 +138,7 @@ def test_memory_vs_plan_sets_the_largest_logged_peak_beside_the_plan(tmp_path):
 
     from posttrain.models.memory import GIB, model_shape, parse_size, plan_for, read_launch
     from posttrain.preflight import MachineError
-    from posttrain.registry import load_and_validate
+    from posttrain.registry import get_spec, load_and_validate
     from posttrain.runs import RunDir
 
     spec = importlib.util.spec_from_file_location("memory_vs_plan", REPO / "scripts" / "memory_vs_plan.py")
@@ -140,7 +156,7 @@ def test_memory_vs_plan_sets_the_largest_logged_peak_beside_the_plan(tmp_path):
         recipe = load_and_validate(name)
     except MachineError as err:
         recipe = err.recipe
-    plan = plan_for(recipe, read_launch(recipe.resolve_path(recipe.accelerate_config)), parse_size("80GiB"),
+    plan = plan_for(recipe, get_spec(recipe.trainer), read_launch(recipe.resolve_path(recipe.accelerate_config)), parse_size("80GiB"),
                     model_shape(recipe.model.path))  # fmt: skip
     lines = script.comparison(str(name), str(run.path))
     allocated = next(line for line in lines if "peak_allocated_gib" in line)

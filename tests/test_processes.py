@@ -28,7 +28,7 @@ def _stop_steps(rank: int, port: int, budgets: list[float], out: dict) -> None:
     from transformers import TrainerControl, TrainerState
 
     from posttrain.trainers.callbacks import TimeBudget
-    from posttrain.trainers.seppo_steps import SePPORun
+    from posttrain.trainers.seppo_steps import out_of_time
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
@@ -41,12 +41,10 @@ def _stop_steps(rank: int, port: int, budgets: list[float], out: dict) -> None:
         if control.should_training_stop:
             stopped["time_budget"] = step
             break
-    runner = SePPORun.__new__(SePPORun)  # only its accelerator is used by out_of_time
-    runner.accelerator = accelerator
     deadline = time.monotonic() + budgets[rank]
     for step in range(1, 6):
         time.sleep(0.05)
-        if runner.out_of_time(deadline):
+        if out_of_time(accelerator, deadline):
             stopped["seppo"] = step
             break
     out[rank] = stopped

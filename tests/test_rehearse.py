@@ -218,7 +218,7 @@ Failures:
     ids=["worker-traceback", "native-abort", "posttrain-error"],
 )  # fmt: skip
 def test_a_failed_launch_shows_the_workers_error_not_the_launchers(tmp_path, worker, shown, hidden):
-    from posttrain.rehearse import _tail
+    from posttrain.rehearse import tail_of_log as _tail
 
     log = tmp_path / "launch-2.log"
     log.write_text("loading\n" + worker + LAUNCHER_TRACE)
@@ -265,10 +265,11 @@ def test_reward_models_load_whole_inside_a_zero3_run(tmp_path):
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
     from posttrain.models.stand_ins import stand_in_reward_model
+    from reward_models import reward_info
     from reward_models.polar import PolarScorer
     from reward_models.scoring import whole_model_loading
 
-    stand_in_reward_model(tmp_path / "rm", "polar", "internlm/POLAR-7B")
+    stand_in_reward_model(tmp_path / "rm", "internlm/POLAR-7B", reward_info("polar").stand_in)
     config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     try:
         assert is_deepspeed_zero3_enabled()

@@ -261,45 +261,67 @@ def model_state_terms(
     ]
 
 
-def plan_for(recipe: Any, launch: Launch, device_bytes: int, shape: ModelShape | None) -> MemoryPlan | None:
-    """The plan of a causal-LM recipe (None when the model's shape is unknown, e.g. a diffusion model)."""
+def plan_for(recipe: Any, spec: Any, launch: Launch, device_bytes: int, shape: ModelShape | None) -> MemoryPlan | None:
+    """The plan of a causal-LM or reward-model recipe (None when the model's shape is unknown, e.g. a diffusion model).
+
+    What the method holds and computes comes from its trainer's declaration (`spec`, a `registry.TrainerSpec`:
+    rollouts or not, sequences per row, a reference model, the length setting, token logits or one score), the
+    batch and lengths from the validated recipe's `settings` (the library's defaults under the recipe's values)."""
     if shape is None:
         return None
-    t, a, r = recipe.training, recipe.algorithm, recipe.rollout
-    weight_bytes = 2 if (recipe.model.dtype in ("bfloat16", "float16") or t.get("precision") in ("bf16", "fp16")) else 4
+    s, r = recipe.settings, recipe.rollout
+    weight_bytes = 2 if (recipe.model.dtype in ("bfloat16", "float16") or s.get("precision") in ("bf16", "fp16")) else 4
     lora = recipe.model.lora
     trainable = lora_params(shape, lora.r) if lora else shape.params
     plan = MemoryPlan(device_bytes=device_bytes, launch=launch)
     plan.terms += model_state_terms(shape.params, trainable, weight_bytes, launch, shape.largest_layer_params)
-    if a.get("beta", 0) and not lora:
+    if spec.reference_model and (s.get("beta") or 0) > 0 and not lora:
         share = launch.processes if launch.zero_stage == 3 else 1
         plan.terms.append(Term("reference model", shape.params * weight_bytes / share, True, "beta > 0"))
-    for reward in recipe.rewards:
-        judge = model_shape(str(reward.kwargs.get("model", ""))) if reward.kwargs.get("model") else None
-        if judge is not None:
-            plan.terms.append(Term(f"reward model {reward.name} (16-bit)", judge.params * 2, True, "inference only"))
+    plan.terms += reward_model_terms(recipe)
     if r.backend == "vllm" and r.vllm.mode == "colocate":
         plan.terms.append(Term("vllm (colocated)", r.vllm.gpu_memory_utilization * device_bytes, True,
                                "rollout.vllm.gpu_memory_utilization"))  # fmt: skip
-    batch = int(t.get("per_device_train_batch_size", 8))
-    generated = recipe.trainer in ("grpo", "nft", "rft")
-    scored = recipe.trainer in ("reward", "polar")
-    prompt = int(t.get("max_prompt_length") or 512)
-    tokens = prompt + r.max_new_tokens if generated else int(t.get("max_length") or 1024)
-    logit_tokens = r.max_new_tokens if generated else tokens
-    if not scored:
+    plan.terms += activation_terms(recipe, spec, shape)
+    return plan
+
+
+def reward_model_terms(recipe: Any) -> list[Term]:
+    """The reward models a recipe's rewards load (each reward declares the option naming its model), 16-bit."""
+    from reward_models import reward_info
+
+    terms = []
+    for reward in recipe.rewards:
+        source = reward_info(reward.name).model(reward.kwargs)
+        judge = model_shape(source) if source else None
+        if judge is not None:
+            terms.append(Term(f"reward model {reward.name} (16-bit)", judge.params * 2, True, "inference only"))
+    return terms
+
+
+def activation_terms(recipe: Any, spec: Any, shape: ModelShape) -> list[Term]:
+    """The logits of the log-prob pass (token-logit models only) and the activations kept for backward."""
+    s, r = recipe.settings, recipe.rollout
+    batch = int(s.per_device_train_batch_size)
+    rows = batch * spec.sequences_per_row
+    if spec.generates:
+        # No prompt-length setting in TRL's GRPO-family configs: 512 prompt tokens assumed.
+        tokens = int(s.get("max_prompt_length") or 512) + r.max_new_tokens
+        logit_tokens = r.max_new_tokens
+    else:
+        tokens = int((s.get(spec.length_key) if spec.length_key else None) or 1024)
+        logit_tokens = tokens
+    terms = []
+    if spec.model == "causal_lm":
         # 16-bit logits and their gradient for the batch, plus one row's fp32 log-softmax at a time (TRL's
         # selective_log_softmax loops over rows for 16-bit logits).
-        rows = batch * (2 if recipe.trainer == "dpo" else 1)
         logits = rows * logit_tokens * shape.vocab * 2 * 2 + logit_tokens * shape.vocab * 4
-        plan.terms.append(Term("logits (log-prob pass)", logits, False,
-                               f"{rows} x {logit_tokens} tokens x {shape.vocab} vocab, 16-bit, and their gradient"))  # fmt: skip
-    per_layer = 2 * batch * tokens * (7 * shape.hidden + 2 * shape.kv_hidden + 4 * shape.intermediate)
-    if scored:
-        per_layer *= 3 if recipe.trainer == "polar" else 2  # chosen and rejected (and POLAR's reference) rows
+        terms.append(Term("logits (log-prob pass)", logits, False,
+                          f"{rows} x {logit_tokens} tokens x {shape.vocab} vocab, 16-bit, and their gradient"))  # fmt: skip
+    per_layer = 2 * rows * tokens * (7 * shape.hidden + 2 * shape.kv_hidden + 4 * shape.intermediate)
     if recipe.model.gradient_checkpointing:
-        kept = 2 * batch * tokens * shape.hidden * shape.layers + per_layer
-        plan.terms.append(Term("activations (checkpointed)", kept, False, f"{tokens} tokens per row"))
+        kept = 2 * rows * tokens * shape.hidden * shape.layers + per_layer
+        terms.append(Term("activations (checkpointed)", kept, False, f"{tokens} tokens per row"))
     else:
-        plan.terms.append(Term("activations", per_layer * shape.layers, False, f"{tokens} tokens per row"))
-    return plan
+        terms.append(Term("activations", per_layer * shape.layers, False, f"{tokens} tokens per row"))
+    return terms

@@ -4,7 +4,9 @@ and a tiny reward model of a reward's kind (`posttrain.models.tiny.save_family_m
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def model_family(source: str) -> tuple[str, str]:
@@ -22,21 +24,20 @@ def model_family(source: str) -> tuple[str, str]:
     return "llama", "unknown here (no config.json): llama"
 
 
-def stand_in_reward_model(target: Path, reward: str, source: str) -> str:
-    """A tiny random scalar-head reward model for reward `reward` (polar: with POLAR's tokens, as `trainer: polar`
-    saves one), of the family of `source`; returns the family built."""
+def stand_in_reward_model(target: Path, source: str, prepare: Callable[[Any, Any], Any] | None = None) -> str:
+    """A tiny random scalar-head reward model of the family of `source`, prepared by the reward's own `prepare(model,
+    tokenizer)` when it declares one (`reward_models.RewardInfo.stand_in`, e.g. POLAR's special tokens); returns the
+    family built."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from posttrain.models.tiny import save_family_model
 
     family, _ = model_family(source)
     path, built = save_family_model(target, family, head="classifier")
-    if reward == "polar":
-        from reward_models.polar import add_polar_tokens
-
+    if prepare is not None:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-        add_polar_tokens(model, tokenizer)
+        prepare(model, tokenizer)
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return built

@@ -137,7 +137,7 @@ def build_clip_tokenizer(words: tuple[str, ...] = TOY_WORDS, max_length: int = 1
 def build_tiny_diffusion(spec: TinyDiffusionSpec = TinyDiffusionSpec()) -> dict:
     """Fresh components {unet, vae (None in pixel mode), text_encoder, tokenizer, scheduler} seeded by `spec.seed`."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_clip_tokenizer(spec.words, spec.max_length)
@@ -182,9 +182,16 @@ def build_tiny_diffusion(spec: TinyDiffusionSpec = TinyDiffusionSpec()) -> dict:
         attention_head_dim=8,
         norm_num_groups=min(32, spec.block_out_channels[0]),
     )
+    scheduler = _tiny_scheduler(spec)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def _tiny_scheduler(spec: TinyDiffusionSpec) -> Any:
+    from diffusers import DDPMScheduler
+
     schedule = spec.beta_schedule or ("linear" if spec.pixel else "scaled_linear")
     betas = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}.get(schedule, (1e-4, 0.02))
-    scheduler = DDPMScheduler(
+    return DDPMScheduler(
         num_train_timesteps=spec.num_train_timesteps,
         beta_start=betas[0],
         beta_end=betas[1],
@@ -197,7 +204,6 @@ def build_tiny_diffusion(spec: TinyDiffusionSpec = TinyDiffusionSpec()) -> dict:
         clip_sample=spec.pixel,
         steps_offset=1,
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
 def save_tiny_diffusion(out_dir: str | Path, spec: TinyDiffusionSpec = TinyDiffusionSpec()) -> Path:

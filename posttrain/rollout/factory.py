@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.errors import ModelError, RecipeError
+from posttrain.recipe import BACKENDS
 from posttrain.rollout import Generator
-
-BACKENDS = ("hf", "vllm")
 
 
 def make_generator(

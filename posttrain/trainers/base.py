@@ -23,7 +23,7 @@ def config_kwargs(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     keys stripped by the registry) and the fields other recipe sections own."""
     import torch
 
-    precision = resolve_precision(recipe.training.get("precision") or "auto")
+    precision = resolve_precision(recipe.settings.precision)
     kwargs = dict(_DEFAULTS)
     kwargs.update(library_kwargs(recipe))
     kwargs.update(
@@ -61,13 +61,13 @@ def policy_source(recipe: Recipe, run: RunDir) -> str:
 def load_model_and_tokenizer(recipe: Recipe, run: RunDir):
     """The policy and tokenizer (a tiny spec is built into the run dir first)."""
     source = policy_source(recipe, run)
-    precision = resolve_precision(recipe.training.get("precision") or "auto")
+    precision = resolve_precision(recipe.settings.precision)
     tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
     model = load_policy(source, recipe.model, precision)
     return model, tokenizer
 
 
-def load_train_data(recipe: Recipe, schema: str | None):
+def load_train_data(recipe: Recipe, schema: str | tuple[str, ...] | None):
     from posttrain.data import format_prompts, load_source
 
     origin = f"{recipe.where}: data.train"
@@ -182,7 +182,7 @@ def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, be
     trainer.add_callback(StopAtMaxSteps())  # before Progress: no bar for a run with nothing left to train
     trainer.add_callback(CheckpointMarker())
     trainer.add_callback(Progress(recipe.name))
-    if recipe.training.get("time_budget_s") is not None:
+    if recipe.settings.time_budget_s is not None:
         trainer.add_callback(TimeBudget(recipe.training["time_budget_s"], trainer.accelerator))
     every = recipe.eval.every_steps
     if evaluator is not None and every:

@@ -51,17 +51,19 @@ SPEC = TrainerSpec(
         }
     ),  # fmt: skip
     curves=("loss", "rewards/margins", "rewards/accuracies"),
+    sequences_per_row=2,  # TRL concatenates chosen and rejected into one batch
+    reference_model=True,
 )
 
 
 def plan(recipe: Recipe) -> list[str]:
-    t, a = recipe.training, recipe.algorithm
-    pairs = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
-    losses = " + ".join(a.get("loss_type") or ["sigmoid"])
+    s = recipe.settings
+    pairs = s.per_device_train_batch_size * s.gradient_accumulation_steps
+    losses = " + ".join(s.loss_type)
     return standard_plan(
         recipe,
         [
-            f"DPO ({losses} loss, beta {a.get('beta', 0.1):g}) on data.train's (prompt, "
+            f"DPO ({losses} loss, beta {s.beta:g}) on data.train's (prompt, "
             f"chosen, rejected) rows against a frozen copy of the starting model; {pairs} pairs per optimizer step "
             "per process",
         ],

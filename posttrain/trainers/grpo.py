@@ -40,6 +40,8 @@ SPEC = TrainerSpec(
     curves=("reward", "loss"),
     train_schema="prompt",
     eval_schema="prompt_answer",
+    generates=True,
+    reference_model=True,  # with beta > 0 (TRL's default is 0: no reference)
 )
 
 
@@ -67,11 +69,11 @@ def rollout_kwargs(recipe: Recipe) -> dict[str, Any]:
 
 def batch_geometry(recipe: Recipe, num_processes: int = 1) -> dict[str, int]:
     """TRL's batch arithmetic, computed without importing TRL (for --dry-run)."""
-    t, a = recipe.training, recipe.algorithm
-    per_device = t.get("per_device_train_batch_size", 8)
-    accum = t.get("gradient_accumulation_steps", 1)
-    steps_per_gen = a.get("steps_per_generation") or accum
-    generation_batch = t.get("generation_batch_size") or per_device * num_processes * steps_per_gen
+    s = recipe.settings
+    per_device = s.per_device_train_batch_size
+    accum = s.gradient_accumulation_steps
+    steps_per_gen = s.steps_per_generation or accum
+    generation_batch = s.generation_batch_size or per_device * num_processes * steps_per_gen
     micro_steps = generation_batch // max(per_device * num_processes, 1)  # micro-batches per generation, per process
     return {
         "per_device": per_device,
@@ -107,12 +109,11 @@ def plan_processes(recipe: Recipe) -> int:
     return 1
 
 
-def dynamic_line(recipe: Recipe) -> str:
-    if not recipe.algorithm.get("dynamic_sampling", False):
-        return "dynamic sampling: off (groups whose rewards do not vary stay in the batch)"
-    rounds = recipe.algorithm.get("max_generation_rounds", DynamicSamplingOptions.max_generation_rounds)
-    which = ("groups whose answers are all right or all wrong" if recipe.trainer in ("nft", "rft")
-             else "groups whose rewards do not vary")  # fmt: skip
+def dynamic_line(recipe: Recipe, which: str = "groups whose rewards do not vary") -> str:
+    """The dry-run line on dynamic sampling; `which` says what groups the trainer drops."""
+    if not recipe.options.dynamic_sampling:
+        return f"dynamic sampling: off ({which} stay in the batch)"
+    rounds = recipe.options.max_generation_rounds
     return (f"dynamic sampling: on; {which} are dropped and more prompts generated, up to {rounds} generation "
             "rounds per batch (then kept groups repeat to fill it)")  # fmt: skip
 
@@ -141,7 +142,7 @@ def problems(recipe: Recipe) -> list[str]:
     g = batch_geometry(recipe, plan_processes(recipe))
     found = []
     per_step = g["per_device"] * g["processes"]
-    if recipe.training.get("generation_batch_size") and g["generation_batch"] % per_step != 0:
+    if recipe.settings.generation_batch_size and g["generation_batch"] % per_step != 0:
         found.append(
             f"training.generation_batch_size {g['generation_batch']} does not split over {g['processes']} process(es) "
             f"x per_device_train_batch_size {g['per_device']} = {per_step} completions per micro-batch; make it a "
@@ -154,7 +155,7 @@ def problems(recipe: Recipe) -> list[str]:
             f"process(es) x {g['micro_steps']} step(s) per generation); change per_device_train_batch_size or "
             "num_generations"
         )
-    dynamic = recipe.algorithm.get("dynamic_sampling", False)
+    dynamic = recipe.options is not None and recipe.options.dynamic_sampling
     local = g["per_device"] * g["micro_steps"]  # completions one process generates per generation batch
     if dynamic and local % max(g["num_generations"], 1) != 0:
         found.append(
@@ -201,6 +202,34 @@ def plan(recipe: Recipe) -> list[str]:
     )
 
 
+def rehearse(edit: Any) -> None:
+    """`--rehearse` (posttrain.rehearsal_edit): each micro-batch one whole generation group (at most 4 samples) per
+    process; several optimizer steps per generation stay several (both rehearsed steps from one generation); at most
+    2 dynamic-sampling rounds."""
+    old_groups, old_accum = edit.recipe.rollout.num_generations, int(edit.value("gradient_accumulation_steps"))
+    groups = min(old_groups, 4)
+    if groups != old_groups:
+        edit.note(f"rollout.num_generations: {old_groups} -> {groups}")
+    edit.rollout["num_generations"] = groups
+    edit.shrink_batch(per_device=groups)
+    accum = edit.training["gradient_accumulation_steps"]
+    steps = edit.value("steps_per_generation")
+    if steps is not None and int(steps) > old_accum:
+        edit.algorithm["steps_per_generation"] = edit.steps * accum
+        edit.note(f"steps_per_generation: {steps} ({int(steps) // old_accum} optimizer steps per generation) -> "
+                  f"{edit.steps * accum} (both rehearsed steps from one generation)")  # fmt: skip
+        edit.did("off-policy optimizer steps: the second step trains on the first step's generation")
+    elif steps is not None:
+        edit.algorithm["steps_per_generation"] = accum
+    if edit.training.pop("generation_batch_size", None) is not None:
+        edit.note("generation_batch_size: removed (it follows the batch sizes)")
+    if "max_generation_rounds" in edit.algorithm:
+        edit.algorithm["max_generation_rounds"] = min(int(edit.algorithm["max_generation_rounds"]), 2)
+    if edit.recipe.options is not None and edit.recipe.options.dynamic_sampling:
+        edit.did("dynamic sampling (at most 2 rounds)")
+    edit.train_steps()
+
+
 def reward_functions(recipe: Recipe):
     from reward_models import build_rewards
 
@@ -222,17 +251,26 @@ def trainer_class():
 
 
 def build_trainer(recipe: Recipe, run: RunDir, trainer_class: Any = None):
-    """The configured GRPOTrainer (or a subclass, e.g. NFT's) with model, data and rewards from the recipe; the
-    trainer's own option keys never reach GRPOConfig (`config_kwargs` strips them)."""
-    from trl import GRPOConfig, GRPOTrainer
+    """The configured GRPOTrainer (or another TRL trainer of the family: NFT's subclass, RLOOTrainer) with model, data
+    and rewards from the recipe, its config the recipe trainer's `SPEC.library_config` (GRPOConfig, RLOOConfig, ...);
+    the trainer's own option keys never reach the config (`config_kwargs` strips them)."""
+    import importlib
+
+    from trl import GRPOTrainer
+
+    from posttrain.registry import get_spec
+
+    module, _, name = get_spec(recipe.trainer, recipe.where).library_config.partition(":")
+    config_class = getattr(importlib.import_module(module), name)
 
     from posttrain.models.loading import peft_config
+    from reward_models import reward_columns
 
     model, tokenizer = load_model_and_tokenizer(recipe, run)
-    needs_answer = any(r.name in ("numeric_match", "math_verify", "boxed_strict") for r in recipe.rewards)
-    rows = load_train_data(recipe, schema="prompt_answer" if needs_answer else None)
+    read = [c for r in recipe.rewards for c in reward_columns(r.name, r.kwargs)]  # checked in every row
+    rows = load_train_data(recipe, schema=tuple(dict.fromkeys(("prompt", *read))))
     funcs, weights = reward_functions(recipe)
-    config = GRPOConfig(**config_kwargs(recipe, run), **rollout_kwargs(recipe), reward_weights=weights)
+    config = config_class(**config_kwargs(recipe, run), **rollout_kwargs(recipe), reward_weights=weights)
     tokenizer.padding_side = "left"
     trainer = (trainer_class or GRPOTrainer)(
         model=model,
@@ -246,8 +284,6 @@ def build_trainer(recipe: Recipe, run: RunDir, trainer_class: Any = None):
 
 
 def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
-    from posttrain.registry import trainer_options
-
     trainer, tokenizer = build_trainer(recipe, run, trainer_class=trainer_class())
-    trainer.dynamic_options = trainer_options(recipe)
+    trainer.dynamic_options = recipe.options
     return run_training(recipe, trainer, tokenizer, run, resume)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from posttrain.errors import RecipeError
 from posttrain.recipe import Recipe
-from posttrain.registry import TrainerSpec, trainer_options
+from posttrain.registry import TrainerSpec
 from posttrain.runs import RunDir
 from posttrain.trainers.base import RunResult, run_training, standard_plan
 from posttrain.trainers.dynamic_sampling import DynamicSamplingOptions
@@ -27,6 +27,7 @@ from posttrain.trainers.grpo import (
     steps_line,
 )
 from posttrain.trainers.grpo import problems as grpo_problems
+from posttrain.trainers.grpo import rehearse as grpo_rehearse
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,10 @@ SPEC = TrainerSpec(
     curves=("reward", "loss"),
     train_schema="prompt",
     eval_schema="prompt_answer",
+    generates=True,
 )
 problems = grpo_problems  # the same batch rules: NFT samples through TRL's GRPO machinery
+rehearse = grpo_rehearse  # and the same rehearsal shape
 
 
 def trainer_class():
@@ -120,7 +123,7 @@ def trainer_class():
 
 def plan(recipe: Recipe) -> list[str]:
     g = batch_geometry(recipe, plan_processes(recipe))
-    o = trainer_options(recipe)
+    o = recipe.options
     kind = recipe.trainer.upper()
     return standard_plan(
         recipe,
@@ -130,7 +133,7 @@ def plan(recipe: Recipe) -> list[str]:
             "TRL counts completions)",
             group_rule_line(recipe),
             steps_line(recipe),
-            dynamic_line(recipe),
+            dynamic_line(recipe, which="groups whose answers are all right or all wrong"),
             f"loss: omega={o.weight}, positives={o.positives}, negatives={o.negatives} x neg_weight {o.neg_weight:g}, "
             f"eps={o.neg_clip_eps:g}, r_hat clamp={o.rhat_clamp:g}, aggregation={o.aggregation}"
             f"{f' (sum / {o.loss_const or 1000:g} per process)' if o.aggregation == 'constant' else ''}, "
@@ -142,8 +145,8 @@ def plan(recipe: Recipe) -> list[str]:
 
 
 def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
-    options = trainer_options(recipe)
-    if recipe.algorithm.get("beta", 0.0):
+    options = recipe.options
+    if recipe.settings.beta:
         raise RecipeError(f"{recipe.where}: trainer '{recipe.trainer}' has no KL term: set algorithm.beta to 0")
     trainer, tokenizer = build_trainer(recipe, run, trainer_class=trainer_class())
     trainer.nft_options = options

@@ -15,7 +15,7 @@ from typing import Any
 
 from posttrain.errors import RewardError
 from posttrain.recipe import Recipe
-from posttrain.registry import TrainerSpec, trainer_options
+from posttrain.registry import TrainerSpec
 from posttrain.runs import RunDir
 from posttrain.trainers.base import (
     RunResult,
@@ -52,9 +52,9 @@ class PolarOptions:
             raise ValueError(f"algorithm: {err}") from err
 
     def layout(self):
-        from reward_models.polar import PolarLayout
+        from reward_models.polar import DEFAULT_WRAPPER, PolarLayout
 
-        wrapper = self.wrapper or ("pretrain" if self.stage == "pretrain" else "sft")
+        wrapper = self.wrapper or ("pretrain" if self.stage == "pretrain" else DEFAULT_WRAPPER)
         return PolarLayout(wrapper, self.max_length, self.max_response_length)
 
 
@@ -68,14 +68,16 @@ SPEC = TrainerSpec(
     eval_schema="polar_triplet",
     curves=("loss",),
     lora=False,  # the value head and the new special-token embeddings train with all weights
+    model="sequence_classifier",
+    sequences_per_row=2,  # chosen and rejected, each prompt + reference + candidate (up to algorithm.max_length)
 )
 
 
 def plan(recipe: Recipe) -> list[str]:
-    opts = trainer_options(recipe)
+    opts = recipe.options
     layout = opts.layout()
-    t = recipe.training
-    pairs = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
+    s = recipe.settings
+    pairs = s.per_device_train_batch_size * s.gradient_accumulation_steps
     return standard_plan(
         recipe,
         [
@@ -109,9 +111,9 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     from posttrain.trainers.polar_trainer import PolarTrainer, TripletCollator, encode_rows
     from reward_models.polar import PolarEncoder
 
-    opts = trainer_options(recipe)
+    opts = recipe.options
     layout = opts.layout()
-    precision = resolve_precision(recipe.training.get("precision") or "auto")
+    precision = resolve_precision(recipe.settings.precision)
     model, tokenizer = load_reward_model(policy_source(recipe, run), recipe.model, precision)
     encoder = PolarEncoder(tokenizer, layout)
     rows = load_train_data(recipe, schema="polar_triplet")

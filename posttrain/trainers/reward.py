@@ -30,12 +30,14 @@ SPEC = TrainerSpec(
     eval_schema="preference",
     method_keys=frozenset({"center_rewards_coefficient", "max_length"}),
     curves=("loss",),
+    model="sequence_classifier",
+    sequences_per_row=2,
 )
 
 
 def plan(recipe: Recipe) -> list[str]:
-    t = recipe.training
-    pairs = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
+    s = recipe.settings
+    pairs = s.per_device_train_batch_size * s.gradient_accumulation_steps
     return standard_plan(recipe, [f"Bradley-Terry reward model on (prompt, chosen, rejected), no reference; {pairs} "
                                   "pairs per optimizer step per process (TRL RewardTrainer)"])  # fmt: skip
 
@@ -80,7 +82,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     from posttrain.models.loading import peft_config, resolve_precision
     from posttrain.models.reward import load_reward_model
 
-    precision = resolve_precision(recipe.training.get("precision") or "auto")
+    precision = resolve_precision(recipe.settings.precision)
     model, tokenizer = load_reward_model(policy_source(recipe, run), recipe.model, precision, polar_tokens=False)
     rows = load_train_data(recipe, schema="preference").select_columns(["prompt", "chosen", "rejected"])
     eval_rows = load_eval_data(recipe, schema="preference")

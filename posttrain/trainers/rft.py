@@ -34,8 +34,10 @@ SPEC = TrainerSpec(
     curves=nft.SPEC.curves,
     train_schema=nft.SPEC.train_schema,
     eval_schema=nft.SPEC.eval_schema,
+    generates=True,
 )
 
 plan = nft.plan
 problems = nft.problems
+rehearse = nft.rehearse
 train = nft.train

@@ -23,20 +23,21 @@ from typing import Any, Literal
 
 from posttrain.errors import RecipeError
 from posttrain.recipe import Recipe
-from posttrain.registry import TrainerSpec, trainer_options
+from posttrain.registry import TrainerSpec
 from posttrain.runs import RunDir
 from posttrain.trainers.lifecycle import RunResult, finish, record_evaluation, save_final, start
+from posttrain.trainers.seppo_variants import USES_REFERENCE_SAMPLES, Draw, Variant
 
 
 @dataclass(frozen=True)
 class SePPOOptions:
     """SePPO's `algorithm:` keys. Defaults are Diffusion-DPO's / the paper's for SD 1.5 where they exist."""
 
-    variant: Literal["seppo", "seppo_indicator", "seppo_no_aaf", "sft_winner", "diffusion_dpo"] = field(
+    variant: Variant = field(
         default="seppo",
         metadata={"help": "seppo (AAF), seppo_indicator, seppo_no_aaf (s = +1), sft_winner (MSE), diffusion_dpo"},
     )
-    reference: Literal["uniform", "initial", "latest"] = field(
+    reference: Draw = field(
         default="uniform",
         metadata={"help": "how each stage draws its reference from the pool (diffusion_dpo defaults to initial)"},
     )
@@ -99,6 +100,8 @@ SPEC = TrainerSpec(
     curves=("loss", "flip_rate", "implicit_acc"),
     deepspeed=False,  # its own accelerate loop, built and tested for DDP
     lora=False,
+    model="diffusion",
+    length_key=None,
 )
 
 
@@ -117,7 +120,7 @@ class SePPOConfig:
 
 
 def config_from(recipe: Recipe) -> SePPOConfig:
-    options = trainer_options(recipe)
+    options = recipe.options
     if options.variant == "diffusion_dpo" and "reference" not in recipe.algorithm:
         options = _replace(options, reference="initial")  # Diffusion-DPO's fixed reference, unless set
     own = {k: v for k, v in recipe.training.items() if k in SePPOTraining.__dataclass_fields__}
@@ -138,6 +141,24 @@ def planned_steps(recipe: Recipe) -> int:
     return cfg.num_stages * cfg.updates_per_stage
 
 
+def rehearse(edit: Any) -> None:
+    """`--rehearse` (posttrain.rehearsal_edit): `edit.steps` stages of one update each (a checkpoint after each),
+    reference sampling with 2 DDIM steps, at most 2 prompts x 2 micro-batches."""
+    cfg = config_from(edit.recipe)
+    edit.algorithm.update(num_stages=edit.steps, updates_per_stage=1)
+    if cfg.sample_steps > 2:
+        edit.algorithm["sample_steps"] = 2
+    batch, accum = min(cfg.per_device_train_batch_size, 2), min(cfg.gradient_accumulation_steps, 2)
+    edit.training.update(per_device_train_batch_size=batch, gradient_accumulation_steps=accum, save_stages=1,
+                         logging_steps=1)  # fmt: skip
+    edit.note(f"stages: {cfg.num_stages} x {cfg.updates_per_stage} updates -> {edit.steps} x 1 (a checkpoint after "
+              f"each); reference sampling 2 DDIM steps; batch {cfg.per_device_train_batch_size} x "
+              f"{cfg.gradient_accumulation_steps} -> {batch} x {accum}")  # fmt: skip
+    if edit.training.pop("resolution", None) is not None:
+        edit.note("training.resolution: the tiny stack's own size")
+    edit.did(f"SePPO variant {cfg.variant}, reference pool '{cfg.reference}'")
+
+
 def check_tiny(recipe: Recipe) -> None:
     """A `model.tiny` spec (and its `pretrain:` keys) is checked before any model is built: a bad key or value is a
     ModelError naming it."""
@@ -155,7 +176,7 @@ def plan(recipe: Recipe) -> list[str]:
         f"SePPO variant {cfg.variant}: {cfg.num_stages} stages x {cfg.updates_per_stage} updates, {batch} prompts "
         f"per update per process, beta {cfg.beta:g}, lr {cfg.learning_rate:g}",
     ]  # fmt: skip
-    if cfg.variant in ("seppo", "seppo_indicator", "seppo_no_aaf"):
+    if cfg.variant in USES_REFERENCE_SAMPLES:
         lines.append(
             f"reference: {cfg.reference} draw from the checkpoint pool; samples by DDIM {cfg.sample_steps} steps, "
             f"CFG {cfg.guidance_scale:g}"
@@ -210,7 +231,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     result = RunResult(run_dir=str(run.path), stage=recipe.name, train_seconds=0.0, global_step=job.global_step)
     if benchmarks and checkpoint is None and is_main:
         result.before = _evaluate(benchmarks, job.source, run, "before", job.global_step, recipe.name)
-    result.train_seconds = job.train(recipe.training.get("time_budget_s"))
+    result.train_seconds = job.train(recipe.settings.time_budget_s)
     result.global_step = job.global_step
     save_final(run, job.write_final, is_main, job.accelerator.wait_for_everyone, job.global_step)
     if is_main:

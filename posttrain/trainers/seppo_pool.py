@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-Draw = Literal["uniform", "initial", "latest"]
+from posttrain.trainers.seppo_variants import Draw
+
 DRAWS: tuple[str, ...] = ("uniform", "initial", "latest")
 
 

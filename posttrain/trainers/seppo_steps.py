@@ -121,7 +121,7 @@ class SePPORun:
     def setup(cls, recipe: Recipe, cfg: Any, run: RunDir, checkpoint: Path | None) -> SePPORun:
         """Accelerator, the diffusion stack (frozen VAE/text encoder), theta and its reference copy, data, AdamW,
         the reference pool; restored from `checkpoint` when resuming."""
-        precision = resolve_precision(recipe.training.get("precision") or "auto")
+        precision = resolve_precision(recipe.settings.precision)
         # AcceleratorState is a process-wide singleton that refuses a second Accelerator with another mixed
         # precision (a fp32 run, then a bf16 one in the same Python process). Clear it, keeping the process group
         # (PartialState), as transformers' Trainer does between hyper-parameter trials.
@@ -207,16 +207,9 @@ class SePPORun:
                 record.update(learning_rate=self.lr_scheduler.get_last_lr()[0], reference=ref_index,
                               pool_size=len(self.pool), seconds=round(time.monotonic() - start, 3))  # fmt: skip
                 self.run.append_metrics({"step": self.global_step, "stage": f"{self.recipe.name}:{stage}", **record})
-            if deadline is not None and self.out_of_time(deadline):
+            if deadline is not None and out_of_time(self.accelerator, deadline):
                 return False
         return True
-
-    def out_of_time(self, deadline: float) -> bool:
-        """Any process past `deadline` (accelerate's trigger, reduced over the processes): all stop at one update,
-        as TimeBudget does for the other trainers."""
-        if time.monotonic() >= deadline:
-            self.accelerator.set_trigger()
-        return self.accelerator.check_trigger()
 
     def update(self, batches: Any, sample_gen: Any, grid: Path | None) -> dict[str, float]:
         """One optimizer update over `gradient_accumulation_steps` micro-batches; the mean of their stats."""
@@ -372,3 +365,11 @@ def _to(module, device, dtype):
 def _cycle(loader):
     while True:
         yield from loader
+
+
+def out_of_time(accelerator: Any, deadline: float) -> bool:
+    """Any process past `deadline` (accelerate's trigger, reduced over the processes): all stop at one update, as
+    TimeBudget does for the other trainers."""
+    if time.monotonic() >= deadline:
+        accelerator.set_trigger()
+    return accelerator.check_trigger()

@@ -26,8 +26,8 @@ SPEC = TrainerSpec(
 
 
 def plan(recipe: Recipe) -> list[str]:
-    t = recipe.training
-    batch = t.get("per_device_train_batch_size", 8) * t.get("gradient_accumulation_steps", 1)
+    s = recipe.settings
+    batch = s.per_device_train_batch_size * s.gradient_accumulation_steps
     return standard_plan(
         recipe, [f"SFT on data.train, loss on completions only; {batch} sequences per optimizer step per process"]
     )
