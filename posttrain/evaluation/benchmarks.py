@@ -1,6 +1,7 @@
-"""Runnable benchmarks: `Benchmark` and where it is built — from a validated BenchmarkSpec (load its data, build
-prompts with template, few-shot prefix or chat messages, and its sampling parameters) or from a recipe's held-out
-set and eval suite (`recipe_benchmarks`)."""
+"""Runnable benchmarks: `Benchmark` and where it is built: from a validated BenchmarkSpec by its kind
+(`build_benchmark`; posttrain/evaluation/kinds/ load the data and shape the rows: prompts with template, few-shot
+prefix or chat messages, preference texts, POLAR triplets) or from a recipe's held-out set and eval suite
+(`recipe_benchmarks`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.errors import DataError
+from posttrain.evaluation.kinds import benchmark_kind
 from posttrain.evaluation.suite import BenchmarkSpec, load_suite
 from posttrain.recipe import Recipe
 from posttrain.rollout import SamplingParams
@@ -15,9 +17,10 @@ from posttrain.rollout import SamplingParams
 
 @dataclass
 class Benchmark:
-    """Rows ready to run. `generate`: `prompt` + `answer`, graded by `grader` (posttrain.evaluation.graders).
-    `preference`: `chosen_text` / `rejected_text`, scored by a reward model. `polar`: prompt, reference, chosen,
-    rejected, scored by a POLAR RM against the reference."""
+    """Rows ready to run, shaped by the kind's module (posttrain/evaluation/kinds/): `generate`: `prompt` +
+    `answer`, graded by `grader` (posttrain.evaluation.graders). `preference`: `chosen_text` / `rejected_text`,
+    scored by a reward model. `polar`: prompt, reference, chosen, rejected, scored by a POLAR RM against the
+    reference."""
 
     name: str
     rows: Any  # datasets.Dataset
@@ -44,9 +47,16 @@ def sampling_params(spec: BenchmarkSpec, seed: int = 0) -> SamplingParams:
     )
 
 
-def build_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> Benchmark:
-    """Load the benchmark's rows (errors name the benchmark) and shape its prompts."""
-    from posttrain.data import format_prompts, load_source, validate
+def build_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> Any:
+    """What the suite runner runs: the benchmark's rows loaded and shaped by its kind
+    (posttrain.evaluation.kinds), errors naming the benchmark; `limit` caps the rows."""
+    return benchmark_kind(spec.kind, f"benchmark '{spec.name}'").build(spec, limit)
+
+
+def load_rows(spec: BenchmarkSpec, limit: int | None = None) -> tuple[Any, str]:
+    """(the first `limit` rows of the benchmark's data source (and at most `spec.limit`), the origin that errors
+    name); no rows is an error."""
+    from posttrain.data import load_source
 
     origin = f"benchmark '{spec.name}'"
     rows = load_source(spec.data, origin=origin)
@@ -54,46 +64,7 @@ def build_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> Benchmark:
     rows = rows.select(range(cap))
     if len(rows) == 0:
         raise DataError(f"{origin}: has no rows")
-    if spec.kind == "preference":
-        return Benchmark(name=spec.name, rows=_preference_rows(rows, origin), kind="preference", spec=spec)
-    if spec.kind == "polar":
-        validate(rows, "polar_triplet", origin)
-        return Benchmark(name=spec.name, rows=rows, kind="polar", spec=spec)
-
-    validate(rows, "prompt_answer", origin)
-    p = spec.prompt
-    chat = bool(p.get("chat_template", False))
-    rows = format_prompts(rows, template=p.get("template"), system_prompt=p.get("system_prompt"), chat=chat)
-    shots = int(p.get("few_shot", 0))
-    if shots:
-        if chat:
-            raise DataError(f"{origin}: few_shot with chat_template is not supported; use one of them")
-        prefix = _few_shot_prefix(spec, shots, origin)
-        rows = rows.map(lambda row: {"prompt": prefix + row["prompt"]})
-    return Benchmark(
-        name=spec.name,
-        rows=rows,
-        grader=spec.grader,
-        params=sampling_params(spec),
-        slice_column=spec.slice_column,
-        spec=spec,
-    )
-
-
-def _few_shot_prefix(spec: BenchmarkSpec, shots: int, origin: str) -> str:
-    """The first `shots` rows of the few-shot data, each formatted with shot_template, then a blank line."""
-    from posttrain.data import load_source
-
-    source = spec.prompt.get("few_shot_data")
-    if source is None:
-        raise DataError(f"{origin}: few_shot needs prompt.few_shot_data (a data source of worked examples)")
-    examples = load_source(source, origin=f"{origin}: few_shot_data")
-    template = spec.prompt.get("shot_template", "{prompt}\n{answer}")
-    try:
-        parts = [template.format(**examples[i]) for i in range(min(shots, len(examples)))]
-    except KeyError as err:
-        raise DataError(f"{origin}: shot_template uses column {err} that the few-shot data doesn't have") from err
-    return "\n\n".join(parts) + "\n\n"
+    return rows, origin
 
 
 def split_hh_transcript(text: str) -> tuple[str, str]:
@@ -103,30 +74,6 @@ def split_hh_transcript(text: str) -> tuple[str, str]:
     if cut == -1:
         return "", text
     return text[: cut + len(marker)], text[cut + len(marker) :]
-
-
-def _preference_rows(rows: Any, origin: str) -> Any:
-    """Rows with `chosen_text` / `rejected_text`: the full texts the reward model scores.
-
-    Accepts the Anthropic HH layout (`chosen`/`rejected` whole transcripts) and prompt/chosen/rejected.
-    """
-    cols = rows.column_names
-    for col in ("chosen", "rejected"):
-        if col not in cols:
-            raise DataError(f"{origin}: preference data needs '{col}' (columns: {', '.join(cols)})")
-    has_prompt = "prompt" in cols
-
-    def texts(row: dict[str, Any], idx: int) -> dict[str, Any]:
-        for col in ("chosen", "rejected"):
-            if not isinstance(row[col], str) or not row[col]:
-                raise DataError(f"{origin}: row {idx + 1} has an empty '{col}'")
-        if has_prompt:
-            prompt = row["prompt"] or ""
-            return {"prompt": prompt, "chosen_text": prompt + row["chosen"], "rejected_text": prompt + row["rejected"]}
-        prompt, _ = split_hh_transcript(row["chosen"])
-        return {"prompt": prompt, "chosen_text": row["chosen"], "rejected_text": row["rejected"]}
-
-    return rows.map(texts, with_indices=True)
 
 
 def recipe_benchmarks(recipe: Recipe) -> list[Benchmark]:
@@ -155,6 +102,6 @@ def recipe_benchmarks(recipe: Recipe) -> list[Benchmark]:
     if recipe.eval.suite:
         suite = load_suite(recipe.resolve_path(recipe.eval.suite))
         for bench in suite.benchmarks:
-            if bench.kind == "generate":  # preference/polar benchmarks score reward models, not the policy
+            if benchmark_kind(bench.kind).runs_in_training:  # the policy's own text (not reward models, images)
                 benchmarks.append(build_benchmark(bench, limit=recipe.eval.limit))
     return benchmarks

@@ -24,15 +24,13 @@ from typing import Any
 import yaml
 
 from posttrain.errors import RecipeError
+from posttrain.evaluation.kinds import benchmark_kind, kind_names
 from posttrain.recipe import deep_merge, suggest
 
 GRADER_NAMES = ("math_verify", "numeric_match", "gsm8k_strict", "gsm8k_flexible")
 BENCHMARK_KEYS = ("name", "use", "kind", "data", "prompt", "generation", "grader", "metrics", "slice_column", "limit",
                   "reward_model", "scorer", "baseline")  # fmt: skip
 PROMPT_KEYS = ("template", "chat_template", "system_prompt", "few_shot", "few_shot_data", "shot_template")
-GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed")
-DIFFUSION_GENERATION_KEYS = ("steps", "guidance_scale", "seed", "n", "batch_size", "scheduler", "dtype")
-KINDS = ("generate", "preference", "polar", "diffusion")
 
 # lm-eval-harness's GSM8K prompt ("Question: ...\nAnswer:", 5 shots from the train split), so numbers compare.
 _GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "\n\n\n"]
@@ -133,12 +131,9 @@ class BenchmarkSpec:
     baseline: str | None = None  # diffusion benchmarks: a model whose images the win rate compares against
 
     def settings(self) -> dict[str, Any]:
-        """Everything that determines this benchmark's numbers, for the results store's settings hash."""
-        if self.kind == "diffusion":  # the other kinds keep their keys, so their stored hashes stay valid
-            return {"kind": self.kind, "data": self.data, "generation": self.generation, "scorer": self.scorer,
-                    "baseline": self.baseline, "limit": self.limit}  # fmt: skip
-        return {"kind": self.kind, "data": self.data, "prompt": self.prompt, "generation": self.generation,
-                "grader": self.grader, "limit": self.limit}  # fmt: skip
+        """Everything that determines this benchmark's numbers, for the results store's settings hash: the fields
+        its kind names (`BenchmarkKind.hash_keys`)."""
+        return benchmark_kind(self.kind).settings(self)
 
 
 @dataclass
@@ -204,15 +199,13 @@ def resolve_benchmark(entry: Any, where: str, base_dir: Path | None = None) -> B
     if "data" not in definition:
         raise RecipeError(f"{where} ({definition['name']}): missing 'data' (a data source)")
     _check_section(definition.get("prompt", {}), PROMPT_KEYS, f"{where}.prompt")
-    kind = definition.get("kind", "generate")
-    if kind not in KINDS:
-        raise RecipeError(f"{where}: kind must be one of {', '.join(KINDS)}, got '{kind}'")
-    generation_keys = DIFFUSION_GENERATION_KEYS if kind == "diffusion" else GENERATION_KEYS
-    _check_section(definition.get("generation", {}), generation_keys, f"{where}.generation")
-    if kind != "diffusion" and ("scorer" in definition or "baseline" in definition):
-        raise RecipeError(f"{where}: 'scorer' and 'baseline' apply to kind: diffusion only")
+    kind = benchmark_kind(definition.get("kind", "generate"), where)
+    _check_section(definition.get("generation", {}), kind.generation_keys, f"{where}.generation")
+    if not kind.takes_scorer and ("scorer" in definition or "baseline" in definition):
+        takers = [name for name in kind_names() if benchmark_kind(name).takes_scorer]
+        raise RecipeError(f"{where}: 'scorer' and 'baseline' apply to kind: {', '.join(takers)} only")
     grader = definition.get("grader", "math_verify")
-    if kind == "generate" and grader not in GRADER_NAMES:
+    if kind.needs_grader and grader not in GRADER_NAMES:
         raise RecipeError(
             f"{where}: unknown grader '{grader}'{suggest(grader, GRADER_NAMES)} (graders: {', '.join(GRADER_NAMES)})"
         )

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ModelError
-from posttrain.evaluation.benchmarks import build_benchmark
-from posttrain.evaluation.runner import EvalResult, evaluate, evaluate_polar, evaluate_preference
+from posttrain.evaluation.kinds import RunContext, benchmark_kind
+from posttrain.evaluation.runner import EvalResult
 from posttrain.evaluation.store import ResultRecord, ResultsStore
 from posttrain.evaluation.suite import load_suite
 
@@ -43,45 +43,28 @@ def run_suite(
     generator: Any = None,
     tokenizer: Any = None,
 ) -> list[SuiteOutcome]:
-    """Evaluate `model` on every benchmark of the suite; one store row per benchmark."""
+    """Evaluate `model` on every benchmark of the suite, each built and run by its kind
+    (posttrain.evaluation.kinds); one store row per benchmark. A text generator is made for `model` the first
+    time a kind asks for one (or `generator`, with `tokenizer`, is used)."""
     from tqdm.auto import tqdm
 
     suite = load_suite(suite_path)
-    from posttrain.evaluation.diffusion import build_diffusion_benchmark
-
-    benchmarks = [
-        (build_diffusion_benchmark if spec.kind == "diffusion" else build_benchmark)(spec, limit=limit)
-        for spec in suite.benchmarks
-    ]  # data errors before any model
+    kinds = [benchmark_kind(spec.kind) for spec in suite.benchmarks]
+    # every benchmark's data is loaded (and its errors raised) before any model
+    benchmarks = [kind.build(spec, limit) for kind, spec in zip(kinds, suite.benchmarks)]
     label = label or model_label(model)
     if not Path(model).exists() and model.count("/") != 1:
         raise ModelError(f"model path '{model}' does not exist")
+    ctx = RunContext(model=model, backend=backend, batch_size=batch_size, generator=generator, tokenizer=tokenizer)
     outcomes = []
-    for bench in tqdm(benchmarks, desc=f"eval {label}", unit="benchmark"):
-        if bench.kind == "diffusion":
-            from posttrain.evaluation.diffusion import evaluate_diffusion
-
-            result = evaluate_diffusion(model, bench)
-        elif bench.kind == "polar":
-            from reward_models.polar import PolarScorer
-
-            result = evaluate_polar(PolarScorer.from_pretrained(bench.spec.reward_model or model), bench)
-        elif bench.kind == "preference":
-            from reward_models.sequence_classifier import SequenceClassifierScorer
-
-            result = evaluate_preference(SequenceClassifierScorer(bench.spec.reward_model or model), bench)
-        else:
-            if generator is None:
-                from posttrain.rollout.factory import make_generator
-
-                generator = make_generator(backend, model_path=model, batch_size=batch_size)
-                tokenizer = getattr(generator, "tokenizer", tokenizer)
-            result = evaluate(generator, bench, tokenizer)
-        settings = {**bench.spec.settings(), "limit": limit}
-        record = ResultRecord(model=model, model_label=label, benchmark=bench.name, settings=settings,
+    for kind, spec, bench in tqdm(list(zip(kinds, suite.benchmarks, benchmarks)), desc=f"eval {label}",
+                                  unit="benchmark"):  # fmt: skip
+        result = kind.run(bench, ctx)
+        settings = {**spec.settings(), "limit": limit}
+        record = ResultRecord(model=model, model_label=label, benchmark=spec.name, settings=settings,
                               metrics=result.summary(), n=result.n, suite=suite.name,
                               suite_version=suite.version)  # fmt: skip
-        record.samples_path = str(_save_samples(samples_dir, label, bench.name, record.settings_hash, result))
+        record.samples_path = str(_save_samples(samples_dir, label, spec.name, record.settings_hash, result))
         store.add(record)
         outcomes.append(SuiteOutcome(record, result, reruns=len(store.previous_identical(record))))
     return outcomes

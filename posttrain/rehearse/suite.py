@@ -3,6 +3,7 @@ image scorers replaced by the analytic saturation scorer."""
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import Any
@@ -15,43 +16,28 @@ from posttrain.rehearse.common import EVAL_ROWS, IMAGE_SCORERS_WITH_WEIGHTS, MAX
 
 def rehearse_suite(path: Path, out: Rehearsal, rng: random.Random) -> Path:
     """The suite with each benchmark cut to a few samples, its non-local data synthesised and its model-based
-    image scorers replaced by the saturation scorer."""
+    image scorers replaced by the saturation scorer: each benchmark kind shrinks itself
+    (`posttrain.evaluation.kinds`)."""
+    from posttrain.evaluation.kinds import RehearsalCuts, benchmark_kind
     from posttrain.evaluation.suite import load_suite
 
     suite = load_suite(path)
-    entries, scorers, synthesised = [], [], []
+    cuts = RehearsalCuts(max_new_tokens=MAX_NEW_TOKENS, scorers_with_weights=IMAGE_SCORERS_WITH_WEIGHTS,
+                         stand_in_source=functools.partial(suite_source, out=out, rng=rng))  # fmt: skip
+    entries = []
     for bench in suite.benchmarks:
-        data = suite_data(bench, out, rng)
-        if data is not bench.data:
-            synthesised.append(bench.name)
-        entry = {"name": bench.name, "kind": bench.kind, "data": data, "limit": EVAL_ROWS}
-        if bench.kind == "diffusion":
-            entry["generation"] = {**bench.generation, "steps": 2, "batch_size": 2, "n": 1, "dtype": "fp32"}
-            scorer = bench.scorer if isinstance(bench.scorer, str) else (bench.scorer or {}).get("name")
-            entry["scorer"] = "saturation" if scorer in IMAGE_SCORERS_WITH_WEIGHTS else bench.scorer
-            if scorer in IMAGE_SCORERS_WITH_WEIGHTS:
-                scorers.append(scorer)
-        else:
-            gen = dict(bench.generation)
-            gen["max_new_tokens"] = min(int(gen.get("max_new_tokens", MAX_NEW_TOKENS)), MAX_NEW_TOKENS)
-            prompt = dict(bench.prompt)
-            if isinstance(prompt.get("few_shot_data"), dict):
-                shots = suite_source(f"{bench.name}_shots", prompt["few_shot_data"], ("prompt", "answer", "solution"),
-                                     out, rng)  # fmt: skip
-                if shots is not prompt["few_shot_data"]:
-                    synthesised.append(f"{bench.name} (few-shot examples)")
-                prompt["few_shot_data"] = shots
-            entry.update(prompt=prompt, generation=gen, grader=bench.grader, metrics=bench.metrics,
-                         slice_column=bench.slice_column)  # fmt: skip
+        kind = benchmark_kind(bench.kind)
+        entry = {"name": bench.name, "kind": bench.kind, "data": kind.stand_in_data(bench, cuts), "limit": EVAL_ROWS}
+        entry = kind.shrink_for_rehearsal(entry, bench, cuts)
         for dropped in ("baseline", "reward_model"):
             if getattr(bench, dropped, None):
                 out.note(f"suite {suite.name}/{bench.name}: {dropped} {getattr(bench, dropped)} dropped")
         entries.append({k: v for k, v in entry.items() if v not in (None, [], {})})
-    if synthesised:
+    if cuts.synthesised:
         out.note(f"suite {suite.name}: data not local -> {ROWS} synthetic rows (text) or the colour prompts "
-                  f"(images) for {', '.join(synthesised)}")  # fmt: skip
-    if scorers:
-        kinds = ", ".join(dict.fromkeys(scorers))
+                 f"(images) for {', '.join(cuts.synthesised)}")  # fmt: skip
+    if cuts.replaced_scorers:
+        kinds = ", ".join(dict.fromkeys(cuts.replaced_scorers))
         out.note(f"suite {suite.name}: image scorers {kinds} -> saturation (analytic, no weights)")
         out.not_rehearsed.append(f"the image scorers {kinds}: their packages and weights (saturation stood in)")  # fmt: skip
     target = out.workdir / "suite.yaml"
@@ -59,19 +45,6 @@ def rehearse_suite(path: Path, out: Rehearsal, rng: random.Random) -> Path:
                                      sort_keys=False))  # fmt: skip
     out.did(f"eval suite {suite.name}: {len(entries)} benchmarks, {EVAL_ROWS} samples each")
     return target
-
-
-def suite_data(bench: Any, out: Rehearsal, rng: random.Random) -> dict[str, Any]:
-    data = bench.data
-    if bench.kind == "diffusion":
-        if "prompts" in data or "shipped" in data or (data.get("path") and Path(data["path"]).exists()):
-            return data
-        return {"prompts": ["red", "green", "blue"], "repeat": 2}  # what the saturation scorer knows
-    fields = {"preference": ("prompt", "chosen", "rejected"),
-              "polar": ("prompt", "reference", "chosen", "rejected")}.get(bench.kind, ("prompt", "answer", "solution"))  # fmt: skip
-    if bench.slice_column:
-        fields = (*fields, bench.slice_column)
-    return suite_source(bench.name, data, fields, out, rng)
 
 
 def suite_source(
