@@ -87,7 +87,7 @@ def is_loopback(host: str) -> bool:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from reward_models.server import create_app, json_errors_h11
+    from reward_models.server import create_app
 
     token = read_token(args)
     if token is None and not is_loopback(args.host):
@@ -101,7 +101,7 @@ def serve(args: argparse.Namespace) -> None:
     )
     app = create_app(scorer, token=token, max_body_bytes=args.max_body_bytes, max_batch=args.max_batch,
                      max_tokens=args.max_tokens, chunk=args.chunk, schedule=args.schedule)  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http=json_errors_h11())
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 import contextlib
 import json
+import logging
+import re
 import socket
 import threading
 import time
@@ -370,7 +372,7 @@ def test_sequence_classifier_warns_when_the_head_is_untrained(tiny_model_dir):
      (json.dumps({"prompts": [""], "completions": [""]}).encode(), 422, "'prompts[0]' and 'completions[0]' are both empty"),
      (b'{"prompts": ["p"], "completions": ["ok\\ud800"]}', 422, "'completions[0]' is not valid Unicode: lone surrogate"),
      (b'{"prompts": [[{"role": "user", "content": "\\udfff"}]], "completions": ["c"]}', 422,
-      "'prompts[0]' is not valid Unicode"),
+      "'prompts[0][0].content' is not valid Unicode"),
      (b'{"prompts": ["p"], "completions": ["c"]', 400, "malformed JSON"),
      (b"\xff\xfe", 400, "malformed JSON")],
 )  # fmt: skip
@@ -439,19 +441,133 @@ def test_the_built_in_scorer_counts_tokens_with_its_tokenizer(tiny_model_dir):
     assert scorer.count_tokens(["1+2=", "10+20="], ["3", "30"]) == expected > 0
 
 
-def test_a_malformed_content_length_gets_json_from_the_server_process():
-    from reward_models.server import json_errors_h11
-
-    with serving(create_app(LengthScorer()), http=json_errors_h11()) as url:
+def test_a_malformed_content_length_is_refused_by_uvicorn_before_the_app():
+    """h11 rejects the request before any ASGI app sees it, so uvicorn answers (plain text: it has no public hook
+    for that body) and the scorer is never reached; the server keeps serving."""
+    scorer = LengthScorer()
+    with serving(create_app(scorer)) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as conn:
             conn.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 12abc\r\n\r\n{}")
             raw = b""
             while chunk := conn.recv(4096):
                 raw += chunk
+        assert remote_reward(["p"], ["abc"], url=url) == [3.0]
     head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
-    assert "bad request" in json.loads(body)["error"]
+    assert head.startswith(b"HTTP/1.1 400") and b"Invalid HTTP request received" in body
+    assert scorer.calls == [1]
+
+
+def test_a_client_that_disconnects_mid_body_is_one_log_line(caplog):
+    scorer = LengthScorer()
+    caplog.set_level(logging.INFO)
+
+    def disconnected():
+        return [r for r in caplog.records if "disconnected" in r.getMessage()]
+
+    # log_config=None: uvicorn's own loggers propagate to caplog too, so a traceback it logs would be seen.
+    with serving(create_app(scorer), log_config=None) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b'POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"prompts": [')
+            time.sleep(0.2)  # the app is reading the body
+        deadline = time.monotonic() + 10
+        while not disconnected() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert remote_reward(["p"], ["abc"], url=url) == [3.0]  # and it keeps serving
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    (line,) = warnings
+    assert line.name == "reward_models.server" and line.exc_info is None and line is disconnected()[0]
+    assert re.search(r"disconnected after \d+ of 1000 body bytes \(POST /score\): request dropped", line.getMessage())
+    assert scorer.calls == [1]
+
+
+class CountingChars(LengthScorer):
+    """count_tokens: one token a character (like the tiny model's tokenizer), its calls recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.counted: list[int] = []
+
+    def count_tokens(self, prompts, completions, references=None):
+        self.counted.append(len(completions))
+        return sum(len(p) + len(c) for p, c in zip(prompts, completions))
+
+
+def test_a_request_far_over_the_token_budget_is_refused_before_it_is_tokenised():
+    from reward_models.server import MAX_CHARS_PER_TOKEN
+
+    scorer = CountingChars()
+    client = TestClient(create_app(scorer, max_tokens=100))
+    over = post(client, {"prompts": ["p"], "completions": ["x" * (100 * MAX_CHARS_PER_TOKEN)]})
+    assert over.status_code == 413
+    assert over.json()["error"].startswith(
+        f"request of {100 * MAX_CHARS_PER_TOKEN + 1} characters exceeds the server's per-request budget of 100 tokens"
+    )
+    assert scorer.counted == [] and scorer.calls == []
+    # Under the character bound: counted exactly (and refused on the count).
+    counted = post(client, {"prompts": ["p"], "completions": ["x" * 200]})
+    assert counted.status_code == 413 and counted.json()["error"].startswith("request of 201 tokens exceeds")
+    assert scorer.counted == [1] and scorer.calls == []
+    assert post(client, {"prompts": ["p"], "completions": ["x" * 99]}).json() == {"scores": [99.0]}
+    assert scorer.counted == [1, 1] and scorer.calls == [1]
+
+
+def test_the_built_in_scorer_does_not_tokenise_a_request_far_over_the_budget(tiny_model_dir):
+    from reward_models.sequence_classifier import SequenceClassifierScorer
+
+    with pytest.warns(UserWarning, match="no trained scalar head"):
+        scorer = SequenceClassifierScorer(str(tiny_model_dir), max_length=64)
+    tokenizer, calls = scorer.tokenizer, []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, texts, **kwargs):
+            calls.append(sum(map(len, texts)))
+            return tokenizer(texts, **kwargs)
+
+    scorer.tokenizer = Spy()
+    client = TestClient(create_app(scorer, max_tokens=64))
+    assert post(client, {"prompts": ["1+2="], "completions": ["3" * 1000]}).status_code == 413
+    assert calls == []
+    assert post(client, {"prompts": ["1+2="], "completions": ["3"]}).status_code == 200
+    assert calls == [5, 5]  # counted, then scored: the spy sees the tokenizer's calls
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [({"prompts": [[{"role": "user"}]], "completions": ["c"]}, "missing field 'prompts[0][0].content'"),
+     ({"prompts": [[{"role": 3, "content": "x"}]], "completions": ["c"]}, "'prompts[0][0].role' must be a string, got a number"),
+     ({"prompts": [["hi"]], "completions": ["c"]}, "'prompts[0][0]' must be a {role, content} message object, got a string"),
+     ({"prompts": ["p"], "completions": ["c"], "references": "r"}, "'references' must be a list, got a string"),
+     ({"prompts": ["p", "q"], "completions": [None, {"text": "c"}]},
+      "'completions[0]' must be a string or a list of {role, content} string messages, got null; "
+      "'completions[1]' must be a string or a list of {role, content} string messages, got an object"),
+     ({"prompts": ["p"] * 5, "completions": [1] * 5}, "'completions[2]' must be a string or a list of {role, "
+      "content} string messages, got a number (and 2 more)"),
+     ({"prompts": ["p"], "completions": ["c"], "reference": [], "extra": 1},
+      "unknown field(s) ['extra', 'reference']; allowed: prompts, completions, references"),
+     ({"prompts": ["p"], "completions": ["c"], "references": ["r", "s"]}, "'references' has 2 items but 'completions' has 1")],
+)  # fmt: skip
+def test_pydantic_errors_are_one_message_naming_each_field(payload, message):
+    response = post(TestClient(create_app(LengthScorer())), payload)
+    assert response.status_code == 422
+    assert message in response.json()["error"], response.json()["error"]
+
+
+def test_messages_and_null_references_pass_to_the_scorer_as_sent():
+    class Recording(LengthScorer):
+        def score(self, prompts, completions, references=None):
+            self.seen = (prompts, references)
+            return super().score(prompts, [c if isinstance(c, str) else "" for c in completions], references)
+
+    scorer = Recording()
+    prompt = [{"role": "user", "content": "hi", "name": "ann"}]
+    response = post(TestClient(create_app(scorer)), {"prompts": [prompt], "completions": ["ab"], "references": None})
+    assert response.json() == {"scores": [2.0]} and scorer.seen == ([prompt], None)
 
 
 def test_a_large_request_does_not_hold_a_small_one_for_its_whole_duration():
