@@ -350,3 +350,18 @@ def test_a_generation_batch_that_does_not_split_into_optimizer_steps_is_refused_
     err = capsys.readouterr().err
     assert "does not divide into optimizer steps: 4 micro-batches per generation" in err
     assert "not a multiple of training.gradient_accumulation_steps 3" in err
+
+
+@pytest.mark.parametrize("trainer", ["nft", "rft"])
+def test_a_kl_term_is_refused_by_the_dry_run_before_any_model(tmp_path, tiny_model_dir, capsys, trainer):
+    import yaml
+
+    from posttrain.cli import main
+    from tests.test_trainers import grpo_recipe
+
+    recipe = grpo_recipe(tmp_path, tiny_model_dir, reward="numeric_match")
+    recipe.update(name=f"{trainer}-kl", trainer=trainer, algorithm={"beta": 0.04})
+    path = tmp_path / "kl.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path), "--dry-run"]) == 2
+    assert f"trainer '{trainer}' has no KL term: set algorithm.beta to 0 (got 0.04)" in capsys.readouterr().err

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from posttrain.errors import RecipeError
 from posttrain.recipe import Recipe
 from posttrain.registry import TrainerSpec
 from posttrain.runs import RunDir
@@ -104,7 +103,18 @@ SPEC = TrainerSpec(
     eval_schema="prompt_answer",
     generates=True,
 )
-problems = grpo_problems  # the same batch rules: NFT samples through TRL's GRPO machinery
+
+
+def problems(recipe: Recipe) -> list[str]:
+    """GRPO's batch rules (NFT samples through TRL's GRPO machinery), and no KL term: NFT's loss has none."""
+    found = grpo_problems(recipe)
+    if recipe.settings.get("beta"):
+        found.append(
+            f"trainer '{recipe.trainer}' has no KL term: set algorithm.beta to 0 (got {recipe.settings.beta:g})"
+        )
+    return found
+
+
 rehearse = grpo_rehearse  # and the same rehearsal shape
 
 
@@ -146,8 +156,6 @@ def plan(recipe: Recipe) -> list[str]:
 
 def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     options = recipe.options
-    if recipe.settings.beta:
-        raise RecipeError(f"{recipe.where}: trainer '{recipe.trainer}' has no KL term: set algorithm.beta to 0")
     trainer, tokenizer = build_trainer(recipe, run, trainer_class=trainer_class())
     trainer.nft_options = options
     trainer.dynamic_options = options
