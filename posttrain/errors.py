@@ -5,10 +5,10 @@ Each error names the file, key, row or function the user has to fix. `RewardErro
 `except PosttrainError` reports every one of them without a traceback.
 """
 
-from reward_models.errors import ModelError, RewardError, suggest
+from reward_models.errors import ModelError, RewardError, suggest, unknown_key
 from reward_models.errors import UserError as PosttrainError
 
-__all__ = ["PosttrainError", "RecipeError", "DataError", "ModelError", "RewardError", "suggest"]
+__all__ = ["PosttrainError", "RecipeError", "DataError", "ModelError", "RewardError", "suggest", "unknown_key"]
 
 
 class RecipeError(PosttrainError):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from posttrain.errors import RecipeError, suggest
+from posttrain.errors import RecipeError, unknown_key
 
 
 @dataclass
@@ -425,10 +425,8 @@ def _coerce_dataclass(tp: Any, value: Any, dotted: str, ctx: Context, lenient: b
     names = [f.name for f in dataclasses.fields(tp) if f.name not in _INTERNAL]
     for key in value:
         if key not in names:
-            section = f"'{dotted}'" if dotted else ""
             full = f"{dotted}.{key}" if dotted else key
-            place = f"in {section}" if section else "at the top level"
-            ctx.report(ctx.error(full, f"unknown key '{key}' {place}{suggest(str(key), names)}"))
+            ctx.report(ctx.error(full, unknown_key(key, names, f"'{dotted}'" if dotted else "at the top level")))
     kwargs = {}
     for f in dataclasses.fields(tp):
         full = f"{dotted}.{f.name}" if dotted else f.name

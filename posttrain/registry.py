@@ -20,7 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import PosttrainError, RecipeError, suggest
+from posttrain.errors import PosttrainError, RecipeError, unknown_key
 from posttrain.recipe import Context, Recipe, Settings, bounds_problem, coerce, load_recipe, problems_error
 
 # trainer name -> module with SPEC, plan(recipe) and train(recipe, run, resume). Adding a trainer = one line here.
@@ -102,9 +102,7 @@ def trainer_module(name: str, where: str = "<recipe>") -> types.ModuleType:
     if name not in TRAINERS:
         if not name:
             raise RecipeError(f"{where}: missing required key 'trainer' (one of: {', '.join(TRAINERS)})")
-        raise RecipeError(
-            f"{where}: unknown trainer '{name}'{suggest(name, TRAINERS)} (available: {', '.join(TRAINERS)})"
-        )
+        raise RecipeError(f"{where}: {unknown_key(name, TRAINERS, noun='trainer')}")
     return importlib.import_module(TRAINERS[name])
 
 
@@ -223,7 +221,7 @@ def _coerce_section(
     for key, value in values.items():
         dotted = f"{section}.{key}"
         if key not in types_:
-            ctx.report(ctx.error(dotted, f"unknown key '{key}' in {section}{suggest(key, types_)}"))
+            ctx.report(ctx.error(dotted, unknown_key(key, types_, section)))
             continue
         lenient = key not in own
         try:
@@ -291,10 +289,7 @@ def _validate_eval(recipe: Recipe, found: list) -> None:
 
     if recipe.eval.grader not in GRADER_NAMES:
         found.append(
-            RecipeError(
-                f"{recipe.where}: unknown eval.grader '{recipe.eval.grader}'{suggest(recipe.eval.grader, GRADER_NAMES)} "
-                f"(graders: {', '.join(GRADER_NAMES)})"
-            )
+            RecipeError(f"{recipe.where}: eval.grader: {unknown_key(recipe.eval.grader, GRADER_NAMES, noun='grader')}")
         )
     if recipe.eval.suite is not None:
         try:

@@ -32,3 +32,15 @@ def suggest(name: str, options: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest option, or '' when nothing is close."""
     close = closest(name, options)
     return f" (did you mean '{close}'?)" if close else ""
+
+
+LISTED = 30  # valid names listed in full up to this many (a library config's ~170 fields are not)
+
+
+def unknown_key(key: object, valid: Iterable[str], place: str = "", noun: str = "key") -> str:
+    """The one message for a name nobody knows, used by every layer:
+    "unknown key 'pth' in data.train (did you mean 'path'?); valid: path, split, ..." (the list when it is short)."""
+    names = [str(v) for v in valid]
+    where = "" if not place else f" {place}" if place.startswith(("in ", "at ", "of ")) else f" in {place}"
+    listed = f"; valid: {', '.join(names)}" if 0 < len(names) <= LISTED else ""
+    return f"unknown {noun} '{key}'{where}{suggest(str(key), names)}{listed}"

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from reward_models.errors import RewardError, suggest
+from reward_models.errors import RewardError, unknown_key
 
 if TYPE_CHECKING:
     import torch
@@ -309,9 +309,7 @@ IMAGE_SCORERS: dict[str, Callable[..., ImageScorer]] = {
 def image_scorer(name: str, **kwargs: Any) -> ImageScorer:
     """Build the image scorer `name` (see IMAGE_SCORERS) with its keyword options (weights paths, device)."""
     if name not in IMAGE_SCORERS:
-        raise ImageScorerError(
-            f"unknown image scorer '{name}'{suggest(name, IMAGE_SCORERS)} (image scorers: {', '.join(IMAGE_SCORERS)})"
-        )
+        raise ImageScorerError(unknown_key(name, IMAGE_SCORERS, noun="image scorer"))
     try:
         return IMAGE_SCORERS[name](**kwargs)
     except TypeError as err:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reward_models.errors import RewardError, closest, suggest
+from reward_models.errors import RewardError, closest, unknown_key
 
 _SPEC_KEYS = ("name", "weight", "kwargs")
 _TRAINER_ARGS = ("prompts", "completions")
@@ -309,10 +309,8 @@ def _check_bound_kwargs(func: Callable, bound: dict[str, Any], name: str, where:
             raise RewardError(f"{where}: 'kwargs' cannot set '{key}'; the trainer passes it")
         if key in named or (takes_any and ":" in name):  # user code with **kwargs may read anything
             continue
-        options = ", ".join(p for p in named if p not in ("prompts", "completions")) or "none"
-        raise RewardError(
-            f"{where}: reward '{name}' has no option '{key}'{suggest(key, named)}; its options: {options}"
-        )
+        options = [p for p in named if p not in ("prompts", "completions")]
+        raise RewardError(f"{where}: {unknown_key(key, options, f'reward {name!r}', noun='option')}")
 
 
 def build_rewards(specs: list[dict[str, Any]]) -> tuple[list[Callable], list[float]]:
@@ -324,9 +322,7 @@ def build_rewards(specs: list[dict[str, Any]]) -> tuple[list[Callable], list[flo
             raise RewardError(f"{where}: expected a mapping with 'name' (and optional 'weight', 'kwargs')")
         for key in spec:
             if key not in _SPEC_KEYS:
-                raise RewardError(
-                    f"{where}: unknown key '{key}'{suggest(key, _SPEC_KEYS)}; allowed: {', '.join(_SPEC_KEYS)}"
-                )
+                raise RewardError(f"{where}: {unknown_key(key, _SPEC_KEYS)}")
         name = spec.get("name")
         if not isinstance(name, str) or not name:
             raise RewardError(f"{where}: missing 'name' (a built-in reward or 'package.module:function')")

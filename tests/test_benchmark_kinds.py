@@ -125,14 +125,14 @@ def test_every_builtin_kind_module_registers_its_kind():
 def test_an_unknown_kind_names_the_nearest_and_lists_the_kinds(tmp_path):
     with pytest.raises(RecipeError) as err:
         resolve_benchmark({"name": "imgs", "kind": "difusion", "data": {}}, "s.yaml: benchmarks[0]")
-    assert str(err.value) == ("s.yaml: benchmarks[0]: unknown benchmark kind 'difusion' (did you mean 'diffusion'?) "
-                              "(kinds: generate, preference, polar, diffusion)")  # fmt: skip
+    assert str(err.value) == ("s.yaml: benchmarks[0]: unknown benchmark kind 'difusion' (did you mean 'diffusion'?); "
+                              "valid: generate, preference, polar, diffusion")  # fmt: skip
     suite = tmp_path / "s.yaml"
     suite.write_text(yaml.safe_dump({"benchmarks": [{"name": "p", "kind": "preferences", "data": {"path": "x"}}]}))
     with pytest.raises(RecipeError, match=r"benchmarks\[0\]: unknown benchmark kind 'preferences' \(did you mean "
-                                          r"'preference'\?\) \(kinds: generate, "):  # fmt: skip
+                                          r"'preference'\?\); valid: generate, "):  # fmt: skip
         load_suite(suite)
-    with pytest.raises(RecipeError, match=r"unknown benchmark kind 'zzz' \(kinds: generate, preference, polar, "):
+    with pytest.raises(RecipeError, match=r"unknown benchmark kind 'zzz'; valid: generate, preference, polar, "):
         benchmark_kind("zzz")
 
 

@@ -123,7 +123,11 @@ RECIPE_CASES = [
     ("reward-name", {"rewards": [{"name": "numric_match"}]}, ["unknown reward 'numric_match'", "numeric_match"]),
     ("reward-module", {"rewards": [{"name": "no_such_module_x:score"}]}, ["cannot import module 'no_such_module_x'"]),
     ("reward-attr", {"rewards": [{"name": "json:no_such_func"}]}, ["json", "no callable 'no_such_func'"]),
-    ("reward-kwarg", {"rewards": [{"name": "format", "kwargs": {"patern": "x"}}]}, ["no option 'patern'", "pattern"]),
+    (
+        "reward-kwarg",
+        {"rewards": [{"name": "format", "kwargs": {"patern": "x"}}]},
+        ["unknown option 'patern' in reward 'format'", "did you mean 'pattern'"],
+    ),
     ("reward-weight", {"rewards": [{"name": "numeric_match", "weight": "heavy"}]}, ["rewards[0].weight", "number"]),
     ("reward-no-name", {"rewards": [{"weight": 1.0}]}, ["missing required key 'name'"]),
     ("no-rewards", {"rewards": []}, ["needs at least one entry under 'rewards'"]),

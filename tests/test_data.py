@@ -115,7 +115,10 @@ def test_column_mapping_swaps_copies_and_replaces(tmp_path):
 
 def test_spec_errors_name_the_key(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", ROWS)
-    with pytest.raises(DataError, match=r"r\.yaml: data\.train: unknown key 'colums' \(did you mean 'columns'\?\)"):
+    with pytest.raises(
+        DataError,
+        match=r"r\.yaml: data\.train: unknown key 'colums' in a data source \(did you mean 'columns'\?\); valid: path, ",
+    ):
         load_source({"path": "d.jsonl", "colums": {}}, base_dir=tmp_path, origin="r.yaml: data.train")
     with pytest.raises(DataError, match=r"valid: path, config, .*schema"):
         load_source({"path": "d.jsonl", "colour": 1}, base_dir=tmp_path)

@@ -169,7 +169,8 @@ def test_unknown_grader_suggests_the_closest_name():
     with pytest.raises(RecipeError, match=r"unknown grader 'gsm8k_strct' \(did you mean 'gsm8k_strict'\?\)"):
         get_grader("gsm8k_strct")
     with pytest.raises(
-        RecipeError, match="graders: boxed_strict, gsm8k_flexible, gsm8k_strict, math_verify, numeric_match"
+        RecipeError,
+        match="unknown grader 'bleu'; valid: boxed_strict, gsm8k_flexible, gsm8k_strict, math_verify, numeric_match",
     ):
         grade_batch("bleu", ["x"], ["y"])
 

@@ -316,7 +316,7 @@ def test_polar_markov_is_a_synthetic_source():
 
     ds = load_source({"synthetic": "polar_markov", "split": "heldout", "n": 7, "schema": "polar_triplet"})
     assert len(ds) == 7 and {"prompt", "reference", "chosen", "rejected"} <= set(ds.column_names)
-    with pytest.raises(DataError, match="polar_markov' has no option 'carry_drop'"):
+    with pytest.raises(DataError, match="unknown option 'carry_drop' in synthetic task 'polar_markov'; valid: n, seed"):
         load_source({"synthetic": "polar_markov", "carry_drop": 0.5})
 
 

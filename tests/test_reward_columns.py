@@ -79,15 +79,15 @@ def test_a_row_missing_a_read_value_is_named_with_its_line(tmp_path, capsys):
 
 
 def test_user_code_reads_the_columns_its_signature_requires(tmp_path, monkeypatch, capsys):
-    (tmp_path / "my_rewards.py").write_text(
+    (tmp_path / "signature_columns_reward.py").write_text(
         "def by_solution(prompts, completions, solution, scale=1.0, **columns):\n"
         "    return [scale * (c == s) for c, s in zip(completions, solution)]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert reward_columns("my_rewards:by_solution") == ("solution",)
+    assert reward_columns("signature_columns_reward:by_solution") == ("solution",)
     path = _recipe(tmp_path, "numeric_match", ["answer"])
     recipe = yaml.safe_load(path.read_text())
-    recipe["rewards"] = [{"name": "my_rewards:by_solution"}]
+    recipe["rewards"] = [{"name": "signature_columns_reward:by_solution"}]
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path), "--dry-run"]) == 2
-    assert "(my_rewards:by_solution) reads the column 'solution'" in capsys.readouterr().err
+    assert "(signature_columns_reward:by_solution) reads the column 'solution'" in capsys.readouterr().err

@@ -225,7 +225,7 @@ def test_build_rewards_binds_kwargs_and_weights():
      ([{"name": "format", "weigth": 2}], r"rewards\[0\]: unknown key 'weigth' \(did you mean 'weight'\?\)"),
      ([{"name": "format", "kwargs": ["a+"]}], r"rewards\[0\] \(format\): 'kwargs' must be a mapping"),
      ([{"name": "numric_match"}], r"rewards\[0\]: unknown reward 'numric_match' \(did you mean 'numeric_match'"),
-     ([{"name": "format", "kwargs": {"patern": "a"}}], r"no option 'patern' \(did you mean 'pattern'\?\)"),
+     ([{"name": "format", "kwargs": {"patern": "a"}}], r"unknown option 'patern' in reward 'format' \(did you mean 'pattern'\?\); valid: pattern"),
      (["format"], r"rewards\[0\]: expected a mapping")],
 )  # fmt: skip
 def test_build_rewards_spec_errors_name_the_entry(specs, pattern):

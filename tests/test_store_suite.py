@@ -48,7 +48,7 @@ def test_builtin_with_overrides_and_inline(tmp_path):
 @pytest.mark.parametrize(
     ("entry", "pattern"),
     [
-        ("gsm9k", r"unknown benchmark 'gsm9k' \(did you mean 'gsm8k'\?\)"),
+        ("gsm9k", r"unknown built-in benchmark 'gsm9k' \(did you mean 'gsm8k'\?\); valid: gsm8k, "),
         ({"use": "gsm8k", "grader": "math_verfy"}, r"unknown grader 'math_verfy' \(did you mean 'math_verify'\?\)"),
         ({"use": "gsm8k", "generation": {"max_tokens": 5}}, r"unknown key 'max_tokens'"),
         ({"name": "x"}, r"missing 'data'"),

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from posttrain.data.schemas import ImageRow
-from posttrain.errors import DataError
+from posttrain.errors import DataError, unknown_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FORMATS = ("pickapic", "prompt_images")
@@ -88,7 +88,7 @@ def load_image_rows(spec: Mapping[str, Any], *, base_dir: Path | None = None, or
     """Rows of one image source (see the module docstring), images not yet decoded."""
     unknown = [k for k in spec if k not in SOURCE_KEYS]
     if unknown:
-        raise DataError(f"{origin}: unknown key '{unknown[0]}' in an image source (keys: {', '.join(SOURCE_KEYS)})")
+        raise DataError(f"{origin}: {unknown_key(unknown[0], SOURCE_KEYS, 'an image source')}")
     if "synthetic" in spec:
         from posttrain.data.toy_images import toy_color_rows
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.errors import DataError
+from posttrain.errors import DataError, unknown_key
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -78,15 +78,12 @@ def load_source(spec: Mapping[str, Any], *, base_dir: Path | None = None, origin
 
 
 def _check_spec(spec: Any, origin: str) -> None:
-    from posttrain.recipe import suggest
 
     if not isinstance(spec, Mapping):
         raise DataError(f"{origin}: a data source must be a mapping (path: ... or synthetic: ...), got {spec!r}")
     for key in spec:
         if key not in SOURCE_KEYS:
-            raise DataError(
-                f"{origin}: unknown key '{key}'{suggest(str(key), SOURCE_KEYS)} (valid: {', '.join(SOURCE_KEYS)})"
-            )
+            raise DataError(f"{origin}: {unknown_key(key, SOURCE_KEYS, 'a data source')}")
     if ("path" in spec) == ("synthetic" in spec):
         raise DataError(f"{origin}: give exactly one of 'path' (file, dir or hub id) or 'synthetic'")
     # A key of the other kind of source would be silently ignored, so say so instead.
@@ -106,18 +103,14 @@ def _int_option(spec: Mapping[str, Any], key: str, origin: str) -> int:
 def _synthetic(spec: Mapping[str, Any], origin: str) -> Dataset:
     from posttrain.data.arithmetic import arithmetic_split
     from posttrain.data.markov import polar_markov_split
-    from posttrain.recipe import suggest
 
     name = spec["synthetic"]
     if name not in SYNTHETIC_TASKS:
-        raise DataError(
-            f"{origin}: unknown synthetic task '{name}'{suggest(str(name), SYNTHETIC_TASKS)} "
-            f"(known: {', '.join(SYNTHETIC_TASKS)})"
-        )
+        raise DataError(f"{origin}: {unknown_key(name, SYNTHETIC_TASKS, noun='synthetic task')}")
     allowed = SYNTHETIC_TASK_OPTIONS[name]
     stray = [k for k in SYNTHETIC_OPTIONS if k in spec and k not in allowed]
     if stray:
-        raise DataError(f"{origin}: synthetic task '{name}' has no option '{stray[0]}' (options: {', '.join(allowed)})")
+        raise DataError(f"{origin}: {unknown_key(stray[0], allowed, f'synthetic task {name!r}', noun='option')}")
     kwargs = {k: spec[k] for k in allowed if k in spec}
     build = polar_markov_split if name == "polar_markov" else arithmetic_split
     try:

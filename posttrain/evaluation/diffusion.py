@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.errors import DataError, RewardError
+from posttrain.errors import DataError, RewardError, unknown_key
 from posttrain.evaluation.runner import EvalResult
 from posttrain.evaluation.suite import BenchmarkSpec
 
@@ -89,7 +89,7 @@ def load_prompts(data: dict[str, Any], origin: str) -> list[str]:
     each is repeated `repeat` times in a row."""
     unknown = [k for k in data if k not in DATA_KEYS]
     if unknown:
-        raise DataError(f"{origin}: unknown key '{unknown[0]}' in diffusion data (keys: {', '.join(DATA_KEYS)})")
+        raise DataError(f"{origin}: {unknown_key(unknown[0], DATA_KEYS, 'diffusion data')}")
     if "prompts" in data:
         prompts = data["prompts"]
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):

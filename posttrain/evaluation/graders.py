@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from posttrain.errors import DataError, RecipeError, suggest
+from posttrain.errors import DataError, RecipeError, unknown_key
 from reward_models.math import (
     GoldAnswerError,
     as_decimal,
@@ -120,7 +120,7 @@ GRADERS: dict[str, Callable[[str, str], Verdict]] = {
 def get_grader(name: str) -> Callable[[str, str], Verdict]:
     """A grader by name; an unknown name is a RecipeError with the closest known name."""
     if name not in GRADERS:
-        raise RecipeError(f"unknown grader '{name}'{suggest(name, GRADERS)}; graders: {', '.join(sorted(GRADERS))}")
+        raise RecipeError(unknown_key(name, sorted(GRADERS), noun="grader"))
     return GRADERS[name]
 
 

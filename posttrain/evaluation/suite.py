@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from posttrain.errors import RecipeError
+from posttrain.errors import RecipeError, unknown_key
 from posttrain.evaluation.kinds import benchmark_kind, kind_names
-from posttrain.recipe import deep_merge, suggest
+from posttrain.recipe import deep_merge
 
 GRADER_NAMES = ("math_verify", "numeric_match", "gsm8k_strict", "gsm8k_flexible")
 BENCHMARK_KEYS = ("name", "use", "kind", "data", "prompt", "generation", "grader", "metrics", "slice_column", "limit",
@@ -158,7 +158,7 @@ def load_suite(path: str | Path) -> Suite:
     for key in raw:
         if key not in ("name", "version", "description", "benchmarks"):
             raise RecipeError(
-                f"{path}: unknown key '{key}'{suggest(key, ['name', 'version', 'description', 'benchmarks'])}"
+                f"{path}: {unknown_key(key, ('name', 'version', 'description', 'benchmarks'), 'a suite')}"
             )
     entries = raw.get("benchmarks")
     if not isinstance(entries, list) or not entries:
@@ -183,15 +183,12 @@ def resolve_benchmark(entry: Any, where: str, base_dir: Path | None = None) -> B
         raise RecipeError(f"{where}: a benchmark is a built-in name or a mapping, got {entry!r}")
     for key in entry:
         if key not in BENCHMARK_KEYS:
-            raise RecipeError(f"{where}: unknown key '{key}'{suggest(key, BENCHMARK_KEYS)}")
+            raise RecipeError(f"{where}: {unknown_key(key, BENCHMARK_KEYS, 'a benchmark')}")
     definition = copy.deepcopy(entry)
     use = definition.pop("use", None)
     if use is not None:
         if use not in BUILTIN_BENCHMARKS:
-            raise RecipeError(
-                f"{where}: unknown benchmark '{use}'{suggest(use, BUILTIN_BENCHMARKS)} "
-                f"(built-in: {', '.join(BUILTIN_BENCHMARKS)})"
-            )
+            raise RecipeError(f"{where}: {unknown_key(use, BUILTIN_BENCHMARKS, noun='built-in benchmark')}")
         definition = deep_merge(BUILTIN_BENCHMARKS[use], definition)
         definition.setdefault("name", use)
     if "name" not in definition:
@@ -206,9 +203,7 @@ def resolve_benchmark(entry: Any, where: str, base_dir: Path | None = None) -> B
         raise RecipeError(f"{where}: 'scorer' and 'baseline' apply to kind: {', '.join(takers)} only")
     grader = definition.get("grader", "math_verify")
     if kind.needs_grader and grader not in GRADER_NAMES:
-        raise RecipeError(
-            f"{where}: unknown grader '{grader}'{suggest(grader, GRADER_NAMES)} (graders: {', '.join(GRADER_NAMES)})"
-        )
+        raise RecipeError(f"{where}: {unknown_key(grader, GRADER_NAMES, noun='grader')}")
     for metric in definition.get("metrics", []):
         if not (metric == "accuracy" or metric.startswith(("pass@", "maj@")) and metric.split("@")[1].isdigit()):
             raise RecipeError(f"{where}: unknown metric '{metric}' (accuracy, pass@K, maj@K)")
@@ -225,7 +220,7 @@ def _check_section(section: Any, valid: tuple[str, ...], where: str) -> None:
         raise RecipeError(f"{where} must be a mapping")
     for key in section:
         if key not in valid:
-            raise RecipeError(f"{where}: unknown key '{key}'{suggest(key, valid)}")
+            raise RecipeError(f"{where}: {unknown_key(key, valid)}")
 
 
 def _anchor_path(source: dict[str, Any], base_dir: Path) -> None:

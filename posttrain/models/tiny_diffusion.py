@@ -99,16 +99,15 @@ def tiny_diffusion_spec(tiny: dict[str, Any], seed: int | None = None) -> TinyDi
 
 
 def _unknown_key(err: TypeError, cls: type) -> str:
-    """'unknown key 'x' (keys: ...)' from a dataclass constructor's TypeError."""
+    """`errors.unknown_key`'s message from a dataclass constructor's TypeError."""
     import re
 
     match = re.search(r"unexpected keyword argument '(\w+)'", str(err))
     if match is None:
         return str(err)
-    from posttrain.errors import suggest
+    from posttrain.errors import unknown_key
 
-    keys = list(cls.__dataclass_fields__)
-    return f"unknown key '{match.group(1)}'{suggest(match.group(1), keys)} (keys: {', '.join(keys)})"
+    return unknown_key(match.group(1), list(cls.__dataclass_fields__))
 
 
 def build_clip_tokenizer(words: tuple[str, ...] = TOY_WORDS, max_length: int = 16):

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.errors import RecipeError, suggest
+from posttrain.errors import RecipeError, unknown_key
 
 # name -> the module that registers it (imported on first use).
 BUILTIN_KINDS: dict[str, str] = {
@@ -198,4 +198,4 @@ def benchmark_kind(name: Any, where: str = "") -> BenchmarkKind:
     prefix = f"{where}: " if where else ""
     if isinstance(name, str) and name in BUILTIN_KINDS:
         raise RecipeError(f"{prefix}benchmark kind '{name}': module {BUILTIN_KINDS[name]} defines no KIND")
-    raise RecipeError(f"{prefix}unknown benchmark kind '{name}'{suggest(str(name), names)} (kinds: {', '.join(names)})")
+    raise RecipeError(f"{prefix}{unknown_key(name, names, noun='benchmark kind')}")
