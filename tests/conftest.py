@@ -23,6 +23,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", TinySpec(hidden_size=64, intermediate_size=128))
 
 
+@pytest.fixture(scope="session")
+def quickstart_sft_model(tmp_path_factory) -> Path:
+    """The quickstart's SFT stage (recipes/sft/arithmetic.yaml, seed 0: ~70% held-out, carry ~32%), trained once per
+    session for the slow tests that start a method from it (DPO, RLOO); its final/ dir."""
+    from posttrain.registry import load_and_validate
+    from posttrain.train import train_recipe
+
+    out = tmp_path_factory.mktemp("quickstart_sft")
+    train_recipe(load_and_validate(REPO / "recipes" / "sft" / "arithmetic.yaml", [f"output_dir={out}"]))
+    return out / "final"
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
