@@ -33,6 +33,7 @@ TRAINERS: dict[str, str] = {
     "reward": "posttrain.trainers.reward",
     "seppo": "posttrain.trainers.seppo",
     "dpo": "posttrain.trainers.dpo",
+    "rloo": "posttrain.trainers.rloo",
 }
 
 # Library-config fields that the recipe's `rollout` section owns (set them there, not under training/algorithm).
