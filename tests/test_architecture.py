@@ -258,3 +258,57 @@ def test_library_kwargs_strip_posttrain_keys_for_every_trainer(tmp_path):
     )
     kwargs = library_kwargs(load_and_validate(path))
     assert kwargs == {"learning_rate": 1e-4, "loss_type": "dr_grpo"}
+
+
+def _copied_defaults(path: Path, fields: set[str]) -> list[tuple[int, str]]:
+    """(line, key) of each `<recipe>.training.get("<library field>", <constant>)` (or `.algorithm`, or a name bound
+    to either in the same function): a library default copied by hand."""
+    found = []
+    for func in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        sections = {"training", "algorithm"}
+        aliases = set()
+        for node in ast.walk(func):
+            if isinstance(node, ast.Assign):
+                pairs = [(t, v) for t, v in zip(node.targets[0].elts, node.value.elts)] if isinstance(
+                    node.targets[0], ast.Tuple) and isinstance(node.value, ast.Tuple) else [(node.targets[0], node.value)]  # fmt: skip
+                aliases |= {t.id for t, v in pairs if isinstance(t, ast.Name) and isinstance(v, ast.Attribute)
+                            and v.attr in sections}  # fmt: skip
+        for node in ast.walk(func):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"):
+                continue
+            owner = node.func.value
+            on_section = (isinstance(owner, ast.Attribute) and owner.attr in sections) or (
+                isinstance(owner, ast.Name) and owner.id in aliases
+            )
+            args = node.args
+            if on_section and len(args) == 2 and isinstance(args[0], ast.Constant) and args[0].value in fields:
+                if isinstance(args[1], ast.Constant) and args[1].value is not None:
+                    found.append((node.lineno, args[0].value))
+    return sorted(set(found))
+
+
+def test_no_library_default_is_copied_by_hand():
+    """Library defaults reach posttrain through `recipe.settings` (read from the library's dataclass): a copied
+    `.get("per_device_train_batch_size", 8)` drifts when the library changes it."""
+    from posttrain.registry import TRAINERS, get_spec, library_field_types
+
+    fields = set()
+    for name in TRAINERS:
+        config = get_spec(name).library_config
+        fields |= set(library_field_types(config)) if config else set()
+    bad = [(m, *hit) for m, p in _modules().items() if m.startswith("posttrain") for hit in _copied_defaults(p, fields)]
+    assert bad == []
+
+
+def test_the_copied_default_check_sees_one(tmp_path):
+    path = tmp_path / "plan.py"
+    path.write_text(
+        "def f(recipe, spec):\n"
+        "    t, a = recipe.training, recipe.algorithm\n"
+        '    return t.get("per_device_train_batch_size", 8) * a.get("beta", 0.1) * recipe.training.get("seed", 0)'
+        ' * spec.get("seed", 0) * t.get("seed")\n'
+    )
+    assert _copied_defaults(path, {"per_device_train_batch_size", "seed", "beta"}) == [
+        (3, "beta"), (3, "per_device_train_batch_size"), (3, "seed")]  # fmt: skip

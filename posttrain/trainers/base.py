@@ -220,10 +220,10 @@ def describe_text_data(recipe: Recipe) -> list[str]:
 
 
 def steps_line(recipe: Recipe) -> str:
-    t = recipe.training
-    if t.get("max_steps", -1) > 0:
-        return f"steps: {t['max_steps']} optimizer steps"
-    return f"steps: {t.get('num_train_epochs', 3)} epoch(s) over data.train"
+    s = recipe.settings
+    if (s.get("max_steps") or -1) > 0:
+        return f"steps: {s.max_steps} optimizer steps"
+    return f"steps: {s.get('num_train_epochs'):g} epoch(s) over data.train"
 
 
 def standard_plan(recipe: Recipe, method: list[str]) -> list[str]:
