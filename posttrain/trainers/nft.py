@@ -7,6 +7,7 @@ RFT (`posttrain.trainers.rft`) is the same trainer with the negative term off an
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,12 +29,16 @@ from posttrain.trainers.grpo import (
 from posttrain.trainers.grpo import problems as grpo_problems
 from posttrain.trainers.grpo import rehearse as grpo_rehearse
 
+# NFT's choice lists, written once (the options, RFT's options and the checks read these types).
+Weight = Literal["one_minus_rhat", "sqrt", "one"]
+Aggregation = Literal["sum_const", "seq_mean", "token_mean", "constant"]
+
 
 @dataclass(frozen=True)
 class NFTOptions(DynamicSamplingOptions):
     """NFT's own `algorithm:` keys (the loss of posttrain.trainers.nft_loss). RFT is `negatives=False, weight="one"`."""
 
-    weight: Literal["one_minus_rhat", "sqrt", "one"] = field(
+    weight: Weight = field(
         default="one_minus_rhat",
         metadata={"help": "omega(q): 1-r_hat (Dr. GRPO), sqrt((1-r_hat)/r_hat) (GRPO), one (RFT)"},
     )
@@ -49,7 +54,7 @@ class NFTOptions(DynamicSamplingOptions):
     correct_threshold: float = field(
         default=0.5, metadata={"help": "reward >= threshold counts as correct (binary verifiers give 0 or 1)"}
     )
-    aggregation: Literal["sum_const", "seq_mean", "token_mean", "constant"] = field(
+    aggregation: Aggregation = field(
         default="sum_const",
         metadata={"help": "token aggregation: TRL dr_grpo, grpo, bnpo respectively; constant = the sum of the "
                           "optimizer step's tokens on each process / loss_const (NVlabs/NFT's dp_actor: / 1000)"},
@@ -72,12 +77,9 @@ class NFTOptions(DynamicSamplingOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.weight not in ("one_minus_rhat", "sqrt", "one"):
-            raise ValueError(f"algorithm.weight must be one_minus_rhat, sqrt or one, got {self.weight!r}")
-        if self.aggregation not in ("sum_const", "seq_mean", "token_mean", "constant"):
-            raise ValueError(
-                f"algorithm.aggregation must be sum_const, seq_mean, token_mean or constant, got {self.aggregation!r}"
-            )
+        for key, choices in (("weight", typing.get_args(Weight)), ("aggregation", typing.get_args(Aggregation))):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"algorithm.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
         if self.neg_weight < 0:
             raise ValueError(f"algorithm.neg_weight must be >= 0, got {self.neg_weight}")
         if self.loss_const is not None and self.loss_const <= 0:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from posttrain.registry import TrainerSpec
 from posttrain.trainers import nft
@@ -15,9 +14,7 @@ class RFTOptions(nft.NFTOptions):
     """NFT's options with RFT's defaults: omega = 1, no implicit-negative term, all-correct groups kept (for RFT
     they are SFT data)."""
 
-    weight: Literal["one_minus_rhat", "sqrt", "one"] = field(
-        default="one", metadata={"help": "omega(q); RFT weighs every accepted answer the same"}
-    )
+    weight: nft.Weight = field(default="one", metadata={"help": "omega(q); RFT weighs every accepted answer the same"})
     negatives: bool = field(default=False, metadata={"help": "the implicit-negative term (True turns RFT into NFT)"})
     mask_uninformative: bool = field(
         default=False, metadata={"help": "drop all-correct / all-wrong groups (RFT keeps all-correct: SFT data)"}
