@@ -89,8 +89,8 @@ class _Builder:
             model["path"] = str(path)
             if model.pop("trust_remote_code", False):
                 self.note("model.trust_remote_code: true -> false (the stand-in is a transformers class)")
-        if model.get("dtype", "auto") not in ("auto", "float32"):
-            self.note(f"model.dtype: {model['dtype']} -> float32 (the CPU trains in fp32)")
+        if self.recipe.model.dtype not in ("auto", "float32"):
+            self.note(f"model.dtype: {self.recipe.model.dtype} -> float32 (the CPU trains in fp32)")
             model["dtype"] = "float32"
         lora = section.lora
         self.did(f"LoRA r={lora.r} on {lora.target_modules}" if lora else "full fine-tuning (no LoRA)")
@@ -119,8 +119,8 @@ class _Builder:
         from posttrain.registry import trainer_module
 
         training = self.raw.setdefault("training", {})
-        if training.get("precision", "auto") not in ("auto", "fp32"):
-            self.note(f"training.precision: {training['precision']} -> fp32 (CPU)")
+        if self.recipe.settings.precision not in ("auto", "fp32"):
+            self.note(f"training.precision: {self.recipe.settings.precision} -> fp32 (CPU)")
             training["precision"] = "fp32"
         edit = RehearsalEdit(self.recipe, self.raw, STEPS, self.note, self.did)
         hook = getattr(trainer_module(self.spec.name), "rehearse", None)
@@ -139,12 +139,12 @@ class _Builder:
     def rollout(self, rollout: dict[str, Any]) -> None:
         if rollout.get("backend") == "vllm":
             rollout["backend"] = "hf"
-            mode = (rollout.get("vllm") or {}).get("mode", "colocate")
+            mode = self.recipe.rollout.vllm.mode
             self.note("rollout.backend: vllm -> hf (transformers generate)")
             self.out.not_rehearsed.append(
                 f"vLLM rollouts ({mode} mode): vLLM needs a CUDA GPU; they run for the first time on the GPU"
             )
-        tokens = int(rollout.get("max_new_tokens", 256))
+        tokens = self.recipe.rollout.max_new_tokens
         if tokens > MAX_NEW_TOKENS:
             rollout["max_new_tokens"] = MAX_NEW_TOKENS
             self.note(f"rollout.max_new_tokens: {tokens} -> {MAX_NEW_TOKENS}")
