@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from posttrain.errors import RecipeError, unknown_key
+from posttrain.recipe_yaml import read_recipe_yaml
 
 
 @dataclass
@@ -201,35 +202,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, problems: 
     return build_recipe(raw, source=path, overridden=overridden, problems=problems)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        raise RecipeError(f"{path}: is a directory, not a recipe file (give a .yaml file, e.g. {path}/<name>.yaml)")
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise RecipeError(
-            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line}); save the recipe as UTF-8"
-        ) from None
-    except OSError as err:
-        raise RecipeError(f"{path}: cannot read the recipe file ({err.strerror or err})") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
 def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     resolved = path.resolve()
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise RecipeError(f"{path}: 'extends' cycle: {chain}")
-    data = _read_yaml(path)
+    data = read_recipe_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
         return data

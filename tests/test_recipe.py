@@ -235,3 +235,12 @@ def test_a_library_list_field_takes_a_single_value(tmp_path):
     assert coerce(list[str], "sigmoid", "algorithm.loss_type", ctx, lenient=True) == ["sigmoid"]
     with pytest.raises(RecipeError, match="'seed_list' must be a list"):
         coerce(list[int], 3, "seed_list", ctx)  # posttrain's own fields stay strict
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("trainer: sft\nname: a\ntraining:\n  learning_rate: 1.0e-4\n  learning_rate: 1.0e-5\n")
+    with pytest.raises(
+        RecipeError, match=r"twice.yaml: not valid YAML: .*key 'learning_rate' on line 5 repeats the one on line 4"
+    ):
+        load_recipe(path)
