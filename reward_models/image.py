@@ -10,9 +10,12 @@ each scorer converts to what it needs. Built-ins, by name (`image_scorer(name, *
   the CLIP image and text embeddings x 100, the number the SePPO and Diffusion-DPO papers report;
   `scale: logit` multiplies by the model's own exp(logit_scale) instead (the authors' inference snippet).
 - `hpsv2`: Human Preference Score v2 (Wu et al. 2023) through the `hpsv2` package, v2.0 by default (the SePPO
-  paper's), `hps_version: v2.1` for the later checkpoint.
+  paper's), `hps_version: v2.1` for the later checkpoint; reported x 100 (~27 for SD 1.5 images, as the SePPO paper
+  prints it), `scale: raw` for the package's own number (~0.27).
 - `imagereward`: ImageReward (Xu et al. 2023) through the `image-reward` package (`import ImageReward`).
 - `clip_score`: CLIPScore (Hessel et al. 2021) as torchmetrics computes it: max(100 x cos(image, text), 0).
+- `aesthetic`: the LAION "improved aesthetic predictor" (sac+logos+ava1-l14-linearMSE): an MLP over the L2-normalised
+  CLIP ViT-L/14 image embedding, ~1-10 (the scale the SePPO paper reports); the prompt is not used.
 
 The real adapters import their packages and load their weights lazily, in the constructor (so an evaluation fails
 before it samples any image), and raise `ImageScorerError` naming the missing package or weights path. No hub
@@ -163,8 +166,11 @@ class SaturationScorer:
 # ------------------------------------------------------------------------------------------ CLIP-based
 
 
+BATCH = 32  # images per CLIP forward pass
+
+
 class _ClipLike:
-    """Shared by PickScore and CLIP score: a transformers CLIP model + processor, cosine of the embeddings."""
+    """Shared by PickScore, CLIP score and the aesthetic score: a transformers CLIP model + processor."""
 
     name = ""
     hint = ""
@@ -182,20 +188,23 @@ class _ClipLike:
         self.model.eval().to(self.device)
 
     def _cosine(self, images: Any, prompts: Sequence[str]):
+        """cos(image, text) per pair, `BATCH` pairs a forward pass (a benchmark scores all its images in one call)."""
         import torch
 
-        inputs = self.processor(
-            images=to_pil(images), text=list(prompts), padding=True, truncation=True, max_length=77,
-            return_tensors="pt",
-        ).to(self.device)  # fmt: skip
-        with torch.no_grad():
-            image_emb = _projected(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
-            text_emb = _projected(
-                self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
-            )
-        image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
-        text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
-        return (image_emb * text_emb).sum(dim=-1)
+        images, out = to_pil(images), []
+        for start in range(0, len(images), BATCH):
+            inputs = self.processor(
+                images=images[start : start + BATCH], text=list(prompts[start : start + BATCH]), padding=True,
+                truncation=True, max_length=77, return_tensors="pt",
+            ).to(self.device)  # fmt: skip
+            with torch.no_grad():
+                image_emb = _projected(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+                text_emb = _projected(self.model.get_text_features(
+                    input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")))  # fmt: skip
+            image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
+            text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
+            out.append((image_emb * text_emb).sum(dim=-1))
+        return torch.cat(out)
 
 
 def _projected(features: Any) -> Any:
@@ -224,7 +233,7 @@ class PickScoreScorer(_ClipLike):
 
     def score(self, images: Any, prompts: Sequence[str]) -> list[float]:
         _check_lengths(images, prompts)
-        factor = self.model.logit_scale.exp() if self.scale == "logit" else 100.0
+        factor = float(self.model.logit_scale.detach().exp()) if self.scale == "logit" else 100.0
         return [float(v) for v in (factor * self._cosine(images, prompts)).cpu()]
 
 
@@ -242,19 +251,123 @@ class ClipScorer(_ClipLike):
         return [float(v) for v in (100.0 * self._cosine(images, prompts)).clamp(min=0.0).cpu()]
 
 
+AESTHETIC_LINEARS = (0, 2, 4, 6, 7)  # the Linear layers' indices in the predictor's nn.Sequential ("layers.<i>")
+AESTHETIC_DROPOUTS = (0.2, 0.2, 0.1)  # after the first three Linears (indices 1, 3, 5); no activation anywhere
+AESTHETIC_MLP = "models/sac+logos+ava1-l14-linearMSE.pth"  # the default mlp_path, relative to the working directory
+AESTHETIC_HINT = (
+    "download sac+logos+ava1-l14-linearMSE.pth from github.com/christophschuhmann/improved-aesthetic-predictor "
+    f"and put it at {AESTHETIC_MLP} or pass its path as mlp_path"
+)
+
+
+class AestheticScorer(_ClipLike):
+    """The LAION "improved aesthetic predictor" (christophschuhmann/improved-aesthetic-predictor, the
+    `sac+logos+ava1-l14-linearMSE.pth` MLP): the CLIP ViT-L/14 image embedding (openai/clip-vit-large-patch14's
+    projected image features, what `clip.encode_image` returns), L2-normalised (a zero vector left as it is), into
+    Linear(768, 1024) -> Dropout(0.2) -> Linear(1024, 128) -> Dropout(0.2) -> Linear(128, 64) -> Dropout(0.1) ->
+    Linear(64, 16) -> Linear(16, 1), no activations; the score is the MLP's output (~1-10, the scale the SePPO paper
+    reports). The layer list is the one in the repository's train_predictor.py and simple_inference.py; the loader
+    checks the .pth's keys (`layers.{0,2,4,6,7}.{weight,bias}`) and that the shapes chain from the CLIP's
+    projection_dim to one output, and raises ImageScorerError naming any mismatch. Images are preprocessed by the
+    CLIP's own image processor (resize, centre crop 224, CLIP normalisation), not by the `clip` package's
+    torchvision transform. The prompt is not used. `mlp_path` (default AESTHETIC_MLP, relative to the working
+    directory) must be a local file: it is never downloaded."""
+
+    name = "aesthetic"
+    hint = "download openai/clip-vit-large-patch14 and pass model_path"
+
+    def __init__(self, model_path: str = "openai/clip-vit-large-patch14", mlp_path: str | None = AESTHETIC_MLP,
+                 device: str | None = None):  # fmt: skip
+        if mlp_path is None:
+            raise ImageScorerError(f"image scorer 'aesthetic' needs mlp_path, the predictor's MLP ({AESTHETIC_HINT})")
+        path = Path(mlp_path).expanduser()
+        if not path.is_file():
+            raise ImageScorerError(f"image scorer 'aesthetic': MLP weights not found at {mlp_path} ({AESTHETIC_HINT})")
+        state = _load_state_dict(path, self.name, AESTHETIC_HINT)
+        aesthetic_mlp(state, None, str(path))  # the keys and shapes, before the CLIP loads
+        super().__init__(model_path, None, device)
+        self.mlp = aesthetic_mlp(state, int(self.model.config.projection_dim), str(path)).to(self.device)
+
+    def score(self, images: Any, prompts: Sequence[str]) -> list[float]:
+        import torch
+
+        _check_lengths(images, prompts)
+        images, out = to_pil(images), []
+        for start in range(0, len(images), BATCH):
+            inputs = self.processor(images=images[start : start + BATCH], return_tensors="pt").to(self.device)
+            with torch.no_grad():
+                emb = _projected(self.model.get_image_features(pixel_values=inputs["pixel_values"])).float()
+                norm = emb.norm(dim=-1, keepdim=True)
+                out.append(self.mlp(emb / torch.where(norm == 0, torch.ones_like(norm), norm)).squeeze(-1))
+        return [float(v) for v in torch.cat(out).cpu()]
+
+
+def _load_state_dict(path: Path, scorer: str, hint: str) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, or pickled objects other than tensors
+        raise ImageScorerError(
+            f"image scorer '{scorer}': could not read {path} as a state_dict ({hint}): {err}"
+        ) from err
+
+
+def aesthetic_mlp(state: Any, input_dim: int | None, origin: str) -> Any:
+    """The aesthetic predictor's nn.Sequential (eval mode) from its state_dict, after checking its keys and that the
+    Linear shapes chain from `input_dim` (the CLIP's projection_dim, 768 for ViT-L/14; None: any) to one output."""
+    import torch
+
+    expected = [f"layers.{i}.{p}" for i in AESTHETIC_LINEARS for p in ("weight", "bias")]
+    where = f"image scorer 'aesthetic': {origin}"
+    if not isinstance(state, dict):
+        raise ImageScorerError(f"{where} holds a {type(state).__name__}, not a state_dict ({AESTHETIC_HINT})")
+    missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ImageScorerError(
+            f"{where} is not the aesthetic predictor's MLP: missing keys [{', '.join(missing)}], unexpected keys "
+            f"[{', '.join(map(str, unexpected))}] (expected {', '.join(expected)})"
+        )
+    widths = [input_dim]
+    for i in AESTHETIC_LINEARS:
+        w, b = state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]
+        fits = isinstance(w, torch.Tensor) and isinstance(b, torch.Tensor) and w.dim() == 2
+        if not (fits and widths[-1] in (None, w.shape[1]) and tuple(b.shape) == (w.shape[0],)):
+            shapes = f"weight {tuple(getattr(w, 'shape', ()))}, bias {tuple(getattr(b, 'shape', ()))}"
+            want = f"(out, {widths[-1] if widths[-1] is not None else 'in'})"
+            why = f" (the input width must be the CLIP's projection_dim, {input_dim})" if i == 0 and input_dim else ""
+            raise ImageScorerError(f"{where}: layers.{i} has {shapes}; expected weight {want}, bias (out,){why}")
+        widths.append(int(w.shape[0]))
+    if widths[-1] != 1:
+        raise ImageScorerError(f"{where}: layers.{AESTHETIC_LINEARS[-1]} has {widths[-1]} outputs; expected 1")
+    widths[0] = int(state["layers.0.weight"].shape[1])
+    modules: list[Any] = []
+    for k, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        modules.append(torch.nn.Linear(n_in, n_out))
+        if k < len(AESTHETIC_DROPOUTS):
+            modules.append(torch.nn.Dropout(AESTHETIC_DROPOUTS[k]))
+    mlp = torch.nn.Sequential(*modules)
+    mlp.load_state_dict({k.removeprefix("layers."): v.float() for k, v in state.items()})  # the MLP's `layers`
+    return mlp.eval()
+
+
 # ------------------------------------------------------------------------------------- package-based
 
 
 class HPSv2Scorer:
     """HPS v2.0 / v2.1 through the `hpsv2` package (`hpsv2.score(images, prompt, hps_version=...)`, one prompt per
-    call); v2.0 by default, the version the SePPO paper reports. `checkpoint` is a local HPS checkpoint; without one
-    the package downloads it, which fails offline."""
+    call); v2.0 by default, the version the SePPO paper reports. `scale: x100` (default) reports the package's score
+    x 100, as the SePPO paper prints it (~27 for SD 1.5 images); `scale: raw` the package's own number (~0.27).
+    `checkpoint` is a local HPS checkpoint; without one the package downloads it, which fails offline."""
 
     name = "hpsv2"
 
-    def __init__(self, hps_version: str = "v2.0", checkpoint: str | None = None):
+    def __init__(self, hps_version: str = "v2.0", checkpoint: str | None = None, scale: str = "x100"):
         if hps_version not in ("v2.0", "v2.1"):
             raise ImageScorerError(f"hpsv2: hps_version must be 'v2.0' or 'v2.1', got {hps_version!r}")
+        if scale not in ("x100", "raw"):
+            raise ImageScorerError(f"hpsv2: scale must be 'x100' or 'raw', got {scale!r}")
+        self.factor = 100.0 if scale == "x100" else 1.0
         self.hpsv2 = _require("hpsv2", "hpsv2", self.name)
         if checkpoint is not None:
             _require_weights(checkpoint, self.name, "checkpoint", f"pass the path of HPS_{hps_version}_compressed.pt")
@@ -267,7 +380,7 @@ class HPSv2Scorer:
         out = []
         for image, prompt in zip(to_pil(images), prompts):
             value = self.hpsv2.score([image], prompt, hps_version=self.hps_version, **extra)
-            out.append(float(value[0] if isinstance(value, (list, tuple)) else value))
+            out.append(self.factor * float(value[0] if isinstance(value, (list, tuple)) else value))
         return out
 
 
@@ -303,6 +416,7 @@ IMAGE_SCORERS: dict[str, Callable[..., ImageScorer]] = {
     "hpsv2": HPSv2Scorer,
     "imagereward": ImageRewardScorer,
     "clip_score": ClipScorer,
+    "aesthetic": AestheticScorer,
 }
 
 

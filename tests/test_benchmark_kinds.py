@@ -173,6 +173,10 @@ SUITE_HASHES = {
         "hps_benchmark_pickscore": "051e657acb35",
         "hps_benchmark_hps": "e96ea2490884",
         "hps_benchmark_imagereward": "d32a86c31d14",
+        # Added with the LAION aesthetic scorer (issue 27): hashes of the new entries as first stored.
+        "pickapic_validation_unique_aesthetic": "6146116fc18d",
+        "partiprompts_aesthetic": "ca40f5c9404a",
+        "hps_benchmark_aesthetic": "af46585e1ef8",
     },
 }
 # Inline definitions: (entry, hash of settings(), hash of settings() with the run's limit 50 as run_suite stores it).

@@ -280,19 +280,22 @@ def test_pickscore_is_reported_as_the_raw_cosine_times_100(tiny_clip):
         image_scorer("pickscore", model_path=str(tiny_clip), processor_path=str(tiny_clip), scale="exp")
 
 
-def test_hps_scores_with_v2_0_by_default(monkeypatch):
+def test_hps_scores_with_v2_0_by_default_reported_x100_as_the_paper_prints_it(monkeypatch):
     import sys
     import types
 
     calls = []
     fake = types.ModuleType("hpsv2")
-    fake.score = lambda images, prompt, hps_version, **kw: calls.append(hps_version) or [0.25]
+    fake.score = lambda images, prompt, hps_version, **kw: calls.append(hps_version) or [0.2734]
     monkeypatch.setitem(sys.modules, "hpsv2", fake)
-    assert image_scorer("hpsv2").score(squares(True)[:1], ["red"]) == [0.25] and calls == ["v2.0"]
+    assert image_scorer("hpsv2").score(squares(True)[:1], ["red"]) == pytest.approx([27.34]) and calls == ["v2.0"]
+    assert image_scorer("hpsv2", scale="raw").score(squares(True)[:1], ["red"]) == [0.2734]  # the package's number
     image_scorer("hpsv2", hps_version="v2.1").score(squares(True)[:1], ["red"])
     assert calls[-1] == "v2.1"
     with pytest.raises(ImageScorerError, match="hps_version must be 'v2.0' or 'v2.1'"):
         image_scorer("hpsv2", hps_version="v3")
+    with pytest.raises(ImageScorerError, match="scale must be 'x100' or 'raw', got 'percent'"):
+        image_scorer("hpsv2", scale="percent")
 
 
 def test_the_paper_suites_point_at_their_sources_with_the_paper_sampling(tmp_path, monkeypatch):
@@ -312,8 +315,12 @@ def test_the_paper_suites_point_at_their_sources_with_the_paper_sampling(tmp_pat
         assert (g["scheduler"], g["steps"], g["guidance_scale"], g["seed"], g["n"], g["dtype"]) == (
             "pipeline", 50, 7.5, 0, 1, "fp16")  # fmt: skip
     scorers = sorted((b.name, (b.scorer if isinstance(b.scorer, str) else b.scorer["name"])) for b in suite.benchmarks)
-    assert {s for _, s in scorers} == {"pickscore", "hpsv2", "imagereward"} and len(scorers) == 9
-    assert by_name["hps_benchmark_hps"].scorer == {"name": "hpsv2", "hps_version": "v2.0"}
+    assert {s for _, s in scorers} == {"pickscore", "hpsv2", "imagereward", "aesthetic"} and len(scorers) == 12
+    assert by_name["hps_benchmark_hps"].scorer == {"name": "hpsv2", "hps_version": "v2.0"}  # reported x 100
+    for prompts in ("pickapic_validation_unique", "partiprompts", "hps_benchmark"):  # every scorer on every set
+        assert {b.name for b in suite.benchmarks if b.name.startswith(prompts)} == {
+            f"{prompts}_{s}" for s in ("pickscore", "hps", "imagereward", "aesthetic")}  # fmt: skip
+        assert by_name[f"{prompts}_aesthetic"].scorer == "aesthetic"  # a string: not merged with hps_version
     # Offline, a hub source fails through the data layer with a clear message.
     with pytest.raises(DataError, match="pickapic_v2_no_images.*pass a local path"):
         build_diffusion_benchmark(by_name["pickapic_validation_unique_pickscore"])

@@ -100,7 +100,7 @@ def test_seppo_paper_recipe_gets_a_latent_stack_pickapic_rows_and_analytic_score
     assert raw["algorithm"]["num_stages"] * raw["algorithm"]["updates_per_stage"] == 2
     assert len(load_image_rows(raw["data"]["train"])) > 0
     suite = load_suite(raw["eval"]["suite"])
-    assert len(suite.benchmarks) == 9
+    assert len(suite.benchmarks) == 12  # 3 prompt sets x PickScore, HPS, ImageReward, Aesthetic
     assert all(
         b.scorer == "saturation" and b.generation["steps"] == 2 and b.data.get("prompts") for b in suite.benchmarks
     )

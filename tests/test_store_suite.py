@@ -153,3 +153,14 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     rows = ResultsStore(path).query()
     assert len(rows) == 120
     assert sorted({r.model for r in rows}) == ["w0", "w1", "w2"]
+
+
+def test_a_use_entry_naming_another_scorer_does_not_inherit_the_built_ins_scorer_options(tmp_path):
+    from posttrain.evaluation.suite import load_suite
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbenchmarks:\n  - {use: hps_benchmark, name: hb_aes, scorer: {name: aesthetic, device: cpu}}\n"
+                    "  - {use: hps_benchmark, name: hb_hps, scorer: {name: hpsv2, scale: raw}}\n")  # fmt: skip
+    first, second = load_suite(path).benchmarks
+    assert first.scorer == {"name": "aesthetic", "device": "cpu"}  # no hps_version carried over
+    assert second.scorer["hps_version"] == "v2.0" and second.scorer["scale"] == "raw"  # same scorer: merged

@@ -91,7 +91,8 @@ BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
     },
     # The SePPO paper's evaluation (Zhang et al. 2024, sec. 5): SD 1.5 sampled with the pipeline's default scheduler
     # (PNDM), 50 steps, CFG 7.5, one image per prompt from one seed-0 generator, fp16; scored by PickScore (raw
-    # cosine x 100), HPS v2.0 and ImageReward v1.0 (the suite eval/suites/seppo_paper.yaml runs every pair).
+    # cosine x 100), HPS v2.0 (x 100), ImageReward v1.0 and the LAION aesthetic predictor (the suite
+    # eval/suites/seppo_paper.yaml runs every pair).
     "pickapic_validation_unique": {  # Pick-a-Pic v2's 500 unique validation captions (the images are not needed)
         "kind": "diffusion",
         "data": {"dataset": "yuvalkirstain/pickapic_v2_no_images", "split": "validation_unique", "column": "caption"},
@@ -189,7 +190,10 @@ def resolve_benchmark(entry: Any, where: str, base_dir: Path | None = None) -> B
     if use is not None:
         if use not in BUILTIN_BENCHMARKS:
             raise RecipeError(f"{where}: {unknown_key(use, BUILTIN_BENCHMARKS, noun='built-in benchmark')}")
-        definition = deep_merge(BUILTIN_BENCHMARKS[use], definition)
+        builtin = BUILTIN_BENCHMARKS[use]
+        if _scorer_name(definition.get("scorer")) not in (None, _scorer_name(builtin.get("scorer"))):
+            builtin = {k: v for k, v in builtin.items() if k != "scorer"}  # another scorer: its options do not merge
+        definition = deep_merge(builtin, definition)
         definition.setdefault("name", use)
     if "name" not in definition:
         raise RecipeError(f"{where}: an inline benchmark needs a 'name' (or 'use: <built-in>')")
@@ -228,3 +232,8 @@ def _anchor_path(source: dict[str, Any], base_dir: Path) -> None:
     value = source.get("path")
     if isinstance(value, str) and (base_dir / value).exists():
         source["path"] = str(base_dir / value)
+
+
+def _scorer_name(scorer: Any) -> str | None:
+    """The name of a benchmark's `scorer:` (a name, or a mapping with `name`), or None without one."""
+    return scorer.get("name") if isinstance(scorer, dict) else scorer

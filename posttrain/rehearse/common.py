@@ -13,7 +13,7 @@ STEPS = 2  # optimizer steps a rehearsal trains: a checkpoint at step 1, resumed
 ROWS = 32  # synthetic rows per data source; local sources are cut to this many
 EVAL_ROWS = 4  # rows per held-out set and suite benchmark
 MAX_NEW_TOKENS = 16
-IMAGE_SCORERS_WITH_WEIGHTS = ("pickscore", "hpsv2", "imagereward", "clip")
+IMAGE_SCORERS_WITH_WEIGHTS = ("pickscore", "hpsv2", "imagereward", "clip", "clip_score", "aesthetic")
 DDP_CONFIG = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU", "num_machines": 1,
               "machine_rank": 0, "num_processes": 2, "mixed_precision": "no", "rdzv_backend": "static",
               "same_network": True, "main_training_function": "main", "use_cpu": False}  # fmt: skip
