@@ -609,3 +609,26 @@ def test_polar_training_resumes_from_its_last_checkpoint(tmp_path):
     assert result.global_step == 6
     steps = [r["step"] for r in RunDir(tmp_path / "run").read_metrics() if "accuracy" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # logged with the POLAR metrics, no step repeated or lost
+
+
+@pytest.mark.parametrize("head_init", ["zero", "normal"])
+def test_a_new_value_head_starts_as_the_recipe_says_and_a_trained_one_is_kept(tmp_path, tiny_model_dir, head_init):
+    from posttrain.models.reward import load_reward_model
+    from posttrain.recipe import ModelSection
+
+    zero = head_init == "zero"
+    model, tokenizer = load_reward_model(str(tiny_model_dir), ModelSection(path=str(tiny_model_dir)),
+                                         zero_new_head=zero)  # fmt: skip
+    assert (model.score.weight.abs().sum().item() == 0) == zero  # xtuner's RewardModel zeroes a new v_head
+    model.score.weight.data.fill_(0.25)
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    again, _ = load_reward_model(str(tmp_path / "rm"), ModelSection(path=str(tmp_path / "rm")), zero_new_head=True)
+    assert again.score.weight.detach().eq(0.25).all()
+
+
+def test_head_init_is_checked_before_any_model(tmp_path):
+    from posttrain.trainers.polar import PolarOptions
+
+    with pytest.raises(ValueError, match="algorithm.head_init must be zero or normal"):
+        PolarOptions(head_init="xavier")

@@ -10,8 +10,9 @@ posttrain's; the loop, checkpointing, accelerate/DeepSpeed plumbing and logging 
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from posttrain.errors import RewardError
 from posttrain.recipe import Recipe
@@ -28,6 +29,7 @@ from posttrain.trainers.base import (
 )
 
 STAGES = ("pretrain", "finetune")
+HeadInit = Literal["zero", "normal"]
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,15 @@ class PolarOptions:
     max_length: int = field(default=4096, metadata={"help": "tokens per scored sequence"})
     max_response_length: int = field(default=1024, metadata={"help": "tokens kept of each response (its head)"})
     eval_batch_size: int = field(default=64, metadata={"help": "sequences per forward in held-out scoring"})
+    head_init: HeadInit = field(
+        default="zero",
+        metadata={"help": "a new value head's weights: zero (the official trainer, xtuner's RewardModel) or normal "
+                          "(transformers' initializer_range); a checkpoint's trained head is always kept"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
+        if self.head_init not in typing.get_args(HeadInit):
+            raise ValueError(f"algorithm.head_init must be zero or normal, got {self.head_init!r}")
         if self.stage not in STAGES:
             raise ValueError(f"algorithm.stage must be one of {', '.join(STAGES)}, got '{self.stage}'")
         try:
@@ -85,6 +94,8 @@ def plan(recipe: Recipe) -> list[str]:
             f"triplets ({2 * pairs} sequences) per optimizer step per process",
             f"layout: {layout.wrapper} wrapper, max_length {layout.max_length}, responses cut to "
             f"{layout.max_response_length} tokens (head kept), prompt keeps its tail",
+            f"value head: a new one starts at {'zero (as the official trainer)' if opts.head_init == 'zero' else 'random normal'}; "
+            "a checkpoint's trained head is kept",
         ],
     )
 
@@ -114,7 +125,9 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     opts = recipe.options
     layout = opts.layout()
     precision = resolve_precision(recipe.settings.precision)
-    model, tokenizer = load_reward_model(policy_source(recipe, run), recipe.model, precision)
+    model, tokenizer = load_reward_model(
+        policy_source(recipe, run), recipe.model, precision, zero_new_head=opts.head_init == "zero"
+    )
     encoder = PolarEncoder(tokenizer, layout)
     rows = load_train_data(recipe, schema="polar_triplet")
     train_set = encode_rows(rows, encoder, f"{recipe.where}: data.train")
