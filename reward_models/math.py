@@ -1,7 +1,10 @@
-"""Verifiable math rewards: exact numeric match, and math-verify's symbolic equivalence (gold first).
+"""Verifiable math rewards: exact numeric match, math-verify's symbolic equivalence (gold first), and DAPO's official
+strict final-box check.
 
 `check_math_answer(completion, gold)` is the one place that decides whether a completion's math answer is right by
 math-verify: the `math_verify` reward here and posttrain's `math_verify` evaluation grader both call it.
+`check_boxed_strict` (lenient: math-verify on the last box) and `check_dapo_strict` (official: raw string equality)
+decide the `boxed_strict` and `dapo_strict` rewards and graders.
 """
 
 from __future__ import annotations
@@ -100,13 +103,21 @@ def parse_gold(gold: str) -> list:
     return parsed
 
 
-# Markers a completion uses to state its final answer; the one that occurs last in the text wins.
+# Markers a completion uses to state its final answer; the one that occurs last in the text wins, except that of
+# several `####` the first counts (as lm-eval's strict-match takes the first): a rollout without a stop string can
+# run on into a made-up next question with its own `####`.
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")  # GSM8K's "#### 72" (the format the GSM8K 5-shot prompt teaches)
 _FINAL_IS = re.compile(r"final answer is[ \t:]*([^\n]*)", re.IGNORECASE)  # Minerva/MATH's "The final answer is $x$."
 _PLAIN_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 # A plain fraction right before punctuation ("14/3."): math-verify reads "3." as the float 3.0 and the fraction as
 # 14/3.0, which fails against an exact 14/3.
 _FRACTION_PUNCT = re.compile(r"(?<![\w.])(-?\d+\s*/\s*\d+)[.,;:!?]+(?=\s|$)")
+# A plain mixed number ("2 1/2"): math-verify reads it as the product 2 * 1/2 = 1. (LaTeX "2\frac{1}{2}" it reads
+# as 5/2 already.)
+_MIXED = re.compile(r"(-?)(\d+)[ \t]+(\d+)[ \t]*/[ \t]*(\d+)")
+# A number with a base subscript ("52_8", "4210_{5}", "A4_{11}"): math-verify drops the subscript.
+_BASE_NUMBER = re.compile(r"(?<![\w\\])[0-9A-Z]*\d[0-9A-Z]*_(?:(\d+)|\{\s*(\d+)\s*\})")
+_PERCENT = re.compile(r"\\?%")
 
 
 def last_boxed(text: str) -> str | None:
@@ -122,23 +133,61 @@ def last_boxed(text: str) -> str | None:
     return None  # never closed
 
 
+def _as_mixed_fraction(answer: str) -> str | None:
+    """A marked answer that is a plain mixed number ("2 1/2", "-3 1/4.", "$2 1/2$") as a fraction ("5/2"), else
+    None."""
+    match = _MIXED.fullmatch(answer.strip().rstrip(".").strip("$ "))
+    if match is None or int(match[4]) == 0:
+        return None
+    sign, whole, num, den = match[1], int(match[2]), int(match[3]), int(match[4])
+    return f"{sign}{whole * den + num}/{den}"
+
+
 def final_answer_text(completion: str) -> str | None:
     """The part of `completion` that states its final answer when it marks one, else None: the last `\\boxed{}`,
-    the rest of the line after the last `####`, or after the last "final answer is" — whichever comes last.
+    the rest of the line after the first `####`, or after the last "final answer is" — whichever comes last.
     Worked solutions carry other numbers on earlier lines; math-verify on the whole text sometimes takes one of
-    those (e.g. "$4.00 + $2.00 = $6.00 ... #### 6" read as 4.00)."""
+    those (e.g. "$4.00 + $2.00 = $6.00 ... #### 6" read as 4.00). A plain mixed number is returned as a fraction
+    ("#### 2 1/2" -> "5/2")."""
     found: list[tuple[int, str]] = []
     boxed = last_boxed(completion)
     if boxed is not None:
-        found.append((completion.rfind("\\boxed{"), f"${boxed}$"))
-    for pattern in (_HASHES, _FINAL_IS):
+        found.append((completion.rfind("\\boxed{"), _as_mixed_fraction(boxed[7:-1]) or f"${boxed}$"))
+    for pattern, pick in ((_HASHES, 0), (_FINAL_IS, -1)):
         matches = list(pattern.finditer(completion))
         if matches:
-            answer = matches[-1].group(1).strip()
+            answer = matches[pick].group(1).strip()
             if _PLAIN_NUMBER.fullmatch(answer.rstrip(".")):  # "1,234" is a number, not a tuple; "$18." is 18
                 answer = answer.rstrip(".").replace(",", "").replace("$", "")
-            found.append((matches[-1].start(), answer))
+            found.append((matches[pick].start(), _as_mixed_fraction(answer) or answer))
     return max(found)[1] if found else None
+
+
+def _last_base(text: str) -> int | None:
+    """The base subscript of the last base-subscripted number in `text` ("52_{8}" -> 8), or None."""
+    matches = list(_BASE_NUMBER.finditer(text))
+    return int(next(base for base in matches[-1].groups() if base)) if matches else None
+
+
+def _verify(gold: str, text: str) -> tuple[list, bool]:
+    """math-verify's parse of `text` and whether it is equivalent to `gold`, with two rules math-verify lacks:
+
+    - percent signs (`%`, `\\%`) are dropped on both sides, so a percentage compares as the number written:
+      `25%` is right for gold 25 and `25\\%`, wrong for 0.25 (math-verify accepts both);
+    - a gold with a base subscript (`52_8`, `4210_{5}`) needs the same base on the answer's last base-subscripted
+      number, an unmarked number being base 10: `52_9` and `52` are wrong for `52_8` (math-verify reads all as 52).
+    Raises GoldAnswerError when the gold cannot be parsed."""
+    from math_verify import parse, verify
+
+    gold_parsed = parse_gold(_PERCENT.sub("", gold))
+    parse_kw, verify_kw = _math_verify_kwargs()
+    pred = parse(_PERCENT.sub("", text), **parse_kw)
+    if not pred:
+        return pred, False
+    gold_base, pred_base = _last_base(gold), _last_base(text)
+    if gold_base is not None and (10 if pred_base is None else pred_base) != gold_base:
+        return pred, False
+    return pred, bool(verify(gold_parsed, pred, **verify_kw))
 
 
 def check_math_answer(completion: str, gold: str) -> tuple[str | None, bool]:
@@ -146,40 +195,57 @@ def check_math_answer(completion: str, gold: str) -> tuple[str | None, bool]:
 
     When the completion marks its final answer (`final_answer_text`), that answer is the one graded; otherwise
     math-verify reads the whole text. A plain fraction before punctuation ("14/3.") is read as the fraction.
-    Gold first: verify() is not symmetric (math-verify's README: "Order here is important!"). Raises
-    GoldAnswerError when the gold can't be parsed. Works outside the main thread (without math-verify's timeouts).
+    Gold first: verify() is not symmetric (math-verify's README: "Order here is important!"). Percentages and base
+    subscripts follow `_verify`'s rules. Raises GoldAnswerError when the gold can't be parsed. Works outside the
+    main thread (without math-verify's timeouts).
     """
-    from math_verify import parse, verify
-
-    gold_parsed = parse_gold(gold)
-    parse_kw, verify_kw = _math_verify_kwargs()
     marked = final_answer_text(completion)
     text = _FRACTION_PUNCT.sub(r"\1", completion if marked is None else marked)
-    pred = parse(text, **parse_kw)
-    if not pred:
-        return None, False
-    return str(pred[0]), bool(verify(gold_parsed, pred, **verify_kw))
+    pred, correct = _verify(gold, text)
+    return (str(pred[0]), correct) if pred else (None, False)
 
 
-BOXED_TAIL_CHARS = 300  # DAPO's strict verifier (verl math_dapo, strict_box_verify) reads the last 300 characters
+BOXED_TAIL_CHARS = 300  # the lenient boxed_strict's window: the last 300 characters
 
 
 def check_boxed_strict(completion: str, gold: str) -> tuple[str | None, bool]:
-    """The strict final-box check of NFT/DAPO's math runs: only a `\\boxed{}` in the completion's last 300
-    characters counts (the last one there); no box, no credit, whatever numbers the text holds. The boxed content
-    is compared with the gold by math-verify's equivalence (DAPO compares Minerva-normalised strings instead: this
-    accepts equivalent forms such as 0.5 for \\frac12 that it would reject)."""
-    from math_verify import parse, verify
-
-    gold_parsed = parse_gold(gold)
+    """The lenient final-box check: only a `\\boxed{}` in the completion's last 300 characters counts (the last one
+    there); no box, no credit, whatever numbers the text holds. The boxed content is compared with the gold by
+    math-verify's equivalence (with `_verify`'s percent and base rules), so 0.5 is right for \\frac12. This is NOT
+    the official NFT/DAPO verifier (that is `check_dapo_strict`: the last 100 characters, raw string equality)."""
     boxed = last_boxed(completion[-BOXED_TAIL_CHARS:])
     if boxed is None:
+        parse_gold(_PERCENT.sub("", gold))  # a bad gold is a data problem whether or not a box was found
         return None, False
-    parse_kw, verify_kw = _math_verify_kwargs()
-    pred = parse(f"${boxed}$", **parse_kw)
-    if not pred:
-        return boxed, False
-    return str(pred[0]), bool(verify(gold_parsed, pred, **verify_kw))
+    pred, correct = _verify(gold, _as_mixed_fraction(boxed[7:-1]) or f"${boxed}$")
+    return (str(pred[0]), correct) if pred else (boxed, False)
+
+
+# DAPO's strict verifier as the official NFT run uses it. NVlabs/NFT verifier.py
+# (@ed8e5b0972af113a6ac38c6c6065349e0f32c070): data_source 'math_dapo_boxed' ->
+# math_dapo.compute_score(solution_str, ground_truth, strict_box_verify=True). Transcribed from
+# verl/utils/reward_score/math_dapo.py as read at volcengine/verl@012542c42542738709ccd0db619cff949cb0337a,
+# CarnegieBin/DAPO@a488b06de263eca7bed626953e114003ad711f29 and
+# rqzhangberkeley/DAPO@79e11da2ff01a96634725f2c2aa4fde7279c595f
+# (the strict path is the same in all three; NFT pins verl@01ef7184821d0d7844796ec0ced17665c1f50673, not read):
+# compute_score keeps solution_str[-300:], is_correct_strict_box then pred[-100:], last_boxed_only_string (rfind
+# "\boxed{", braces counted until closed; None if never closed), remove_boxed, and `extracted == ground_truth`:
+# raw strings, no normalisation (normalize_final_answer serves only the non-strict Minerva path). Score +1 / -1.
+DAPO_TAIL_CHARS = 300
+DAPO_BOX_CHARS = 100
+
+
+def check_dapo_strict(completion: str, gold: str) -> tuple[str | None, bool]:
+    """DAPO's official strict box verifier: (the content of the last closed `\\boxed{}` in the completion's final
+    100 characters or None, whether it equals `gold` character for character). `\\boxed{ 12 }`, `\\boxed{12.0}`
+    and `\\boxed{x = 12}` are all wrong for gold "12"; a box that starts before the last 100 characters is not seen.
+    One deviation: without a box the official code compares the placeholder "[INVALID]" with the gold; here no box
+    is always wrong."""
+    boxed = last_boxed(completion[-DAPO_TAIL_CHARS:][-DAPO_BOX_CHARS:])
+    if boxed is None:
+        return None, False
+    extracted = boxed[len("\\boxed{") : -1]
+    return extracted, extracted == gold
 
 
 def is_math_correct(completion: str, gold: str) -> bool:
@@ -204,7 +270,8 @@ def math_verify_reward(prompts: list, completions: list, answer: Any = None, **k
 @register("boxed_strict", columns=("answer",))
 def boxed_strict_reward(prompts: list, completions: list, answer: Any = None, **kwargs: Any) -> list[float]:
     """1.0 when the completion's last `\\boxed{}` in its final 300 characters holds the gold answer (math-verify
-    equivalence); no box there is 0.0: the strict final-box verifier of NFT's and DAPO's math runs."""
+    equivalence, so lenient: `\\boxed{0.5}` is right for \\frac12); no box there is 0.0. Not the official NFT/DAPO
+    verifier, which compares raw strings in the last 100 characters: that is `dapo_strict`."""
     golds = _answers(answer, len(completions), "boxed_strict")
     scores = []
     for completion, gold in zip(completions, golds):
@@ -214,3 +281,13 @@ def boxed_strict_reward(prompts: list, completions: list, answer: Any = None, **
             raise RewardError(f"reward 'boxed_strict': {err}") from err
         scores.append(1.0 if correct else 0.0)
     return scores
+
+
+@register("dapo_strict", columns=("answer",))
+def dapo_strict_reward(prompts: list, completions: list, answer: Any = None, **kwargs: Any) -> list[float]:
+    """+1.0 when the last closed `\\boxed{}` in the completion's final 100 characters holds exactly the gold string,
+    else -1.0 (`check_dapo_strict`): the official DAPO strict verifier and its scores, as NVlabs/NFT trains with it.
+    NFT's `correct_threshold: 0.5` reads +1 as correct and -1 as wrong. Under GRPO, std-scaled advantages equal
+    those of 1/0 scores; unscaled ones (Dr. GRPO) are twice as large."""
+    golds = _answers(answer, len(completions), "dapo_strict")
+    return [1.0 if check_dapo_strict(text_of(c), str(g))[1] else -1.0 for c, g in zip(completions, golds)]

@@ -63,11 +63,23 @@ def test_math_verify_grades_gsm8k_answers_right_and_one_digit_changes_wrong(sour
 def test_math_verify_grades_math500_answers_right_and_one_digit_changes_wrong(source):
     golds = [r["answer"] for r in _rows("math500", source)]
     right = [f"... so the answer is $\\boxed{{{g}}}$." for g in golds]
-    # The leading digit: changing the last one also hits base subscripts (52_8) and unit exponents (cm^2), which
-    # math-verify ignores; docs/graders.md lists those 9 MATH-500 exceptions.
+    # The leading digit always changes the value; the last one can hit a unit exponent (cm^2), which math-verify
+    # ignores (the next test measures that edit).
     wrong = [f"... so the answer is $\\boxed{{{_bump_digit(g, 0)}}}$." for g in golds]
     _check_rate(f"math500[{source}] right", golds, right, want_correct=True, min_rate=0.995)
     _check_rate(f"math500[{source}] first digit +1", golds, wrong, want_correct=False, min_rate=0.99)
+
+
+@pytest.mark.parametrize("source", ["fixture", "full"])
+def test_math_verify_grades_a_last_digit_change_wrong_base_subscripts_included(source):
+    """The last digit also hits base subscripts (52_8 -> 52_9), which math-verify ignores; the base rule catches
+    them. On MATH-500: 9 of 500 changed answers were graded correct before the rule, 3 after (two unit exponents,
+    `15\\mbox{ cm}^2` -> `^3`, and `.0000672` -> `.0000673` under math-verify's 6-decimal rounding)."""
+    golds = [r["answer"] for r in _rows("math500", source)]
+    wrong = [f"... so the answer is $\\boxed{{{_bump_digit(g, -1)}}}$." for g in golds]
+    _check_rate(f"math500[{source}] last digit +1", golds, wrong, want_correct=False, min_rate=0.99)
+    verdicts = grade_batch("math_verify", wrong, golds)
+    assert not [g for g, v in zip(golds, verdicts) if v.correct and "_" in g]  # no base answer slips through
 
 
 @pytest.mark.parametrize("source", ["fixture", "full"])
@@ -162,7 +174,14 @@ def test_math_verify_without_an_answer_extracts_nothing():
 
 
 def test_graders_registry_names():
-    assert sorted(GRADERS) == ["boxed_strict", "gsm8k_flexible", "gsm8k_strict", "math_verify", "numeric_match"]
+    assert sorted(GRADERS) == [
+        "boxed_strict",
+        "dapo_strict",
+        "gsm8k_flexible",
+        "gsm8k_strict",
+        "math_verify",
+        "numeric_match",
+    ]
 
 
 def test_unknown_grader_suggests_the_closest_name():
@@ -170,7 +189,8 @@ def test_unknown_grader_suggests_the_closest_name():
         get_grader("gsm8k_strct")
     with pytest.raises(
         RecipeError,
-        match="unknown grader 'bleu'; valid: boxed_strict, gsm8k_flexible, gsm8k_strict, math_verify, numeric_match",
+        match="unknown grader 'bleu'; valid: boxed_strict, dapo_strict, gsm8k_flexible, gsm8k_strict, math_verify, "
+        "numeric_match",
     ):
         grade_batch("bleu", ["x"], ["y"])
 
@@ -315,9 +335,93 @@ def test_every_gsm8k_reference_solution_grades_right_by_its_marked_answer():
      ("First \\boxed{7}, but finally \\boxed{5}", "7", False),
      ("\\boxed{\\frac{1}{2}}", "0.5", True)],
 )  # fmt: skip
-def test_boxed_strict_credits_only_a_final_box(completion, gold, right):
+def test_boxed_strict_credits_only_a_final_box_and_is_lenient(completion, gold, right):
     from reward_models.math import boxed_strict_reward
 
     assert get_grader("boxed_strict")(completion, gold).correct is right
     assert boxed_strict_reward([""], [completion], answer=[gold]) == [1.0 if right else 0.0]
     assert get_grader("math_verify")(completion, gold).correct or not right  # strict never accepts what it rejects
+
+
+# ------------------------------------------------------------------ what math-verify alone gets wrong (issue 27, 7)
+# Each case is graded by both math-verify graders and the math_verify reward; boxed_strict sees only the box.
+
+
+def _both(completion: str, gold: str) -> bool:
+    from reward_models.math import boxed_strict_reward, math_verify_reward
+
+    verdict = get_grader("math_verify")(completion, gold).correct
+    assert math_verify_reward([""], [completion], answer=[gold]) == [1.0 if verdict else 0.0]
+    if "\\boxed{" in completion:
+        assert get_grader("boxed_strict")(completion, gold).correct is verdict
+        assert boxed_strict_reward([""], [completion], answer=[gold]) == [1.0 if verdict else 0.0]
+    return verdict
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "right"),
+    [("so $\\boxed{52_8}$", "52_8", True),
+     ("so $\\boxed{52_{8}}$", "52_8", True),
+     ("so $\\boxed{52_8}$", "52_{8}", True),
+     ("so $\\boxed{1011_2}$", "1011_2", True),
+     ("so $\\boxed{4210_5}$", "4210_{5}", True),
+     ("so $\\boxed{52_9}$", "52_8", False),  # math-verify alone reads 52 and accepts it
+     ("so $\\boxed{52_{9}}$", "52_{8}", False),
+     ("so $\\boxed{52}$", "52_8", False),  # no subscript: read in base 10, which is not 52_8
+     ("so $\\boxed{1011_{10}}$", "1011_2", False),
+     ("so $\\boxed{53_8}$", "52_8", False),  # the digits still count
+     ("so $\\boxed{52}$", "52_{10}", True),  # base 10 needs no subscript
+     ("so $\\boxed{52_0}$", "52_{10}", False),
+     ("In base 8, 42 is 5 * 8 + 2.\n#### 52_8", "52_8", True),
+     ("In base 8, 42 is 5 * 8 + 2.\n#### 52", "52_8", False)],
+)  # fmt: skip
+def test_a_base_subscript_in_the_gold_must_be_matched(completion, gold, right):
+    assert _both(completion, gold) is right
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "right"),
+    [("She has 72 left.\n#### 72\n\nQuestion: Tom has 5 apples. How many?\nAnswer: 5 apples.\n#### 5", "72", True),
+     ("She has 72 left.\n#### 72\n\nQuestion: Tom has 5 apples. How many?\nAnswer: 5 apples.\n#### 5", "5", False),
+     ("#### 5\n#### 72", "72", False)],
+)  # fmt: skip
+def test_the_first_hash_marker_wins(completion, gold, right):
+    # as lm-eval's strict-match (group_select 0); a rollout without a stop string runs on into a made-up question
+    assert _both(completion, gold) is right
+    assert get_grader("gsm8k_strict")(completion, gold).correct is right  # the lm-eval reproduction agrees
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "right"),
+    [("#### 2 1/2", "5/2", True),
+     ("#### 2 1/2", "2.5", True),
+     ("#### 2 1/2", "\\frac{5}{2}", True),
+     ("#### 2 1/2", "2", False),
+     ("#### 2 1/2", "1/2", False),
+     ("#### 2 1/2", "1", False),  # math-verify alone reads "2 1/2" as the product 2 * 1/2
+     ("#### -3 1/4.", "-13/4", True),
+     ("The final answer is $2 1/2$.", "5/2", True),
+     ("so $\\boxed{2 1/2}$", "5/2", True),
+     ("so $\\boxed{1\\frac{4}{5}}$", "1\\frac{4}{5}", True),  # LaTeX mixed numbers were right already (MATH-500)
+     ("so $\\boxed{9/5}$", "1\\frac{4}{5}", True),
+     ("so $\\boxed{137 \\frac{1}{2}}$", "137 \\frac{1}{2}", True)],
+)  # fmt: skip
+def test_a_plain_mixed_number_reads_as_its_value(completion, gold, right):
+    assert _both(completion, gold) is right
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "right"),
+    [("so $\\boxed{25\\%}$", "25", True),
+     ("so $\\boxed{25\\%}$", "25\\%", True),
+     ("so $\\boxed{25\\%}$", "0.25", False),  # math-verify alone accepts both 25 and 0.25
+     ("#### 25%", "25", True),
+     ("#### 25%", "0.25", False),
+     ("The rate rose by 25%.", "25", True),
+     ("The rate rose by 25%.", "0.25", False),
+     ("so $\\boxed{25}$", "25\\%", True),  # the other direction: a percent gold compares its number as written
+     ("so $\\boxed{0.25}$", "25\\%", False),
+     ("so $\\boxed{0.25}$", "25", False)],
+)  # fmt: skip
+def test_a_percentage_compares_as_the_number_written(completion, gold, right):
+    assert _both(completion, gold) is right

@@ -330,7 +330,7 @@ def test_dry_run_of_the_7b_recipe_shows_16_optimizer_steps_per_generation(capsys
     assert rc == 3  # valid; this machine lacks the data file, vLLM and a GPU
     assert "generation batch holds 8192 completions = 512 prompts x 16 samples (8 process(es)" in out
     assert "optimizer steps per generation: 16 (512 completions each" in out
-    assert "aggregation=constant (sum / 1000 per process)" in out and "rewards: boxed_strict" in out
+    assert "aggregation=constant (sum / 1000 per process)" in out and "rewards: dapo_strict" in out
 
 
 def test_a_generation_batch_that_does_not_split_into_optimizer_steps_is_refused_with_its_numbers(

@@ -121,8 +121,26 @@ def test_format_reward():
 
 
 def test_builtins_are_registered_on_import():
-    assert {"numeric_match", "math_verify", "format"} <= set(reward_names())
+    assert {"numeric_match", "math_verify", "boxed_strict", "dapo_strict", "format"} <= set(reward_names())
     assert resolve_reward("numeric_match") is numeric_match_reward
+
+
+def test_dapo_strict_reward_scores_plus_minus_one_and_reads_the_answer_column():
+    from reward_models import reward_columns
+    from reward_models.math import dapo_strict_reward
+
+    assert reward_columns("dapo_strict", {}) == ("answer",)
+    completions = ["so $\\boxed{12}$", "so $\\boxed{12.0}$", "so 12", "\\boxed{12}" + "." * 91]
+    assert dapo_strict_reward(["q"] * 4, completions, answer=["12"] * 4) == [1.0, -1.0, -1.0, -1.0]
+    (func,), _ = build_rewards([{"name": "dapo_strict"}])
+    assert func(prompts=["q", "q"], completions=["\\boxed{7}", "\\boxed{8}"], answer=["7", "7"]) == [1.0, -1.0]
+
+
+def test_math_verify_reward_base_subscripts_mixed_numbers_percentages_and_the_first_hashes():
+    completions = [r"$\boxed{52_9}$", r"$\boxed{52_8}$", "#### 2 1/2", "#### 2 1/2", r"$\boxed{25\%}$",
+                   r"$\boxed{25\%}$", "#### 18\nQuestion: next one?\n#### 4"]  # fmt: skip
+    golds = ["52_8", "52_8", "5/2", "1", "25", "0.25", "18"]
+    assert math_verify_reward(["q"] * 7, completions, answer=golds) == [0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
 
 
 def test_unknown_name_suggests_nearest():

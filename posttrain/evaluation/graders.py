@@ -1,7 +1,10 @@
 """Benchmark graders: (completion, gold answer) -> Verdict(extracted answer, correct), registered by name.
 
 - `math_verify`: symbolic equivalence by math-verify (LaTeX, \\boxed{}, fractions, intervals); for MATH-style sets.
-- `boxed_strict`: only a final `\\boxed{}` (in the last 300 characters) counts, compared by math-verify; NFT/DAPO.
+- `boxed_strict`: lenient final-box check: only a `\\boxed{}` in the last 300 characters counts, compared by
+  math-verify (0.5 is right for \\frac12). Not the official NFT/DAPO verifier.
+- `dapo_strict`: DAPO's official strict verifier (NFT's reward): the last closed `\\boxed{}` in the final 100
+  characters, its content equal to the gold string character for character.
 - `numeric_match`: the completion's last number equals the gold's exactly; cheap, for numeric answers.
 - `gsm8k_strict` / `gsm8k_flexible`: lm-evaluation-harness's GSM8K `strict-match` and `flexible-extract` filters
   followed by its `exact_match` metric, reproduced so scores compare with published lm-eval GSM8K numbers.
@@ -18,6 +21,7 @@ from reward_models.math import (
     GoldAnswerError,
     as_decimal,
     check_boxed_strict,
+    check_dapo_strict,
     check_math_answer,
     extract_last_number,
 )
@@ -41,13 +45,21 @@ def math_verify_grader(completion: str, gold: str) -> Verdict:
 
 
 def boxed_strict_grader(completion: str, gold: str) -> Verdict:
-    """Correct only when the completion's last `\\boxed{}` in its final 300 characters is equivalent to the gold
-    (`reward_models.math.check_boxed_strict`, the `boxed_strict` reward's decision)."""
+    """Correct only when the completion's last `\\boxed{}` in its final 300 characters is equivalent to the gold by
+    math-verify (`reward_models.math.check_boxed_strict`, the `boxed_strict` reward's decision). Lenient: not the
+    official DAPO/NFT rule (`dapo_strict_grader`)."""
     try:
         extracted, correct = check_boxed_strict(completion, gold)
     except GoldAnswerError as err:
         raise DataError(f"grader 'boxed_strict': cannot parse the gold answer {gold!r}") from err
     return Verdict(extracted, correct)
+
+
+def dapo_strict_grader(completion: str, gold: str) -> Verdict:
+    """DAPO's official strict verifier (`reward_models.math.check_dapo_strict`, the `dapo_strict` reward's decision):
+    correct only when the last closed `\\boxed{}` in the completion's final 100 characters holds exactly the gold
+    string (`\\boxed{12.0}` and `\\boxed{ 12 }` are wrong for gold "12")."""
+    return Verdict(*check_dapo_strict(completion, gold))
 
 
 def numeric_match_grader(completion: str, gold: str) -> Verdict:
@@ -111,6 +123,7 @@ def gsm8k_flexible_grader(completion: str, gold: str) -> Verdict:
 GRADERS: dict[str, Callable[[str, str], Verdict]] = {
     "math_verify": math_verify_grader,
     "boxed_strict": boxed_strict_grader,
+    "dapo_strict": dapo_strict_grader,
     "numeric_match": numeric_match_grader,
     "gsm8k_strict": gsm8k_strict_grader,
     "gsm8k_flexible": gsm8k_flexible_grader,
