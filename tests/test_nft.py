@@ -330,7 +330,8 @@ def test_dry_run_of_the_7b_recipe_shows_16_optimizer_steps_per_generation(capsys
     assert rc == 3  # valid; this machine lacks the data file, vLLM and a GPU
     assert "generation batch holds 8192 completions = 512 prompts x 16 samples (8 process(es)" in out
     assert "optimizer steps per generation: 16 (512 completions each" in out
-    assert "aggregation=constant (sum / 1000 per process)" in out and "rewards: dapo_strict" in out
+    assert "aggregation=constant (sum / 4000 per process = 1000 x 32 / 8 process(es)" in out
+    assert "rewards: dapo_strict" in out
 
 
 def test_a_generation_batch_that_does_not_split_into_optimizer_steps_is_refused_with_its_numbers(
@@ -365,3 +366,14 @@ def test_a_kl_term_is_refused_by_the_dry_run_before_any_model(tmp_path, tiny_mod
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path), "--dry-run"]) == 2
     assert f"trainer '{trainer}' has no KL term: set algorithm.beta to 0 (got 0.04)" in capsys.readouterr().err
+
+
+def test_the_constant_normaliser_keeps_the_official_per_token_weight_on_any_process_count():
+    from posttrain.trainers.nft_loss import constant_normaliser
+
+    official = NFTOptions(aggregation="constant", loss_const=1000.0, loss_const_processes=32)
+    for processes in (1, 2, 8, 32, 64):
+        # gradients are averaged over processes: a token weighs 1 / (C x processes)
+        assert constant_normaliser(official, processes) * processes == pytest.approx(1000.0 * 32)
+    assert constant_normaliser(NFTOptions(aggregation="constant", loss_const=1000.0), 8) == 1000.0  # as given
+    assert constant_normaliser(NFTOptions(aggregation="constant"), 8) == 1000.0  # the official default constant

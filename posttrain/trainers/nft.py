@@ -64,6 +64,12 @@ class NFTOptions(DynamicSamplingOptions):
         metadata={"help": "C: sum_const divides by B x C (None = max completion length, Dr. GRPO's); constant by C "
                           "alone (None = 1000, the official code's)"},
     )  # fmt: skip
+    loss_const_processes: int | None = field(
+        default=None,
+        metadata={"help": "constant aggregation: the process count loss_const was set for (the official 7B run: 32 "
+                          "GPUs); C is scaled by it / this launch's processes so each token weighs what it did there "
+                          "(gradients are averaged over processes). None: C as given, per process", "ge": 1},
+    )  # fmt: skip
     negatives: bool = field(default=True, metadata={"help": "the implicit-negative term; False with weight one = RFT"})
     neg_weight: float = field(
         default=1.0,
@@ -120,6 +126,15 @@ def problems(recipe: Recipe) -> list[str]:
 rehearse = grpo_rehearse  # and the same rehearsal shape
 
 
+def _constant_line(o: NFTOptions, processes: int) -> str:
+    c = o.loss_const or 1000
+    if not o.loss_const_processes:
+        return f" (sum / {c:g} per process)"
+    scaled = c * o.loss_const_processes / processes
+    return (f" (sum / {scaled:g} per process = {c:g} x {o.loss_const_processes} / {processes} process(es): each token "
+            f"weighs 1 / {c * o.loss_const_processes:g}, as on {o.loss_const_processes} processes)")  # fmt: skip
+
+
 def trainer_class():
     """The NFTTrainer class with dynamic sampling on top (its module imports TRL, which costs seconds: only when
     training)."""
@@ -148,7 +163,7 @@ def plan(recipe: Recipe) -> list[str]:
             dynamic_line(recipe, which="groups whose answers are all right or all wrong"),
             f"loss: omega={o.weight}, positives={o.positives}, negatives={o.negatives} x neg_weight {o.neg_weight:g}, "
             f"eps={o.neg_clip_eps:g}, r_hat clamp={o.rhat_clamp:g}, aggregation={o.aggregation}"
-            f"{f' (sum / {o.loss_const or 1000:g} per process)' if o.aggregation == 'constant' else ''}, "
+            f"{_constant_line(o, g['processes']) if o.aggregation == 'constant' else ''}, "
             f"reward >= {o.correct_threshold:g} is "
             f"correct, {'all-correct/all-wrong groups masked' if o.mask_uninformative else 'no group masking'}",
             rewards_line(recipe),

@@ -103,3 +103,14 @@ def nft_loss(
         stats["neg_loss"] = neg_loss.detach()
         stats["neg_clip_frac"] = ((v < options.neg_clip_eps) * neg_mask).sum().detach() / neg_mask.sum().clamp(min=1.0)
     return pos_loss + neg_loss, stats
+
+
+def constant_normaliser(options: object, processes: int) -> float:
+    """C of the `constant` aggregation on a launch of `processes`: `loss_const` (default 1000, the official code's)
+    scaled by `loss_const_processes / processes`. Gradients are averaged over processes, so a token of an optimizer
+    step weighs 1 / (C x processes) = 1 / (loss_const x loss_const_processes): what it weighed in a run on
+    `loss_const_processes` processes (the official 7B run: 32 GPUs), whatever this launch's count. Without
+    `loss_const_processes`, C = loss_const and the per-token weight changes with the process count."""
+    const = getattr(options, "loss_const", None) or 1000.0
+    reference = getattr(options, "loss_const_processes", None)
+    return float(const) if not reference else float(const) * reference / max(processes, 1)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from posttrain.trainers.nft_loss import group_correctness, nft_loss
+from posttrain.trainers.nft_loss import constant_normaliser, group_correctness, nft_loss
 
 # Batch keys the wrapper adds (per completion, so TRL's split/shuffle of the generation batch carries them along).
 CORRECT, RHAT, INFORMATIVE = "nft_correct", "nft_rhat", "nft_informative"
@@ -68,6 +68,10 @@ class NFTTrainer(GRPOTrainer):
         options = self.nft_options
         if options.aggregation == "sum_const" and options.loss_const is None:
             options = dataclasses.replace(options, loss_const=float(self.max_completion_length))
+        if options.aggregation == "constant" and getattr(options, "loss_const_processes", None):
+            options = dataclasses.replace(
+                options, loss_const=constant_normaliser(options, self.accelerator.num_processes)
+            )
         loss, stats = nft_loss(per_token_logps, old, mask, inputs[CORRECT], inputs[RHAT], inputs[INFORMATIVE], options)
         mode = "train" if self.model.training else "eval"
         # Trainer's own loss scaling is off for GRPOTrainer: each micro-batch loss is divided here, as TRL does;
