@@ -425,3 +425,9 @@ def test_a_plain_mixed_number_reads_as_its_value(completion, gold, right):
 )  # fmt: skip
 def test_a_percentage_compares_as_the_number_written(completion, gold, right):
     assert _both(completion, gold) is right
+
+
+def test_every_registered_grader_is_accepted_by_suites_and_recipes():
+    from posttrain.evaluation.suite import GRADER_NAMES
+
+    assert set(GRADER_NAMES) == set(GRADERS)  # one list: a new grader needs no second edit

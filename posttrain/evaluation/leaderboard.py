@@ -59,6 +59,7 @@ class Board:
     rows: list[Row]  # best mean accuracy first
     best: dict[str, float]  # benchmark -> best value in that column
     kinds: dict[str, str] = field(default_factory=dict)  # benchmark -> "accuracy" or "score"
+    metrics: dict[str, str] = field(default_factory=dict)  # benchmark -> its headline metric: accuracy, avg@K, score
 
     def kind(self, benchmark: str) -> str:
         return self.kinds.get(benchmark, "accuracy")
@@ -67,9 +68,13 @@ class Board:
     def n_accuracy(self) -> int:
         return sum(self.kind(b) == "accuracy" for b in self.benchmarks)
 
+    def metric(self, benchmark: str) -> str:
+        return self.metrics.get(benchmark, "score" if self.kind(benchmark) == "score" else "accuracy")
+
     def header(self, benchmark: str) -> str:
-        """A column's heading: score columns say so (their numbers are not accuracies)."""
-        return f"{benchmark} (score)" if self.kind(benchmark) == "score" else benchmark
+        """A column's heading: score columns say so (their numbers are not accuracies), and so do avg@K columns."""
+        metric = self.metric(benchmark)
+        return benchmark if metric == "accuracy" else f"{benchmark} ({metric})"
 
 
 @dataclass
@@ -128,8 +133,10 @@ def build_board(records: list[ResultRecord]) -> Board:
     rows.sort(key=lambda r: (r.n_accuracy == 0, -r.mean, r.label))
     benchmarks = sorted({b for r in rows for b in r.cells})
     best = {b: max(_accuracy(r.cells[b]) for r in rows if b in r.cells) for b in benchmarks}
-    kinds = {b: kind_of(next(r.cells[b] for r in rows if b in r.cells)) for b in benchmarks}
-    return Board(benchmarks=benchmarks, rows=rows, best=best, kinds=kinds)
+    firsts = {b: next(r.cells[b] for r in rows if b in r.cells) for b in benchmarks}
+    kinds = {b: kind_of(rec) for b, rec in firsts.items()}
+    metrics = {b: _headline_key(rec) for b, rec in firsts.items()}
+    return Board(benchmarks=benchmarks, rows=rows, best=best, kinds=kinds, metrics=metrics)
 
 
 def kind_of(rec: ResultRecord) -> str:
@@ -138,8 +145,15 @@ def kind_of(rec: ResultRecord) -> str:
     return "score" if "score" in rec.metrics or "score_mean" in rec.metrics else "accuracy"
 
 
+_AVG_AT_K = re.compile(r"avg@\d+")
+
+
 def _headline_key(rec: ResultRecord) -> str:
-    return "score" if "score" in rec.metrics else "accuracy"
+    """What a cell shows: `score` (diffusion), else `avg@K` when the benchmark reports it (K samples per prompt, the
+    same value as its accuracy, named as papers report it; its stderr is `avg@K_stderr`), else `accuracy`."""
+    if "score" in rec.metrics:
+        return "score"
+    return next((key for key in sorted(rec.metrics) if _AVG_AT_K.fullmatch(key)), "accuracy")
 
 
 def _has_accuracy(rec: ResultRecord) -> bool:
@@ -226,7 +240,7 @@ def plot_accuracy_panels(board: Board, out: Path) -> None:
             ax.bar_label(bars, labels=texts, fontsize=8, padding=3 + 40 * max(errors))
             ax.set_xlim(0, 1.18)  # room for the value labels past 1.0
             ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
-            ax.set_xlabel("accuracy", fontsize=9)
+            ax.set_xlabel(board.metric(bench), fontsize=9)
         ax.set_title(board.header(bench), fontsize=11)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=9)
@@ -312,8 +326,9 @@ def render_markdown(board: Board, curves: list[RunCurves], header: _Header, accu
         lines += ["No results yet: run `posttrain eval --model ... --suite ...` to add some.", ""]
     else:
         lines += [
-            "Accuracy ± standard error (columns marked (score): a mean score on the scorer's own scale ± its "
-            "standard error); **bold** is the best per benchmark; – means not evaluated. Rows are sorted by mean "
+            "Accuracy ± standard error (columns marked (avg@K): the mean over prompts of the share of K samples "
+            "correct ± its standard error over prompts; columns marked (score): a mean score on the scorer's own "
+            "scale ± its standard error); **bold** is the best per benchmark; – means not evaluated. Rows are sorted by mean "
             "accuracy over the accuracy benchmarks each model has (how many, when not all, in brackets); scores are "
             "never averaged with accuracies.",
             "",
@@ -408,6 +423,8 @@ def render_html(board: Board, curves: list[RunCurves], header: _Header, accuracy
 def _cell_title(rec: ResultRecord) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(rec.created))
     bits = [f"n={rec.n}"]
+    bits += [f"{key} {value:.3f}" for key, value in rec.metrics.items()
+             if key.startswith("pass@") and isinstance(value, (int, float))]  # fmt: skip
     if rec.suite:
         bits.append(f"suite {rec.suite}" + (f" v{rec.suite_version}" if rec.suite_version else ""))
     bits += [f"settings {rec.settings_hash}", f"evaluated {when}"]

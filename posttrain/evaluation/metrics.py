@@ -1,4 +1,4 @@
-"""Benchmark metrics from per-sample correctness: accuracy with its standard error, pass@k, majority vote."""
+"""Benchmark metrics from per-sample correctness: accuracy with its standard error, avg@k, pass@k, majority vote."""
 
 from __future__ import annotations
 
@@ -37,6 +37,26 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0  # every k-subset contains a correct sample
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def avg_at_k(per_prompt_correct: list[list[bool]], k: int) -> dict[str, float]:
+    """avg@k with its standard error: `k` samples per prompt, the mean over prompts of (correct samples / k), and the
+    standard error over prompts of that per-prompt share (`mean_stderr`: sample std / sqrt(prompts)).
+
+    The metric the NFT and DAPO papers report for AIME and AMC (avg@32): the official validation averages each
+    prompt's 32 verdicts, then the prompts (NVlabs/NFT ray_nft_trainer.py `_validate`, `mean@{n}` per prompt). It
+    is `accuracy` when n = k; a prompt with another number of samples is an error rather than a silently
+    different estimate.
+    """
+    if k < 1:
+        raise ValueError(f"avg_at_k: k must be >= 1, got {k}")
+    if not per_prompt_correct:
+        raise ValueError("avg_at_k: no prompts")
+    sizes = sorted({len(c) for c in per_prompt_correct})
+    if sizes != [k]:
+        raise ValueError(f"avg_at_k: avg@{k} needs exactly {k} samples per prompt, got {sizes}")
+    mean, stderr = mean_stderr([sum(c) / k for c in per_prompt_correct])
+    return {f"avg@{k}": mean, f"avg@{k}_stderr": stderr}
 
 
 def majority_answer(answers: list[str | None]) -> str | None:

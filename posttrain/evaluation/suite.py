@@ -24,10 +24,11 @@ from typing import Any
 import yaml
 
 from posttrain.errors import RecipeError, unknown_key
+from posttrain.evaluation.graders import GRADERS
 from posttrain.evaluation.kinds import benchmark_kind, kind_names
 from posttrain.recipe import deep_merge
 
-GRADER_NAMES = ("math_verify", "numeric_match", "gsm8k_strict", "gsm8k_flexible")
+GRADER_NAMES = tuple(GRADERS)  # the graders registry is the one list (it was copied here and had lost boxed_strict)
 BENCHMARK_KEYS = ("name", "use", "kind", "data", "prompt", "generation", "grader", "metrics", "slice_column", "limit",
                   "reward_model", "scorer", "baseline")  # fmt: skip
 PROMPT_KEYS = ("template", "chat_template", "system_prompt", "few_shot", "few_shot_data", "shot_template")
@@ -37,6 +38,13 @@ _GSM8K_STOP = ["Question:", "</s>", "<|im_end|>", "\n\n\n"]
 # The SePPO paper's sampling: the pipeline's default scheduler, 50 steps, CFG 7.5, one image per prompt, seed 0, fp16.
 PAPER_SAMPLING = {"scheduler": "pipeline", "steps": 50, "guidance_scale": 7.5, "seed": 0, "n": 1, "batch_size": 16,
                   "dtype": "fp16"}  # fmt: skip
+# The NFT paper's math evaluation (Chen et al. 2025; NVlabs/NFT @ ed8e5b0972af113a6ac38c6c6065349e0f32c070):
+# train_7B.sh validates with val_kwargs temperature 0.6, top_p 0.7, top_k -1 (off), do_sample, responses up to
+# max_response_length = 4096 - 512 = 3584 tokens. Prompts: Qwen2.5-Math's chain-of-thought system prompt (the
+# official parquets' own prompts could not be read here). Graders per verifier.py `_default_compute_score`.
+NFT_SAMPLING = {"max_new_tokens": 3584, "temperature": 0.6, "top_p": 0.7}
+_BOXED_COT = {"chat_template": True,
+              "system_prompt": "Please reason step by step, and put your final answer within \\boxed{}."}  # fmt: skip
 
 BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
     "gsm8k": {
@@ -110,6 +118,50 @@ BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
         "data": {"hpsv2_benchmark": "all"},
         "generation": PAPER_SAMPLING,
         "scorer": {"name": "hpsv2", "hps_version": "v2.0"},
+    },
+    # The NFT paper's competition sets: avg@32 (README: "We report avg@32 for AIME24, AIME25, and AMC23"; the
+    # official run repeats each problem 32 times and ray_nft_trainer.py `_validate` averages acc per prompt, then
+    # over prompts), graded by DAPO's strict box verifier as verifier.py does for 'aime_2025_dapo_boxed' and
+    # 'amc2023_dapo_boxed' (AIME24's data_source could not be read; the same verifier is assumed).
+    "aime24": {
+        "kind": "generate",
+        "data": {"path": "HuggingFaceH4/aime_2024", "split": "train", "columns": {"prompt": "problem"}},
+        "prompt": _BOXED_COT,
+        "generation": {**NFT_SAMPLING, "n": 32},
+        "grader": "dapo_strict",
+        "metrics": ["avg@32", "pass@32"],
+    },
+    "aime25": {
+        "kind": "generate",
+        "data": {"path": "math-ai/aime25", "split": "test", "columns": {"prompt": "problem"}},
+        "prompt": _BOXED_COT,
+        "generation": {**NFT_SAMPLING, "n": 32},
+        "grader": "dapo_strict",
+        "metrics": ["avg@32", "pass@32"],
+    },
+    "amc23": {
+        "kind": "generate",
+        "data": {"path": "math-ai/amc23", "split": "test", "columns": {"prompt": "question"}},
+        "prompt": _BOXED_COT,
+        "generation": {**NFT_SAMPLING, "n": 32},
+        "grader": "dapo_strict",
+        "metrics": ["avg@32", "pass@32"],
+    },
+    # One sample per problem (avg@1), math-verify as verifier.py does for 'minerva_math' and 'olympiadbench'.
+    "minerva_math": {
+        "kind": "generate",
+        "data": {"path": "math-ai/minervamath", "split": "test", "columns": {"prompt": "question"}},
+        "prompt": _BOXED_COT,
+        "generation": {**NFT_SAMPLING, "n": 1},
+        "grader": "math_verify",
+    },
+    "olympiadbench": {  # final_answer is a list of answers: the generate kind joins it into one gold string
+        "kind": "generate",
+        "data": {"path": "math-ai/olympiadbench", "split": "test",
+                 "columns": {"prompt": "question", "answer": "final_answer"}},
+        "prompt": _BOXED_COT,
+        "generation": {**NFT_SAMPLING, "n": 1},
+        "grader": "math_verify",
     },
 }  # fmt: skip
 
@@ -209,8 +261,9 @@ def resolve_benchmark(entry: Any, where: str, base_dir: Path | None = None) -> B
     if kind.needs_grader and grader not in GRADER_NAMES:
         raise RecipeError(f"{where}: {unknown_key(grader, GRADER_NAMES, noun='grader')}")
     for metric in definition.get("metrics", []):
-        if not (metric == "accuracy" or metric.startswith(("pass@", "maj@")) and metric.split("@")[1].isdigit()):
-            raise RecipeError(f"{where}: unknown metric '{metric}' (accuracy, pass@K, maj@K)")
+        counted = metric.startswith(("avg@", "pass@", "maj@")) and metric.split("@")[1].isdigit()
+        if not (metric == "accuracy" or counted):
+            raise RecipeError(f"{where}: unknown metric '{metric}' (accuracy, avg@K, pass@K, maj@K)")
     if base_dir is not None:
         for section in ("data",):
             _anchor_path(definition[section], base_dir)
