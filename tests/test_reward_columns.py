@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from posttrain.cli import main
+from posttrain.errors import PosttrainError
+from posttrain.registry import load_and_validate
 from reward_models import reward_columns, reward_info, reward_names
 
 
@@ -54,31 +56,38 @@ def test_the_answer_reading_rewards_declare_it():
 
 
 @pytest.mark.parametrize(("reward", "column"), CASES, ids=[f"{r}-{c}" for r, c in CASES])
-def test_dry_run_refuses_data_without_a_column_the_reward_reads(tmp_path, capsys, reward, column):
+def test_validation_refuses_data_without_a_column_the_reward_reads(tmp_path, reward, column):
+    # What `--dry-run` runs (registry.load_and_validate); the CLI's exit code is checked once, below.
     read = list(reward_columns(reward, _options(reward)))
     path = _recipe(tmp_path, reward, [c for c in read if c != column])
-    assert main(["train", str(path), "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert f"({reward}) reads the column '{column}'" in err and "data.train has no column" in err, err
-    assert "Traceback" not in err
+    with pytest.raises(PosttrainError) as err:
+        load_and_validate(path)
+    assert f"({reward}) reads the column '{column}'" in str(err.value) and "data.train has no column" in str(err.value)
 
 
 @pytest.mark.parametrize("reward", sorted({r for r, _ in CASES}))
-def test_dry_run_accepts_data_with_every_column_the_reward_reads(tmp_path, capsys, reward):
-    path = _recipe(tmp_path, reward, list(reward_columns(reward, _options(reward))))
-    assert main(["train", str(path), "--dry-run"]) == 0, capsys.readouterr().err
+def test_validation_accepts_data_with_every_column_the_reward_reads(tmp_path, reward):
+    load_and_validate(_recipe(tmp_path, reward, list(reward_columns(reward, _options(reward)))))
 
 
-def test_a_row_missing_a_read_value_is_named_with_its_line(tmp_path, capsys):
+def test_the_dry_run_exits_2_naming_reward_and_column(tmp_path, capsys):
+    path = _recipe(tmp_path, "boxed_strict", [])  # the drift issue 24 found: it passed --dry-run with exit 0
+    assert main(["train", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "rewards[0] (boxed_strict) reads the column 'answer': data.train has no column 'answer'" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_row_missing_a_read_value_is_named_with_its_line(tmp_path):
     path = _recipe(tmp_path, "boxed_strict", ["answer"])
     rows = (tmp_path / "train.jsonl").read_text().splitlines()
     rows[2] = json.dumps({"prompt": "2+2=", "answer": None})
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
-    assert main(["train", str(path), "--dry-run"]) == 2
-    assert "row 3 is missing field 'answer'" in capsys.readouterr().err
+    with pytest.raises(PosttrainError, match="row 3 is missing field 'answer'"):
+        load_and_validate(path)
 
 
-def test_user_code_reads_the_columns_its_signature_requires(tmp_path, monkeypatch, capsys):
+def test_user_code_reads_the_columns_its_signature_requires(tmp_path, monkeypatch):
     (tmp_path / "signature_columns_reward.py").write_text(
         "def by_solution(prompts, completions, solution, scale=1.0, **columns):\n"
         "    return [scale * (c == s) for c, s in zip(completions, solution)]\n"
@@ -89,5 +98,5 @@ def test_user_code_reads_the_columns_its_signature_requires(tmp_path, monkeypatc
     recipe = yaml.safe_load(path.read_text())
     recipe["rewards"] = [{"name": "signature_columns_reward:by_solution"}]
     path.write_text(yaml.safe_dump(recipe))
-    assert main(["train", str(path), "--dry-run"]) == 2
-    assert "(signature_columns_reward:by_solution) reads the column 'solution'" in capsys.readouterr().err
+    with pytest.raises(PosttrainError, match=r"\(signature_columns_reward:by_solution\) reads the column 'solution'"):
+        load_and_validate(path)
