@@ -46,6 +46,14 @@ NFT_SAMPLING = {"max_new_tokens": 3584, "temperature": 0.6, "top_p": 0.7}
 _BOXED_COT = {"chat_template": True,
               "system_prompt": "Please reason step by step, and put your final answer within \\boxed{}."}  # fmt: skip
 
+
+def _avg32_strict(path: str, split: str, column: str) -> dict:
+    """An NFT-paper competition set: 32 samples per problem at the paper's sampling, DAPO's strict verifier."""
+    return {"kind": "generate", "data": {"path": path, "split": split, "columns": {"prompt": column}},
+            "prompt": _BOXED_COT, "generation": {**NFT_SAMPLING, "n": 32}, "grader": "dapo_strict",
+            "metrics": ["avg@32", "pass@32"]}  # fmt: skip
+
+
 BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
     "gsm8k": {
         "kind": "generate",
@@ -123,30 +131,9 @@ BUILTIN_BENCHMARKS: dict[str, dict[str, Any]] = {
     # official run repeats each problem 32 times and ray_nft_trainer.py `_validate` averages acc per prompt, then
     # over prompts), graded by DAPO's strict box verifier as verifier.py does for 'aime_2025_dapo_boxed' and
     # 'amc2023_dapo_boxed' (AIME24's data_source could not be read; the same verifier is assumed).
-    "aime24": {
-        "kind": "generate",
-        "data": {"path": "HuggingFaceH4/aime_2024", "split": "train", "columns": {"prompt": "problem"}},
-        "prompt": _BOXED_COT,
-        "generation": {**NFT_SAMPLING, "n": 32},
-        "grader": "dapo_strict",
-        "metrics": ["avg@32", "pass@32"],
-    },
-    "aime25": {
-        "kind": "generate",
-        "data": {"path": "math-ai/aime25", "split": "test", "columns": {"prompt": "problem"}},
-        "prompt": _BOXED_COT,
-        "generation": {**NFT_SAMPLING, "n": 32},
-        "grader": "dapo_strict",
-        "metrics": ["avg@32", "pass@32"],
-    },
-    "amc23": {
-        "kind": "generate",
-        "data": {"path": "math-ai/amc23", "split": "test", "columns": {"prompt": "question"}},
-        "prompt": _BOXED_COT,
-        "generation": {**NFT_SAMPLING, "n": 32},
-        "grader": "dapo_strict",
-        "metrics": ["avg@32", "pass@32"],
-    },
+    "aime24": _avg32_strict("HuggingFaceH4/aime_2024", "train", "problem"),
+    "aime25": _avg32_strict("math-ai/aime25", "test", "problem"),
+    "amc23": _avg32_strict("math-ai/amc23", "test", "question"),
     # One sample per problem (avg@1), math-verify as verifier.py does for 'minerva_math' and 'olympiadbench'.
     "minerva_math": {
         "kind": "generate",
