@@ -12,6 +12,7 @@ import pytest
 from posttrain.evaluation.graders import Verdict, get_grader
 from reward_models.errors import RewardError
 from reward_models.math import check_dapo_strict, dapo_strict_reward
+from tests.test_graders import _bump_digit
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -141,14 +142,6 @@ def test_generated_completions_agree_with_the_official_verifier():
     assert 0.1 < sum(verdicts) / len(verdicts) < 0.9
 
 
-def _bump(answer: str, which: int) -> str:
-    digits = [i for i, ch in enumerate(answer) if ch.isdigit()]
-    if not digits:
-        return answer + "+1"
-    i = digits[which]
-    return answer[:i] + str((int(answer[i]) + 1) % 10) + answer[i + 1 :]
-
-
 def test_math500_boxed_answers_digit_changes_and_reference_solutions():
     path = SHARED / "math500_test.jsonl"
     if not path.exists():
@@ -157,7 +150,7 @@ def test_math500_boxed_answers_digit_changes_and_reference_solutions():
     golds = [r["answer"] for r in rows]
     assert all(_agrees(f"... so the answer is $\\boxed{{{g}}}$.", g) == (g, True) for g in golds)
     for which in (0, -1):  # the first or the last digit + 1 (mod 10), or "+1" appended: never equal
-        assert not any(_agrees(f"... so the answer is $\\boxed{{{_bump(g, which)}}}$.", g)[1] for g in golds)
+        assert not any(_agrees(f"... so the answer is $\\boxed{{{_bump_digit(g, which)}}}$.", g)[1] for g in golds)
     verdicts = [_agrees(r["solution"], r["answer"]) for r in rows]
     # 455 / 500: each of the other 45 solutions writes on for more than 100 characters after its box
     assert sum(correct for _, correct in verdicts) == 455
