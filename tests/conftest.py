@@ -24,15 +24,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def quickstart_sft_model(tmp_path_factory) -> Path:
-    """The quickstart's SFT stage (recipes/sft/arithmetic.yaml, seed 0: ~70% held-out, carry ~32%), trained once per
-    session for the slow tests that start a method from it (DPO, RLOO); its final/ dir."""
-    from posttrain.registry import load_and_validate
-    from posttrain.train import train_recipe
+def quickstart_run(tmp_path_factory):
+    """The quickstart on seed 0 (SFT, SFT -> GRPO, SFT -> more SFT), run once per session: (its dir, its summary).
+    The quickstart test reads its claims; the slow tests that start a method from the SFT model share its SFT stage."""
+    from posttrain.quickstart import run_quickstart
 
-    out = tmp_path_factory.mktemp("quickstart_sft")
-    train_recipe(load_and_validate(REPO / "recipes" / "sft" / "arithmetic.yaml", [f"output_dir={out}"]))
-    return out / "final"
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    return out, run_quickstart(out, seed=0)
+
+
+@pytest.fixture(scope="session")
+def quickstart_sft_model(quickstart_run) -> Path:
+    """The quickstart's SFT stage (recipes/sft/arithmetic.yaml, seed 0: ~70% held-out, carry ~32%), for the slow tests
+    that start a method from it (DPO, RLOO); its final/ dir, taken from the session's quickstart run, not retrained."""
+    return quickstart_run[0] / "sft" / "final"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -168,8 +168,14 @@ SUITE_HASHES = {
     "local_math.yaml": {"gsm8k": "25206662a447", "math500": "f3a627ee17cb"},
     "math.yaml": {"gsm8k": "fb875d593ccf", "gsm8k_lmeval_strict": "18ca11ff3ad8", "math500": "44f65c105fe1"},
     # Added with the NFT paper's evaluation (issue 27 item 3): hashes of its entries as first stored.
-    "nft_paper.yaml": {"aime24": "1d7eebb7e63d", "aime25": "63ccbf69fc72", "amc23": "c02e152f2a5a",
-                       "math500_nft": "b67e5b6d64e5", "minerva_math": "93f5742e64d8", "olympiadbench": "0e7cafc01bf3"},
+    "nft_paper.yaml": {
+        "aime24": "1d7eebb7e63d",
+        "aime25": "63ccbf69fc72",
+        "amc23": "c02e152f2a5a",
+        "math500_nft": "b67e5b6d64e5",
+        "minerva_math": "93f5742e64d8",
+        "olympiadbench": "0e7cafc01bf3",
+    },
     "polar.yaml": {"polar_markov_heldout": "ed84d3e53960"},
     "preference.yaml": {"hh_harmless": "f62c0a9d809b"},
     "seppo_paper.yaml": {

@@ -143,15 +143,30 @@ def final_weights(out, trainer: str) -> dict:
     return {k: v.float() for k, v in model.state_dict().items()}
 
 
+def launch_all(trainer: str, tmp_path, model_dir) -> dict:
+    """The trainer's recipe launched under DDP, ZeRO-2 and ZeRO-3: {config: (recipe path, run dir)}."""
+    recipe = recipe_for(trainer, tmp_path, model_dir)
+    runs = {}
+    for config in ("ddp", "zero2", "zero3"):
+        runs[config] = (write(tmp_path, f"{trainer}-{config}", recipe, tmp_path / config), tmp_path / config)
+        launch(config, runs[config][0])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def sft_launches(tmp_path_factory, tiny_model_dir):
+    """SFT's three launches, shared by the ZeRO-vs-DDP check and the one-process/in-memory-eval check."""
+    return launch_all("sft", tmp_path_factory.mktemp("sft_launches"), tiny_model_dir)
+
+
 @pytest.mark.parametrize("trainer", ["sft", "grpo", "nft", "rft", "dpo", "polar", "reward"])
-def test_zero2_and_zero3_match_ddp(trainer, tmp_path, tiny_model_dir, user_rewards):
+def test_zero2_and_zero3_match_ddp(trainer, request, tmp_path, tiny_model_dir, user_rewards):
     import torch
 
-    recipe = recipe_for(trainer, tmp_path, tiny_model_dir)
-    outs = {}
-    for config in ("ddp", "zero2", "zero3"):
-        outs[config] = tmp_path / config
-        launch(config, write(tmp_path, f"{trainer}-{config}", recipe, outs[config]))
+    runs = (
+        request.getfixturevalue("sft_launches") if trainer == "sft" else launch_all(trainer, tmp_path, tiny_model_dir)
+    )
+    outs = {config: out for config, (_, out) in runs.items()}
     kinds = {c: json.loads((o / "final" / "posttrain_final.json").read_text()) for c, o in outs.items()}
     assert {c: (k["processes"], k["distributed"]) for c, k in kinds.items()} == {
         "ddp": (2, "MULTI_CPU"), "zero2": (2, "DEEPSPEED ZeRO-2"), "zero3": (2, "DEEPSPEED ZeRO-3")}  # fmt: skip
@@ -166,7 +181,7 @@ def test_zero2_and_zero3_match_ddp(trainer, tmp_path, tiny_model_dir, user_rewar
             assert torch.allclose(weights[name], tensor, rtol=1e-4, atol=1e-5), (config, name)
 
 
-def test_sft_launches_equal_one_process_and_final_scores_as_in_memory(tmp_path, tiny_model_dir):
+def test_sft_launches_equal_one_process_and_final_scores_as_in_memory(tmp_path, tiny_model_dir, sft_launches):
     from transformers import AutoModelForCausalLM
 
     from posttrain.evaluation import evaluate, recipe_benchmarks
@@ -177,14 +192,13 @@ def test_sft_launches_equal_one_process_and_final_scores_as_in_memory(tmp_path, 
     recipe = recipe_for("sft", tmp_path, tiny_model_dir)
     one = {**recipe, "training": {**recipe["training"], "per_device_train_batch_size": 32}}  # the same global batch
     launch(None, write(tmp_path, "sft-one", one, tmp_path / "one"))
-    path = write(tmp_path, "sft-zero3", recipe, tmp_path / "zero3")
-    launch("zero3", path)
-    assert losses(tmp_path / "zero3") == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
-    final = tmp_path / "zero3" / "final"
+    path, zero3 = sft_launches["zero3"]
+    assert losses(zero3) == pytest.approx(losses(tmp_path / "one"), rel=RTOL)
+    final = zero3 / "final"
     (bench,) = recipe_benchmarks(load_and_validate(path))
     tokenizer = load_tokenizer(str(final))
     alone = evaluate(HFGenerator(AutoModelForCausalLM.from_pretrained(final), tokenizer, 64), bench, tokenizer)
-    in_memory = json.loads((tmp_path / "zero3" / "eval" / "arith.after.json").read_text())  # ZeRO-3, sharded
+    in_memory = json.loads((zero3 / "eval" / "arith.after.json").read_text())  # ZeRO-3, sharded
     assert [s["completion"] for s in in_memory["samples"]] == [s["completion"] for s in alone.samples]
     assert in_memory["accuracy"] == alone.accuracy
 

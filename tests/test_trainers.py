@@ -175,18 +175,16 @@ def test_two_process_accelerate_launch(tmp_path, tiny_model_dir, user_rewards):
 
 
 @pytest.mark.slow
-def test_quickstart_rl_fixes_what_imitation_got_wrong(tmp_path):
+def test_quickstart_rl_fixes_what_imitation_got_wrong(quickstart_run):
     """The quickstart's claim on seed 0: GRPO adds >= 20 points of held-out accuracy over its SFT start and beats
     continuing SFT for the same wall time by >= 15 points (FACTS/pilot: 73% -> 99% vs 77%)."""
-    from posttrain.quickstart import run_quickstart
-
-    summary = run_quickstart(tmp_path / "qs", seed=0)
+    out, summary = quickstart_run
     acc = {model: metrics["eval/arithmetic/accuracy"] for model, metrics in summary.accuracy.items()}
     assert acc["SFT → GRPO"] >= acc["SFT"] + 0.20, acc
     assert acc["SFT → GRPO"] >= acc["SFT → more SFT (same time)"] + 0.15, acc
     for name in ("report.md", "accuracy.png", "grpo_curves.png", "summary.json"):
-        assert (tmp_path / "qs" / name).exists()
-    assert (tmp_path / "qs" / "grpo" / "final" / "model.safetensors").exists()
+        assert (out / name).exists()
+    assert (out / "grpo" / "final" / "model.safetensors").exists()
 
 
 def test_lora_sft_trains_only_the_adapter(tmp_path):
