@@ -157,6 +157,7 @@ def check_data(recipe: Recipe, train_schema: str | None, eval_schema: str | None
         problems.extend(found)
         if rows is not None:
             _check_template(recipe, rows, "data.train", problems)
+            check_chat(recipe, rows, problems)
     held_out = recipe.eval.data or recipe.data.eval
     if eval_schema is None or held_out is None:
         return
@@ -173,6 +174,47 @@ def check_data(recipe: Recipe, train_schema: str | None, eval_schema: str | None
                 f"(columns: {', '.join(rows.column_names)})"
             )
         )
+
+
+def dry_run_tokenizer(recipe: Recipe) -> Any:
+    """The recipe's tokenizer when it can be had here without a download or a model (a tiny spec, a local dir),
+    `data.chat_template` applied; None for a hub id or a dir not there yet."""
+    from posttrain.data.chat import resolve_chat_template
+    from posttrain.models.loading import load_tokenizer
+
+    if recipe.model.tiny is not None:
+        from posttrain.models.tiny import TinySpec, build_tokenizer
+
+        try:
+            spec = TinySpec(**recipe.model.tiny)
+        except TypeError:
+            return None  # check_model names the bad spec
+        tokenizer = build_tokenizer(spec.task, spec.chat)
+    else:
+        source = recipe.resolve_path(recipe.model.path or "")
+        if not (Path(source) / "tokenizer_config.json").is_file():
+            return None
+        tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
+    resolve_chat_template(recipe.data.chat_template, tokenizer, recipe.where)
+    return tokenizer
+
+
+def check_chat(recipe: Recipe, rows: Any, problems: list) -> None:
+    """Conversations in data.train checked against the chat template they will be rendered with, before any model
+    loads (a role the template drops, a tokenizer without a template; posttrain.data.chat)."""
+    from posttrain.data.chat import check_chat_rows, is_conversation
+
+    conversational = "messages" in rows.column_names or (
+        "prompt" in rows.column_names and len(rows) and is_conversation(rows[0]["prompt"])
+    )
+    if not conversational and recipe.data.chat_template in (False, True):
+        return
+    try:
+        tokenizer = dry_run_tokenizer(recipe)
+        if tokenizer is not None and conversational:
+            check_chat_rows(rows, tokenizer, f"{recipe.where}: data.train")
+    except PosttrainError as err:
+        problems.append(err)
 
 
 def _load(recipe: Recipe, spec: Mapping[str, Any], section: str, schema: str | tuple[str, ...], problems: list):

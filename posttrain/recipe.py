@@ -57,7 +57,9 @@ class DataSection:
     eval: dict[str, Any] | None = None
     prompt_template: str | None = None  # Python format string over row columns, e.g. "Q: {prompt}\nA:"
     system_prompt: str | None = None
-    chat_template: bool = False  # apply the tokenizer's chat template to prompts
+    # true: render prompts through the tokenizer's chat template; a name of one of TRL's bundled templates (qwen2_5,
+    # llama3, ...) or a .jinja file: that template instead (the run's tokenizer and final/ carry it)
+    chat_template: bool | str = False
 
 
 @dataclass

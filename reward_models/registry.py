@@ -184,6 +184,21 @@ def _is_async(func: Callable) -> bool:
     return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
 
 
+def as_text(items: Sequence) -> Sequence:
+    """Rewards score text. TRL hands conversational prompts and completions over as message lists: a prompt becomes
+    its last user turn's text (the question), a completion its assistant text."""
+    if not items or not isinstance(items[0], list):
+        return items
+
+    def text(messages: list) -> str:
+        if any(m.get("role") == "assistant" for m in messages):
+            return "".join(m.get("content") or "" for m in messages if m.get("role") == "assistant")
+        users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
+        return users[-1] if users else (messages[-1].get("content") or "" if messages else "")
+
+    return [text(m) if isinstance(m, list) else m for m in items]
+
+
 class GuardedReward:
     """A reward returned by `guarded`. A class rather than a closure so it pickles when `func` does; TRL logs it
     under `__name__`."""
@@ -195,6 +210,7 @@ class GuardedReward:
         self.__wrapped__ = func
 
     def __call__(self, prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float | None]:
+        prompts, completions = as_text(prompts), as_text(completions)
         try:
             scores = self.func(prompts=prompts, completions=completions, **kwargs)
         except RewardError:

@@ -196,6 +196,51 @@ def test_bad_data_file_is_named_with_its_line_before_any_model(tmp_path, capsys,
             assert word in text, (word, text)
 
 
+def _turns(*pairs):
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+CHAT = {"task": "text", "chat": True}
+CHAT_CASES = [  # (id, trainer, model.tiny, data.chat_template, rows, words)
+    ("no-template", "sft", {"task": "text"}, False, [{"messages": _turns(("user", "hi"), ("assistant", "yo"))}],
+     ["the tokenizer has no chat template", "data.chat_template"]),
+    ("unknown-role", "sft", CHAT, False, [{"messages": _turns(("user", "hi"), ("assistant", "yo"))},
+                                          {"messages": _turns(("narrator", "once"), ("assistant", "yo"))}],
+     ["row 2", "narrator"]),
+    ("no-assistant", "sft", CHAT, False, [{"messages": _turns(("user", "hi"))}], ["row 1", "no assistant turn"]),
+    ("no-content", "sft", CHAT, False, [{"messages": [{"role": "user"}, {"role": "assistant", "content": "yo"}]}],
+     ["row 1", "message 1", "'content'"]),
+    ("named-template", "sft", CHAT, "qwen25", [{"messages": _turns(("user", "hi"), ("assistant", "yo"))}],
+     ["data.chat_template", "did you mean 'qwen2_5'"]),
+    ("no-shared-prefix", "dpo", CHAT, False,
+     [{"chosen": _turns(("user", "a"), ("assistant", "b")), "rejected": _turns(("user", "z"), ("assistant", "b"))}],
+     ["row 1", "share no prefix"]),
+    ("prompt-unknown-role", "dpo", CHAT, False,
+     [{"chosen": _turns(("user", "a"), ("critic", "no"), ("assistant", "b")),
+       "rejected": _turns(("user", "a"), ("critic", "no"), ("assistant", "c"))}], ["row 1", "critic"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("trainer", "tiny", "template", "rows", "words"), [c[1:] for c in CHAT_CASES],
+                         ids=[c[0] for c in CHAT_CASES])  # fmt: skip
+def test_bad_chat_data_is_named_with_its_row_before_any_model(tmp_path, capsys, no_models, trainer, tiny, template,
+                                                              rows, words):  # fmt: skip
+    train = tmp_path / "chat.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"trainer": trainer, "model": {"tiny": tiny}, "data": {"train": {"path": "chat.jsonl"}},
+              "training": {"max_steps": 2}, "output_dir": str(tmp_path / "run")}  # fmt: skip
+    if template is not False:
+        recipe["data"]["chat_template"] = template
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    for argv in (["train", str(path), "--dry-run"], ["train", str(path)]):
+        rc, text = _run(argv, capsys)
+        assert rc == 2 and "Traceback" not in text, (argv, text)
+        for word in words:
+            assert word in text, (argv, word, text)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_missing_data_file_dry_run_prints_the_plan_and_exits_3(tmp_path, capsys, no_models):
     path = _recipe_dir(tmp_path, {"data.train.path": "not_there.jsonl"})
     rc, text = _run(["train", str(path), "--dry-run"], capsys)

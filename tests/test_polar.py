@@ -528,14 +528,25 @@ def _preference_rows(n, seed):
     return rows
 
 
-def test_reward_trainer_learns_a_preference_and_reports_held_out_accuracy(tmp_path):
+def _hh_transcripts(rows):
+    """The same preferences as Anthropic HH rows: two whole transcripts, the prompt implicit in both."""
+    turn = "\n\nHuman: {}\n\nAssistant: {}"
+    return [{"chosen": turn.format(r["prompt"], r["chosen"]), "rejected": turn.format(r["prompt"], r["rejected"])}
+            for r in rows]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["columns", "hh_transcripts"])
+def test_reward_trainer_learns_a_preference_and_reports_held_out_accuracy(tmp_path, layout):
+    """Prompt/chosen/rejected columns, or HH transcripts split at their shared prefix (posttrain.data.chat)."""
     import json
 
     from posttrain.registry import load_and_validate as load_recipe
     from posttrain.train import train_recipe
 
     for name, n, seed in (("train", 256, 0), ("eval", 64, 1)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _preference_rows(n, seed)))
+        rows = _preference_rows(n, seed)
+        rows = _hh_transcripts(rows) if layout == "hh_transcripts" and name == "train" else rows
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe_path = tmp_path / "rm.yaml"
     recipe_path.write_text(f"""
 name: rm-test

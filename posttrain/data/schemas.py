@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 SCHEMAS: dict[str, tuple[str, ...]] = {
     "prompt_answer": ("prompt", "answer"),
     "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),  # chat conversations (posttrain.data.chat), SFT's alternative to prompt/completion
     "preference": ("prompt", "chosen", "rejected"),
     "polar_triplet": ("prompt", "reference", "chosen", "rejected"),
     "prompt_image": ("prompt", "image"),

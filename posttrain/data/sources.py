@@ -73,8 +73,34 @@ def load_source(spec: Mapping[str, Any], *, base_dir: Path | None = None, origin
         ds = ds.select(order)
     if spec.get("schema") is not None:
         numbers = lines if order is None else [lines[i] if lines else i + 1 for i in order]
-        validate(ds, spec["schema"], origin, row_numbers=numbers)
+        schema = conversational_schema(ds, spec["schema"])
+        if _wants_split(ds, schema):
+            from posttrain.data.chat import split_transcripts
+
+            ds = split_transcripts(ds, origin, numbers)
+        validate(ds, schema, origin, row_numbers=numbers)
     return ds
+
+
+def conversational_schema(ds: Dataset, schema: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    """The fields to check in `ds`: prompt/completion become `messages` for rows that are conversations (SFT's
+    other input, rendered by the chat template)."""
+    from posttrain.data.schemas import SCHEMAS
+
+    fields = SCHEMAS[schema] if isinstance(schema, str) and schema in SCHEMAS else tuple(schema)
+    columns = ds.column_names
+    if {"prompt", "completion"} <= set(fields) and "messages" in columns and "prompt" not in columns:
+        return tuple(f for f in fields if f not in ("prompt", "completion")) + ("messages",)
+    return schema
+
+
+def _wants_split(ds: Dataset, schema: str | tuple[str, ...]) -> bool:
+    """Preference rows without a prompt column: chosen/rejected are whole transcripts sharing one."""
+    from posttrain.data.schemas import SCHEMAS
+
+    fields = SCHEMAS[schema] if isinstance(schema, str) and schema in SCHEMAS else tuple(schema)
+    columns = ds.column_names
+    return {"prompt", "chosen", "rejected"} <= set(fields) and "prompt" not in columns and {"chosen", "rejected"} <= set(columns)
 
 
 def _check_spec(spec: Any, origin: str) -> None:

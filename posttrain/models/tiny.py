@@ -35,10 +35,14 @@ class TinySpec:
     intermediate_size: int = 256
     max_positions: int = 128
     seed: int = 0
+    # ChatML on top of the task's characters: <|im_start|>/<|im_end|> appended to the vocabulary (the ids of every
+    # other token unchanged), the chat template above, and <|im_end|> as the end of a turn (eos).
+    chat: bool = False
 
 
-def build_tokenizer(task: str = "arithmetic"):
-    """A character-level fast tokenizer for `task` (pad/bos/eos/unk first, then one id per character)."""
+def build_tokenizer(task: str = "arithmetic", chat: bool = False):
+    """A character-level fast tokenizer for `task` (pad/bos/eos/unk first, then one id per character); with `chat`,
+    ChatML's two tokens last and its template (`TinySpec.chat`)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,9 +52,14 @@ def build_tokenizer(task: str = "arithmetic"):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    if chat:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
+        tokenizer.eos_token = CHAT_TOKENS[1]
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
 
 
 def build_tiny_model(spec: TinySpec = TinySpec()):
@@ -58,7 +67,7 @@ def build_tiny_model(spec: TinySpec = TinySpec()):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(spec.task)
+    tokenizer = build_tokenizer(spec.task, spec.chat)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -89,10 +98,16 @@ def save_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec()) -> Path:
 
 
 # ChatML, the template of the Qwen family (and many others): what a tiny stand-in needs for `data.chat_template`.
+# The assistant turns sit inside `{% generation %}` markers (they change no rendered text): TRL's assistant-only
+# SFT loss reads them; the turn's <|im_end|> is inside, so the model learns to stop.
 CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{% elif m['role'] in ['system', 'user'] %}{{ m['content'] }}<|im_end|>"
+    "{% else %}{{ raise_exception('unknown role: ' + m['role']) }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 def build_byte_tokenizer():

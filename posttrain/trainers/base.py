@@ -63,8 +63,46 @@ def load_model_and_tokenizer(recipe: Recipe, run: RunDir):
     source = policy_source(recipe, run)
     precision = resolve_precision(recipe.settings.precision)
     tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
+    from posttrain.data.chat import resolve_chat_template
+
+    resolve_chat_template(recipe.data.chat_template, tokenizer, recipe.where)
     model = load_policy(source, recipe.model, precision)
     return model, tokenizer
+
+
+def load_policy_tokenizer_data(recipe: Recipe, run: RunDir, schema: str | tuple[str, ...] | None):
+    """(policy, tokenizer, data.train rows): the tokenizer first, with `data.chat_template` applied, then the rows,
+    their conversations checked against its template, and only then the model, so bad chat data fails fast."""
+    from posttrain.data.chat import check_chat_rows, resolve_chat_template
+
+    source = policy_source(recipe, run)
+    tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
+    resolve_chat_template(recipe.data.chat_template, tokenizer, recipe.where)
+    rows = load_train_data(recipe, schema)
+    check_chat_rows(rows, tokenizer, f"{recipe.where}: data.train")
+    model = load_policy(source, recipe.model, resolve_precision(recipe.settings.precision))
+    return model, tokenizer, rows
+
+
+def chat_example_lines(recipe: Recipe) -> list[str]:
+    """For the dry-run plan: the first conversation of data.train rendered as SFT trains on it, the span the loss
+    covers in [[ ]]; nothing for plain rows or when the data or tokenizer is not at hand (a hub id)."""
+    from posttrain.data.chat import marked_example
+    from posttrain.preflight import _load, dry_run_tokenizer
+
+    if recipe.data.train is None:
+        return []
+    try:
+        rows = _load(recipe, {**recipe.data.train, "limit": 1}, "data.train", "prompt_completion", [])
+        if rows is None or "messages" not in rows.column_names:
+            return []
+        tokenizer = dry_run_tokenizer(recipe)
+        if tokenizer is None:
+            return ["conversations: rendered with the model's chat template at train time (tokenizer not local)"]
+        example = marked_example(rows[0]["messages"], tokenizer)
+    except Exception as err:  # the checks report data problems; the plan only shows what renders
+        return [f"conversations: no example rendered ({type(err).__name__}: {err})"]
+    return ["one conversation as trained (loss on [[...]] only):", *("  | " + line for line in example.splitlines())]
 
 
 def load_train_data(recipe: Recipe, schema: str | tuple[str, ...] | None):

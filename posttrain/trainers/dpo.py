@@ -19,8 +19,7 @@ from posttrain.runs import RunDir
 from posttrain.trainers.base import (
     RunResult,
     config_kwargs,
-    load_model_and_tokenizer,
-    load_train_data,
+    load_policy_tokenizer_data,
     run_training,
     standard_plan,
 )
@@ -75,8 +74,8 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
 
     from posttrain.models.loading import peft_config
 
-    model, tokenizer = load_model_and_tokenizer(recipe, run)
-    rows = load_train_data(recipe, schema="preference").select_columns(["prompt", "chosen", "rejected"])
+    model, tokenizer, rows = load_policy_tokenizer_data(recipe, run, schema="preference")
+    rows = rows.select_columns(["prompt", "chosen", "rejected"])
     rows = _preference_pairs(rows, f"{recipe.where}: data.train")
     trainer = DPOTrainer(
         model=model,

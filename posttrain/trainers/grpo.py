@@ -14,8 +14,7 @@ from posttrain.runs import RunDir
 from posttrain.trainers.base import (
     RunResult,
     config_kwargs,
-    load_model_and_tokenizer,
-    load_train_data,
+    load_policy_tokenizer_data,
     run_training,
     standard_plan,
 )
@@ -266,9 +265,8 @@ def build_trainer(recipe: Recipe, run: RunDir, trainer_class: Any = None):
     from posttrain.models.loading import peft_config
     from reward_models import reward_columns
 
-    model, tokenizer = load_model_and_tokenizer(recipe, run)
     read = [c for r in recipe.rewards for c in reward_columns(r.name, r.kwargs)]  # checked in every row
-    rows = load_train_data(recipe, schema=tuple(dict.fromkeys(("prompt", *read))))
+    model, tokenizer, rows = load_policy_tokenizer_data(recipe, run, schema=tuple(dict.fromkeys(("prompt", *read))))
     funcs, weights = reward_functions(recipe)
     config = config_class(**config_kwargs(recipe, run), **rollout_kwargs(recipe), reward_weights=weights)
     tokenizer.padding_side = "left"

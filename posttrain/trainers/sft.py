@@ -7,9 +7,9 @@ from posttrain.registry import TrainerSpec
 from posttrain.runs import RunDir
 from posttrain.trainers.base import (
     RunResult,
+    chat_example_lines,
     config_kwargs,
-    load_model_and_tokenizer,
-    load_train_data,
+    load_policy_tokenizer_data,
     run_training,
     standard_plan,
 )
@@ -29,21 +29,34 @@ def plan(recipe: Recipe) -> list[str]:
     s = recipe.settings
     batch = s.per_device_train_batch_size * s.gradient_accumulation_steps
     return standard_plan(
-        recipe, [f"SFT on data.train, loss on completions only; {batch} sequences per optimizer step per process"]
+        recipe,
+        [
+            f"SFT on data.train, loss on completions (conversations: assistant turns) only; {batch} sequences per "
+            "optimizer step per process",
+            *chat_example_lines(recipe),
+        ],
     )
 
 
-def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
+def build_trainer(recipe: Recipe, run: RunDir):
+    """The configured SFTTrainer and tokenizer: prompt/completion rows, or `messages` conversations rendered by the
+    chat template with the loss on the assistant turns (TRL's assistant-only loss)."""
     from trl import SFTConfig, SFTTrainer
 
     from posttrain.models.loading import peft_config
 
-    model, tokenizer = load_model_and_tokenizer(recipe, run)
-    rows = load_train_data(recipe, schema="prompt_completion")
+    model, tokenizer, rows = load_policy_tokenizer_data(recipe, run, schema="prompt_completion")
+    chat = "messages" in rows.column_names
     # SFTTrainer tokenises every column it's given; keep only what it trains on.
-    rows = rows.select_columns(["prompt", "completion"])
-    config = SFTConfig(**config_kwargs(recipe, run))
-    trainer = SFTTrainer(
-        model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config(recipe.model)
-    )
+    rows = rows.select_columns(["messages"] if chat else ["prompt", "completion"])
+    kwargs = config_kwargs(recipe, run)
+    if chat:  # conversations: the loss covers the assistant turns only, unless the recipe says otherwise
+        kwargs.setdefault("assistant_only_loss", True)
+    trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs), train_dataset=rows, processing_class=tokenizer,
+                         peft_config=peft_config(recipe.model))  # fmt: skip
+    return trainer, tokenizer
+
+
+def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
+    trainer, tokenizer = build_trainer(recipe, run)
     return run_training(recipe, trainer, tokenizer, run, resume)
