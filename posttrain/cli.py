@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="run dirs whose training curves to include")
     p.set_defaults(func=cmd_leaderboard)
 
+    _add_push_command(sub.add_parser("push", help="upload a run's final/ (with its model card) and report to the Hub"))
+
     p = sub.add_parser("recipes", help="list shipped recipes")
     p.set_defaults(func=cmd_recipes)
 
@@ -110,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_tiny_model_command(sub.add_parser("tiny-model", help="build a tiny local model + tokenizer dir (no hub)"))
     return parser
+
+
+def _add_push_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run dir, e.g. runs/sft-arithmetic")
+    p.add_argument("--repo-id", required=True, help="Hub repo, e.g. your-name/sft-arithmetic (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its visibility)")  # fmt: skip
+    p.add_argument("--revision", default=None, metavar="BRANCH", help="commit to this branch (created when missing; default main)")  # fmt: skip
+    p.set_defaults(func=cmd_push)
 
 
 def _add_tiny_model_command(p: argparse.ArgumentParser) -> None:
@@ -276,6 +286,15 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         ResultsStore(args.store, create=False), Path(args.out), Path(args.runs), curves_for=run_curves
     )
     print(f"wrote {md} and {html}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from posttrain.hub import push_run
+
+    pushed = push_run(args.run, args.repo_id, private=args.private, revision=args.revision)
+    print(f"pushed {args.run} to {pushed.repo_url}: {len(pushed.files)} files, final/ at the root (README.md: the "
+          f"model card), the report under report/ (commit {pushed.commit_url})")  # fmt: skip
     return 0
 
 

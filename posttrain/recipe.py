@@ -114,6 +114,17 @@ class EvalSection:
     limit: int | None = field(default=None, metadata={"ge": 1})  # cap on rows per benchmark (held-out and suite)
 
 
+@dataclass
+class CardSection:
+    """What `final/README.md`, the run's Hub model card, says beyond what the run knows itself (its metadata)."""
+
+    license: str | None = None  # a Hub license id, e.g. apache-2.0
+    base_model: str | None = None  # defaults to model.path when that is a hub id
+    datasets: list[str] = field(default_factory=list)  # hub dataset ids; data.train's path when that is one
+    tags: list[str] = field(default_factory=list)  # added to posttrain's own (posttrain, the trainer's name)
+    language: list[str] = field(default_factory=list)
+
+
 class Settings(typing.Mapping[str, Any]):
     """Read-only `training:`/`algorithm:` values with their defaults, by key or attribute:
     `recipe.settings.per_device_train_batch_size`. A key no config of the trainer has is an AttributeError/KeyError
@@ -160,6 +171,7 @@ class Recipe:
     algorithm: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     eval: EvalSection = field(default_factory=EvalSection)
+    card: CardSection = field(default_factory=CardSection)
     source: Path | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # the merged YAML, for recipe.resolved.yaml
     overridden: set[str] = field(default_factory=set, repr=False)  # dotted keys set with --set (for errors)

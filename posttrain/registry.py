@@ -89,6 +89,7 @@ class TrainerSpec:
     sequences_per_row: int = 1  # sequences one training row becomes (chosen + rejected: 2; POLAR's triplet: 3)
     reference_model: bool = False  # holds a frozen copy of the policy when the library's `beta` is > 0
     length_key: str | None = "max_length"  # the setting bounding a row's tokens (a generating trainer: the rollout's)
+    paper: str = ""  # the method's paper as a markdown link ("[title](arXiv URL)"): the run's model card cites it
 
     def option_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.options)) if self.options else ()

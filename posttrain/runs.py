@@ -8,7 +8,7 @@ metrics.superseded.jsonl rows logged after the checkpoint a run was resumed from
 checkpoints/             Trainer checkpoints; each complete one carries a `.complete` marker that lists its files
                          and their sizes, so a checkpoint torn later (rotation, a full disk) is recognised
 final/                   the trained model + tokenizer (from_pretrained-loadable), with `posttrain_final.json`
-                         (the step it was saved at)
+                         (the step it was saved at) and README.md (its Hub model card, `posttrain.model_card`)
 eval/<name>.json         held-out results before/after training, with per-sample outputs
 report.md, *.png         curves and tables
 

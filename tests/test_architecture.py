@@ -14,10 +14,10 @@ PACKAGES = ("posttrain", "reward_models")
 
 # Floors of docs/architecture.md, top to bottom: a module may import modules of its own floor or lower ones.
 FLOORS = [
-    ("posttrain.cli", "posttrain.quickstart", "posttrain.rehearse", "posttrain.__main__"),
+    ("posttrain.cli", "posttrain.quickstart", "posttrain.rehearse", "posttrain.hub", "posttrain.__main__"),
     ("posttrain.train",),
     ("posttrain.trainers",),
-    ("posttrain.registry", "posttrain.preflight", "posttrain.rehearsal_edit"),
+    ("posttrain.registry", "posttrain.preflight", "posttrain.rehearsal_edit", "posttrain.model_card"),
     ("posttrain.evaluation",),
     ("posttrain.rollout",),
     ("posttrain.data",),

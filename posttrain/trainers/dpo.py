@@ -52,6 +52,8 @@ SPEC = TrainerSpec(
     curves=("loss", "rewards/margins", "rewards/accuracies"),
     sequences_per_row=2,  # TRL concatenates chosen and rejected into one batch
     reference_model=True,
+    paper="[Direct Preference Optimization: Your Language Model is Secretly a Reward Model]"
+    "(https://arxiv.org/abs/2305.18290)",
 )
 
 

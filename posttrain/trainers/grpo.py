@@ -41,6 +41,8 @@ SPEC = TrainerSpec(
     eval_schema="prompt_answer",
     generates=True,
     reference_model=True,  # with beta > 0 (TRL's default is 0: no reference)
+    paper="[DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models]"
+    "(https://arxiv.org/abs/2402.03300)",
 )
 
 

@@ -4,7 +4,7 @@
 2. `record_evaluation`: held-out results before training (not on resume) and after, to eval/<name>.<tag>.json
    (and a sample grid .png where the result has one), the metrics to metrics.jsonl;
 3. `save_final`: the trained model written to final.tmp/ and swapped in as final/ atomically;
-4. `finish`: report.md with the trainer's own curves.
+4. `finish`: report.md with the trainer's own curves, then final/README.md, the model card (`posttrain.model_card`).
 
 The run-dir contract itself is `posttrain.runs`.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,13 @@ def launch_info() -> dict:
 
 
 def finish(run: RunDir, recipe: Recipe, result: RunResult) -> None:
-    """report.md and curves.png of the run, with the curves its trainer names (main process only)."""
+    """report.md and curves.png of the run, with the curves its trainer names, then final/README.md, its Hub model
+    card (main process only). final/ is saved by now: a card that can't be written costs a warning, not the run."""
+    from posttrain.model_card import write_model_card
     from posttrain.report import write_run_report
 
     write_run_report(run, recipe, result, curves=get_spec(recipe.trainer, recipe.where).curves)
+    try:
+        write_model_card(run, recipe, result)
+    except Exception as err:  # the run succeeded (its weights are in final/): a README must not fail it
+        print(f"warning: no model card written to {run.final}/README.md ({type(err).__name__}: {err})", file=sys.stderr)

@@ -110,6 +110,8 @@ SPEC = TrainerSpec(
     train_schema="prompt",
     eval_schema="prompt_answer",
     generates=True,
+    paper="[Bridging Supervised Learning and Reinforcement Learning in Math Reasoning]"
+    "(https://arxiv.org/abs/2505.18116)",
 )
 
 

@@ -79,6 +79,7 @@ SPEC = TrainerSpec(
     lora=False,  # the value head and the new special-token embeddings train with all weights
     model="sequence_classifier",
     sequences_per_row=2,  # chosen and rejected, each prompt + reference + candidate (up to algorithm.max_length)
+    paper="[Pre-Trained Policy Discriminators are General Reward Models](https://arxiv.org/abs/2507.05197)",
 )
 
 

@@ -32,6 +32,7 @@ SPEC = TrainerSpec(
     curves=("loss",),
     model="sequence_classifier",
     sequences_per_row=2,
+    paper="[Training language models to follow instructions with human feedback](https://arxiv.org/abs/2203.02155)",
 )
 
 

@@ -55,6 +55,8 @@ SPEC = TrainerSpec(
     eval_schema="prompt_answer",
     generates=True,
     reference_model=True,  # with beta > 0 (RLOOConfig's default is 0.05: a frozen reference is loaded)
+    paper="[Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs]"
+    "(https://arxiv.org/abs/2402.14740)",
 )
 
 

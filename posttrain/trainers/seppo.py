@@ -102,6 +102,7 @@ SPEC = TrainerSpec(
     lora=False,
     model="diffusion",
     length_key=None,
+    paper="[SePPO: Semi-Policy Preference Optimization for Diffusion Alignment](https://arxiv.org/abs/2410.05255)",
 )
 
 

@@ -22,6 +22,7 @@ SPEC = TrainerSpec(
     eval_schema="prompt_answer",
     method_keys=frozenset({"completion_only_loss", "assistant_only_loss", "loss_type", "packing", "max_length"}),
     curves=("loss",),
+    paper="[Training language models to follow instructions with human feedback](https://arxiv.org/abs/2203.02155)",
 )
 
 
