@@ -224,13 +224,19 @@ def _load(recipe: Recipe, spec: Mapping[str, Any], section: str, schema: str | t
     if isinstance(limit, int) and not isinstance(limit, bool) and limit < 1:
         problems.append(DataError(f"{recipe.where}: {section}.limit must be >= 1 (rows to use), got {limit}"))
         return None
-    if isinstance(spec, Mapping) and is_hub_source(recipe, spec):
+    from posttrain.data.mixture import is_mixture, mixture_entries
+
+    parts = mixture_entries(spec) if is_mixture(spec) else [("", spec)]  # a mixture: each of its sources
+    if any(isinstance(part, Mapping) and is_hub_source(recipe, part) for _, part in parts):
         return None
     base = recipe.source.parent if recipe.source else None
-    missing = _missing_local_file(spec, base)
-    if missing:
-        problems.append(MachineError(f"{recipe.where}: {section}: file not found: {missing} (build or copy it first)"))
-        return None
+    for label, part in parts:
+        missing = _missing_local_file(part, base)
+        if missing:
+            problems.append(
+                MachineError(f"{recipe.where}: {section}{label}: file not found: {missing} (build or copy it first)")
+            )
+            return None
     if isinstance(spec, Mapping) and spec.get("synthetic") == "polar_markov" and isinstance(spec.get("n"), int):
         # Its rows come from one seeded stream, so the first ones are those training reads: checking a few spares
         # generating tens of thousands of triplets twice (here and when training starts).

@@ -50,11 +50,21 @@ class ModelSection:
 
 
 @dataclass
+class MixtureOptions:
+    """How a list of `data.train` sources is interleaved (posttrain.data.mixture); `seed` defaults to the recipe's."""
+
+    stopping: Literal["first_exhausted", "all_exhausted"] = "first_exhausted"
+    seed: int | None = field(default=None, metadata={"ge": 0})
+
+
+@dataclass
 class DataSection:
     """Training and held-out data; each source is a dict understood by `posttrain.data.load_source`."""
 
-    train: dict[str, Any] | None = None
+    # One source, or a list to mix (each with a `weight`), kept as {"mix": [...], "stopping", "seed"} (a mapping).
+    train: dict[str, Any] | list[dict[str, Any]] | None = None
     eval: dict[str, Any] | None = None
+    mixture: MixtureOptions = field(default_factory=MixtureOptions)
     prompt_template: str | None = None  # Python format string over row columns, e.g. "Q: {prompt}\nA:"
     system_prompt: str | None = None
     # true: render prompts through the tokenizer's chat template; a name of one of TRL's bundled templates (qwen2_5,
@@ -289,6 +299,10 @@ def build_recipe(
     recipe.overridden = set(overridden or ())
     if not recipe.name:
         recipe.name = source.stem if source else recipe.trainer
+    if isinstance(recipe.data.train, list):
+        mixture = recipe.data.mixture
+        seed = recipe.seed if mixture.seed is None else mixture.seed
+        recipe.data.train = {"mix": recipe.data.train, "stopping": mixture.stopping, "seed": seed}
     if recipe.model.path is None and recipe.model.tiny is None:
         ctx.report(
             RecipeError(f"{where}: model needs 'path' (a local dir or hub id) or 'tiny' (a tiny local model spec)")

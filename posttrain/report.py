@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from posttrain.recipe import Recipe
-from posttrain.runs import RunDir, write_atomic
+from posttrain.runs import MIXTURE_FILE, RunDir, write_atomic
 
 # Training curves drawn when the caller names none (a run's report passes its trainer's own: TrainerSpec.curves).
 DEFAULT_CURVES = ("reward", "loss")
@@ -146,9 +147,21 @@ def write_run_report(run: RunDir, recipe: Recipe, result: Any, curves: Sequence[
         lines.append("")
     if drawn:
         lines += [f"![training curves](curves.png) ({', '.join(drawn)})", ""]
+    if (run.path / MIXTURE_FILE).is_file():
+        lines += [*mixture_table(json.loads((run.path / MIXTURE_FILE).read_text())), ""]
     path = run.path / "report.md"
     write_atomic(path, "\n".join(lines))
     return path
+
+
+def mixture_table(summary: dict[str, Any]) -> list[str]:
+    """A mixed data.train (runs.MIXTURE_FILE) as markdown: each source's weight, requested and realised share."""
+    lines = [f"data.train mixture: {summary['rows']} rows, stopping {summary['stopping']}, seed {summary['seed']}", "",
+             "| source | data | weight | requested | realised | rows |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for s in summary["sources"]:
+        lines.append(f"| {s['source']} | {s['data']} | {s['weight']:g} | {s['requested']:.3f} | {s['realised']:.3f} "
+                     f"| {s['rows']} |")  # fmt: skip
+    return lines
 
 
 def _fmt(value: float | None) -> str:

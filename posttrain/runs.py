@@ -10,6 +10,7 @@ checkpoints/             Trainer checkpoints; each complete one carries a `.comp
 final/                   the trained model + tokenizer (from_pretrained-loadable), with `posttrain_final.json`
                          (the step it was saved at) and README.md (its Hub model card, `posttrain.model_card`)
 eval/<name>.json         held-out results before/after training, with per-sample outputs
+mixture.json             a mixed data.train's sources with their requested and realised shares
 report.md, *.png         curves and tables
 
 States (`RunDir.state`), decided before a run starts: `new` (nothing of a run there), `failed` (files of a run but
@@ -35,6 +36,7 @@ from posttrain.recipe import Recipe, to_yaml
 COMPLETE_MARKER = ".complete"
 FINAL_INFO = "posttrain_final.json"  # in final/: the step the model was saved at
 SUPERSEDED = "metrics.superseded.jsonl"
+MIXTURE_FILE = "mixture.json"  # a mixed data.train: each source's requested and realised share (data/mixture.py)
 # Weight files of a checkpoint that predates the file manifest in `.complete` (Trainer, PEFT, DeepSpeed, accelerate).
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors",
             "adapter_model.bin")  # fmt: skip

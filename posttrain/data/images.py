@@ -86,6 +86,8 @@ def decode_image(cell: Any, base_dir: Path | None, where: str):
 
 def load_image_rows(spec: Mapping[str, Any], *, base_dir: Path | None = None, origin: str = "data") -> list[ImageRow]:
     """Rows of one image source (see the module docstring), images not yet decoded."""
+    if "mix" in spec:
+        raise DataError(f"{origin}: a list of image sources (a mixture) is not supported; give one source")
     unknown = [k for k in spec if k not in SOURCE_KEYS]
     if unknown:
         raise DataError(f"{origin}: {unknown_key(unknown[0], SOURCE_KEYS, 'an image source')}")

@@ -44,8 +44,11 @@ def load_source(spec: Mapping[str, Any], *, base_dir: Path | None = None, origin
     `origin` (e.g. "recipes/grpo/x.yaml: data.train") starts every error message; errors about a local file's
     rows also name the file.
     """
+    from posttrain.data.mixture import is_mixture, load_mixture
     from posttrain.data.schemas import validate
 
+    if is_mixture(spec):  # data.train as a list of sources
+        return load_mixture(spec, base_dir=base_dir, origin=origin, load=load_source)
     _check_spec(spec, origin)
     lines: list[int] | None = None  # each row's line in a jsonl file; None when row i is simply number i + 1
     if "synthetic" in spec:

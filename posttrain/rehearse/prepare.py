@@ -220,13 +220,19 @@ class _DataStandIns:
 
         found = []
         data = self.raw.get("data") or {}
-        if isinstance(data.get("train"), dict):
+        train = data.get("train")
+        if isinstance(train, dict | list):
             if self.images:
                 fields = None
             else:
                 read = [c for r in self.recipe.rewards for c in reward_columns(r.name, r.kwargs)]
                 fields = tuple(dict.fromkeys((*SCHEMAS[self.spec.train_schema], *read)))
-            found.append(("data.train", data["train"], fields))
+            if isinstance(train, dict):
+                found.append(("data.train", train, fields))
+            else:  # a mixture: each of its sources (rewrite() replaces them in the list)
+                found += [
+                    (f"data.train.{i}", entry, fields) for i, entry in enumerate(train) if isinstance(entry, dict)
+                ]
         evaluation = self.raw.get("eval") or {}
         held_out = ("eval.data", evaluation["data"]) if isinstance(evaluation.get("data"), dict) else None
         if held_out is None and isinstance(data.get("eval"), dict):
@@ -267,8 +273,12 @@ class _DataStandIns:
     def rewrite(self) -> None:
         for section, source, fields in self.sources():
             replaced = self.data_source(section, source, fields)
-            parent, key = section.split(".")
-            self.raw[parent][key] = replaced
+            parent, key, *index = section.split(".")
+            if index:  # data.train.<i>: a mixture's source, its weight kept
+                replaced.setdefault("weight", source.get("weight", 1))
+                self.raw[parent][key][int(index[0])] = replaced
+            else:
+                self.raw[parent][key] = replaced
         if self.images and isinstance((self.raw.get("data") or {}).get("eval"), dict) and self.spec.eval_schema is None:
             self.raw["data"].pop("eval")  # image trainers evaluate with their suite
 

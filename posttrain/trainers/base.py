@@ -78,7 +78,7 @@ def load_policy_tokenizer_data(recipe: Recipe, run: RunDir, schema: str | tuple[
     source = policy_source(recipe, run)
     tokenizer = load_tokenizer(source, trust_remote_code=recipe.model.trust_remote_code)
     resolve_chat_template(recipe.data.chat_template, tokenizer, recipe.where)
-    rows = load_train_data(recipe, schema)
+    rows = load_train_data(recipe, schema, run)
     check_chat_rows(rows, tokenizer, f"{recipe.where}: data.train")
     model = load_policy(source, recipe.model, resolve_precision(recipe.settings.precision))
     return model, tokenizer, rows
@@ -105,13 +105,22 @@ def chat_example_lines(recipe: Recipe) -> list[str]:
     return ["one conversation as trained (loss on [[...]] only):", *("  | " + line for line in example.splitlines())]
 
 
-def load_train_data(recipe: Recipe, schema: str | tuple[str, ...] | None):
+def load_train_data(recipe: Recipe, schema: str | tuple[str, ...] | None, run: RunDir | None = None):
+    """data.train's rows, validated against `schema`, prompts shaped; a mixture's realised shares are printed and,
+    with `run`, written to its mixture.json (the report shows them)."""
     from posttrain.data import format_prompts, load_source
+    from posttrain.data.mixture import realised_shares, write_summary
+    from posttrain.report import mixture_table
 
     origin = f"{recipe.where}: data.train"
     # Validated inside load_source, so a bad row is named by its line in the file even after shuffle/limit.
     spec = {**recipe.data.train, "schema": schema} if schema else recipe.data.train
     rows = load_source(spec, base_dir=recipe.source.parent if recipe.source else None, origin=origin)
+    rows, mixture = realised_shares(rows, spec, "data.train")
+    if mixture is not None:
+        print("\n".join(mixture_table(mixture)))
+        if run is not None:
+            write_summary(run.path, mixture)
     return format_prompts(
         rows,
         template=recipe.data.prompt_template,

@@ -130,7 +130,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
         policy_source(recipe, run), recipe.model, precision, zero_new_head=opts.head_init == "zero"
     )
     encoder = PolarEncoder(tokenizer, layout)
-    rows = load_train_data(recipe, schema="polar_triplet")
+    rows = load_train_data(recipe, schema="polar_triplet", run=run)
     train_set = encode_rows(rows, encoder, f"{recipe.where}: data.train")
 
     eval_rows = load_eval_data(recipe, schema="polar_triplet")

@@ -85,7 +85,7 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
 
     precision = resolve_precision(recipe.settings.precision)
     model, tokenizer = load_reward_model(policy_source(recipe, run), recipe.model, precision, polar_tokens=False)
-    rows = load_train_data(recipe, schema="preference").select_columns(["prompt", "chosen", "rejected"])
+    rows = load_train_data(recipe, schema="preference", run=run).select_columns(["prompt", "chosen", "rejected"])
     eval_rows = load_eval_data(recipe, schema="preference")
     kwargs = config_kwargs(recipe, run)
     # posttrain passes strings; keep RewardTrainer from looking up chat templates the tiny tokenizers don't have.
