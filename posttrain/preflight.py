@@ -322,6 +322,59 @@ def check_rewards(recipe: Recipe, problems: list) -> None:
             problems.append(RecipeError(f"{recipe.where}: {message}"))
 
 
+# The trackers posttrain has an extra for (pyproject.toml; each extra is named as report_to names the tracker), with
+# the modules transformers' integration for it imports (any one will do: TensorBoard's writer also takes tensorboardX).
+TRACKER_MODULES: dict[str, tuple[str, ...]] = {
+    "wandb": ("wandb",),
+    "trackio": ("trackio",),
+    "mlflow": ("mlflow",),
+    "tensorboard": ("tensorboard", "tensorboardX"),
+}
+
+
+def trackers_named(report_to: Any) -> list[str]:
+    """The trackers a `training.report_to` value (a name or a list of names) names, without "all" and "none"."""
+    names = [report_to] if isinstance(report_to, str) else [n for n in report_to or [] if isinstance(n, str)]
+    return [name for name in names if name not in ("all", "none")]
+
+
+def missing_trackers(report_to: Any) -> list[str]:
+    """The trackers `report_to` names that posttrain has an extra for and whose package is not installed here."""
+    return [
+        name
+        for name in trackers_named(report_to)
+        if name in TRACKER_MODULES and all(importlib.util.find_spec(m) is None for m in TRACKER_MODULES[name])
+    ]
+
+
+def check_trackers(recipe: Recipe, problems: list) -> None:
+    """Each tracker `training.report_to` names is one transformers reports to, and its package is installed: without
+    it the run would fail only when the trainer is built, after the model loaded. A missing one names the extra that
+    brings it. "all" (the trackers installed) and "none" pass."""
+    names = trackers_named(recipe.training.get("report_to"))
+    if not names:
+        return
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    known = list(INTEGRATION_TO_CALLBACK)
+    ctx = Context(recipe.where, recipe.overridden)
+    for name in names:
+        if name not in known:
+            problems.append(
+                ctx.error(
+                    "training.report_to",
+                    f"training.report_to: unknown tracker {name!r}{suggest(name, known)}; the installed transformers "
+                    f"reports to {', '.join(known)}; or 'all' (every one installed), 'none'",
+                )
+            )
+    for name in missing_trackers(names):
+        problems.append(
+            MachineError(
+                f"{recipe.where}: training.report_to: {name!r} needs the {name} package: pip install 'posttrain[{name}]'"
+            )
+        )
+
+
 def check_rollout_backend(recipe: Recipe, problems: list) -> None:
     """`rollout.backend: vllm` needs vLLM installed and a CUDA GPU; say which is missing and what to do."""
     if recipe.rollout.backend != "vllm":

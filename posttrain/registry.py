@@ -149,7 +149,8 @@ def validate_recipe(recipe: Recipe, problems: list | None = None) -> None:
     """Trainer-level checks: the trainer exists; algorithm/training keys exist with the right types and ranges and
     the library's choices; the trainer's options accept their values; the trainer's own cross-checks (its
     module's `problems(recipe)`); data sources open with the trainer's schema; rewards import with valid kwargs;
-    the eval grader/suite resolve; the rollout backend can run here; the run dir is not a file.
+    the eval grader/suite resolve; the rollout backend can run here; the report_to trackers are installed; the run
+    dir is not a file.
 
     Problems go into `problems` when given, and are raised together at the end (also when some came earlier)."""
     from posttrain import preflight
@@ -169,6 +170,7 @@ def validate_recipe(recipe: Recipe, problems: list | None = None) -> None:
     _validate_eval(recipe, found)
     preflight.check_rewards(recipe, found)
     preflight.check_rollout_backend(recipe, found)
+    preflight.check_trackers(recipe, found)
     preflight.check_run_dir(recipe, found)
     preflight.check_launch(recipe, found, spec)
     if not found:

@@ -108,6 +108,7 @@ RECIPE_CASES = [
     ("top-k", {"rollout.top_k": -1}, ["rollout.top_k", ">= 0"]),
     ("backend", {"rollout.backend": "tgi"}, ["rollout.backend", "'hf', 'vllm'"]),
     ("vllm-here", {"rollout.backend": "vllm"}, ["rollout.backend 'vllm' cannot run here", "rollout.backend=hf"]),
+    ("tracker", {"training.report_to": ["wandbb"]}, ["training.report_to", "unknown tracker 'wandbb'", "'wandb'"]),
     ("gpu-mem", {"rollout.vllm": {"gpu_memory_utilization": 1.5}}, ["gpu_memory_utilization", "<= 1"]),
     ("every-steps", {"eval.every_steps": -3}, ["eval.every_steps", ">= 1"]),
     ("every-steps-0", {"eval.every_steps": 0}, ["eval.every_steps", ">= 1"]),
@@ -247,6 +248,25 @@ def test_missing_data_file_dry_run_prints_the_plan_and_exits_3(tmp_path, capsys,
     assert rc == 3 and "# plan" in text and "not_there.jsonl" in text and "file not found" in text
     rc, text = _run(["train", str(path)], capsys)
     assert rc == 2 and "not_there.jsonl" in text
+
+
+@pytest.mark.parametrize("report_to", ["wandb", "trackio", "mlflow", ["tensorboard"]])
+def test_a_tracker_whose_package_is_missing_names_its_extra_before_any_model(tmp_path, capsys, no_models, monkeypatch,
+                                                                            report_to):  # fmt: skip
+    import importlib.util
+
+    from posttrain.preflight import TRACKER_MODULES
+
+    name = report_to if isinstance(report_to, str) else report_to[0]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda module, *a: None if module in TRACKER_MODULES[name] else real(module, *a))  # fmt: skip
+    path = _recipe_dir(tmp_path, {"training.report_to": report_to})
+    for argv, code in ((["train", str(path), "--dry-run"], 3), (["train", str(path)], 2)):  # --dry-run: plan, then why
+        rc, text = _run(argv, capsys)
+        assert rc == code and "Traceback" not in text, (argv, text)
+        assert f"training.report_to: '{name}' needs the {name} package: pip install 'posttrain[{name}]'" in text
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_every_problem_of_a_recipe_is_reported_at_once(tmp_path, capsys, no_models):

@@ -122,6 +122,7 @@ class _Builder:
         if self.recipe.settings.precision not in ("auto", "fp32"):
             self.note(f"training.precision: {self.recipe.settings.precision} -> fp32 (CPU)")
             training["precision"] = "fp32"
+        self.trackers(training)
         edit = RehearsalEdit(self.recipe, self.raw, STEPS, self.note, self.did)
         hook = getattr(trainer_module(self.spec.name), "rehearse", None)
         if hook is not None:
@@ -135,6 +136,21 @@ class _Builder:
         edit.cap("algorithm", "max_response_length", 256)
         if self.raw.get("rollout") is not None or self.spec.generates:
             self.rollout(self.raw.setdefault("rollout", {}))
+
+    def trackers(self, training: dict[str, Any]) -> None:
+        """report_to trackers log for real where installed; one whose package is not installed here is left out."""
+        from posttrain.preflight import missing_trackers, trackers_named
+
+        named = trackers_named(self.recipe.training.get("report_to"))
+        missing = missing_trackers(named)
+        kept = [name for name in named if name not in missing]
+        if missing:
+            training["report_to"] = kept or "none"
+            listed, now = ", ".join(missing), ", ".join(kept) or "none"
+            self.note(f"training.report_to: {', '.join(named)} -> {now} (not installed here: {listed})")
+            self.out.not_rehearsed.append(f"logging to {listed} (pip install 'posttrain[{','.join(missing)}]')")
+        if kept:
+            self.did(f"logging to {', '.join(kept)}")
 
     def rollout(self, rollout: dict[str, Any]) -> None:
         if rollout.get("backend") == "vllm":

@@ -156,8 +156,12 @@ def run_training(
 
     Held-out evaluation generates with the policy on the recipe's benchmarks, unless the trainer passes its own
     `evaluator(model) -> metrics` (reward models are scored, not sampled); its metrics go to eval/held_out.*.json.
+    The report_to trackers get the held-out metrics too: before training at step 0, during it with the Trainer's log
+    records, after it at the last step (final/ and the evaluation after run as training ends, before the trackers
+    close their runs).
     """
     from posttrain.evaluation import recipe_benchmarks
+    from posttrain.trainers.callbacks import AtTrainEnd, HeldOutToTrackers, NothingLeftToTrain
 
     benchmarks = recipe_benchmarks(recipe) if evaluator is None else []
     _add_callbacks(recipe, trainer, tokenizer, run, benchmarks, evaluator)
@@ -175,26 +179,40 @@ def run_training(
 
     if checkpoint is None:
         result.before = held_out("before")
+    trackers = HeldOutToTrackers(trainer, result.before)  # after the report_to integrations: they open runs first
+    trainer.add_callback(trackers)
     begin = time.monotonic()
-    from posttrain.trainers.callbacks import NothingLeftToTrain
 
+    def conclude() -> None:
+        """final/ and the evaluation after, while the report_to integrations' runs are still open (see AtTrainEnd)."""
+        result.train_seconds = time.monotonic() - begin
+        result.global_step = trainer.state.global_step
+        _save_final(run, trainer, tokenizer, is_main)
+        result.after = held_out("after")
+        trackers.send(result.after)
+
+    end = AtTrainEnd(conclude)
+    trainer.callback_handler.callbacks.insert(0, end)  # before the integrations, which close their runs at train end
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except NothingLeftToTrain:  # resumed at max_steps (killed before final/): the checkpoint's weights are loaded
         pass
-    result.train_seconds = time.monotonic() - begin
-    result.global_step = trainer.state.global_step
+    end.run()  # a no-op when on_train_end ran it
+    if is_main:
+        finish(run, recipe, result)
+    return result
+
+
+def _save_final(run: RunDir, trainer: Any, tokenizer: Any, is_main: bool) -> None:
+    """final/ from the trained model (`lifecycle.save_final`): every rank saves, as ZeRO-3 gathers the shards; the
+    main process adds the tokenizer."""
 
     def write(target: Path) -> None:
-        trainer.save_model(str(target))  # every rank: ZeRO-3 gathers the shards
+        trainer.save_model(str(target))
         if is_main:
             tokenizer.save_pretrained(str(target))
 
     save_final(run, write, is_main, trainer.accelerator.wait_for_everyone, trainer.state.global_step)
-    result.after = held_out("after")
-    if is_main:
-        finish(run, recipe, result)
-    return result
 
 
 def _evaluate_policy(model: Any, tokenizer: Any, benchmarks: list, batch_size: int, trainer: Any = None) -> list:

@@ -184,3 +184,57 @@ class HeldOutEval(TrainerCallback):
         for benchmark in self.benchmarks:
             self.metrics.pending.update(evaluate(generator, benchmark, self.tokenizer).metrics())
         control.should_log = True
+
+
+def tracker_callbacks(callbacks: list, args: Any) -> list:
+    """The report_to integrations (wandb, trackio, mlflow, tensorboard, ...) among a Trainer's callbacks: those that
+    transformers made from `args.report_to`."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    kinds = tuple(get_reporting_integration_callbacks(args.report_to))  # () for none: isinstance is then False
+    return [callback for callback in callbacks if isinstance(callback, kinds)]
+
+
+class HeldOutToTrackers(TrainerCallback):
+    """posttrain's held-out metrics from before and after training, sent to the report_to integrations as one log
+    each, at the step they were measured at (0 and the last). The Trainer's own logging never carries them: they are
+    measured outside its loop (`run_training`; `record_evaluation` writes them to metrics.jsonl). The ones measured
+    during training ride on the Trainer's log record (`MetricsJsonl`).
+
+    Only the integrations get them, through their `on_log` (metrics.jsonl has them already). Two moments matter: the
+    integrations open their runs at on_train_begin (this callback is added after them, so "before" goes out then)
+    and some close them at on_train_end (MLflow ends its run, trackio finishes), so `send` the "after" metrics
+    before that: `run_training` measures them in `AtTrainEnd`, a callback that comes before the integrations."""
+
+    def __init__(self, trainer: Any, before: dict[str, float] | None = None):
+        self.trainer = trainer
+        self.before = before or {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.send(self.before)
+
+    def send(self, metrics: dict[str, float]) -> None:
+        """Log `metrics` to every integration at the Trainer's current step (a no-op for none, as on other ranks)."""
+        trainer = self.trainer
+        if not metrics:
+            return
+        for integration in tracker_callbacks(trainer.callback_handler.callbacks, trainer.args):
+            integration.on_log(trainer.args, trainer.state, trainer.control, logs=dict(metrics), model=trainer.model)
+
+
+class AtTrainEnd(TrainerCallback):
+    """Runs `conclude()` once when training ends: put first among the callbacks, it runs before the report_to
+    integrations close their runs at on_train_end. `run_training` calls `conclude` itself when the Trainer left without
+    reaching on_train_end (resumed at max_steps: `NothingLeftToTrain`)."""
+
+    def __init__(self, conclude):
+        self.conclude = conclude
+        self.done = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.run()
+
+    def run(self) -> None:
+        if not self.done:
+            self.done = True
+            self.conclude()

@@ -1,0 +1,194 @@
+"""`training.report_to` against each tracker's real local backend (wandb offline, trackio's local store, MLflow's
+SQLite store, TensorBoard event files): a short SFT run logs to it, and what the backend stored, read back with the
+tracker's own reader, holds the training loss at every logging step and posttrain's held-out accuracy before
+training (step 0), during it (every `eval.every_steps`) and after it (the last step), each value the one
+metrics.jsonl has. Also: the trackers preflight knows are posttrain's extras, and a rehearsal leaves out one that is
+not installed (the missing-package error itself: tests/test_catalogue.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.registry import load_and_validate
+from posttrain.runs import RunDir
+from posttrain.train import train_recipe
+from tests.conftest import REPO
+
+STEPS, EVERY, LOGGING = 50, 20, 10  # the last step is no multiple of EVERY: "during" and "after" stay apart
+ACCURACY = "eval/arith/accuracy"
+NAME = "sft-trackers"
+
+
+def train(tmp_path: Path, report_to: str | list[str], **training) -> RunDir:
+    """A tiny SFT run whose held-out accuracy moves within 50 steps: it is scored on 16 of the 65 one-digit sums it
+    trains on (0 before training, above 0 after)."""
+    recipe = {
+        "name": NAME,
+        "trainer": "sft",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"tiny": {"task": "arithmetic", "hidden_size": 64, "intermediate_size": 128}},
+        "data": {
+            "train": {"synthetic": "arithmetic", "split": "train", "digits": 1},
+            "eval": {"synthetic": "arithmetic", "split": "train", "digits": 1, "n": 16},
+        },
+        "rollout": {"max_new_tokens": 4},
+        "eval": {"name": "arith", "every_steps": EVERY},
+        "training": {
+            "max_steps": STEPS,
+            "per_device_train_batch_size": 32,
+            "learning_rate": 3e-3,
+            "logging_steps": LOGGING,
+            "save_steps": STEPS,
+            "report_to": report_to,
+            **training,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    train_recipe(load_and_validate(path))
+    return RunDir(tmp_path / "run")
+
+
+Series = list[tuple[int, float]]  # (step, value) pairs in step order; a value logged twice shows twice
+
+
+def series(pairs) -> Series:
+    return sorted(pairs, key=lambda pair: pair[0])
+
+
+def jsonl_series(run: RunDir) -> tuple[Series, Series]:
+    """(loss, held-out accuracy) as metrics.jsonl has them."""
+    rows = run.read_metrics()
+    loss = series((r["step"], r["loss"]) for r in rows if "loss" in r)
+    return loss, series((r["step"], r[ACCURACY]) for r in rows if ACCURACY in r)
+
+
+def assert_same_as_jsonl(run: RunDir, loss: Series, accuracy: Series, approx: bool = False) -> None:
+    want_loss, want_accuracy = jsonl_series(run)
+    assert [step for step, _ in want_loss] == list(range(LOGGING, STEPS + 1, LOGGING))
+    assert [step for step, _ in want_accuracy] == [0, EVERY, 2 * EVERY, STEPS]  # before, during (twice), after
+    assert want_accuracy[0][1] == 0 and want_accuracy[-1][1] > 0, want_accuracy  # the values tell the evals apart
+    assert [step for step, _ in loss] == [step for step, _ in want_loss]
+    assert [step for step, _ in accuracy] == [step for step, _ in want_accuracy]
+    rel = 1e-6 if approx else 0  # TensorBoard stores float32
+    assert [v for _, v in loss] == pytest.approx([v for _, v in want_loss], rel=rel, abs=0)
+    assert [v for _, v in accuracy] == pytest.approx([v for _, v in want_accuracy], rel=rel, abs=0)
+
+
+def test_wandb_offline_run_holds_loss_and_held_out_accuracy_at_their_steps(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_PROJECT", "posttrain-tests")
+    try:
+        run = train(tmp_path, "wandb")
+    finally:
+        wandb.finish()  # transformers leaves the run open (it ends at exit); finishing flushes its transaction log
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    # wandb's own reader of the run's .wandb transaction log; offline, it sends nothing
+    records = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    history = [json.loads(line)["history"]["item"] for line in records.splitlines() if '"type":"history"' in line]
+    # transformers' integration names every Trainer log key train/<key> and steps it by train/global_step
+    loss = series((h["train/global_step"], h["train/loss"]) for h in history if "train/loss" in h)
+    accuracy = series((h["train/global_step"], h[f"train/{ACCURACY}"]) for h in history if f"train/{ACCURACY}" in h)
+    assert_same_as_jsonl(run, loss, accuracy)
+
+
+def test_trackio_local_store_holds_loss_and_held_out_accuracy_at_their_steps(tmp_path, monkeypatch):
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("trackio is not installed: pip install 'posttrain[trackio]'")
+    store = tmp_path / "trackio"
+    # trackio reads TRACKIO_DIR once, when it is first imported: import it afresh for this store (monkeypatch
+    # puts back any trackio modules imported before)
+    monkeypatch.setenv("TRACKIO_DIR", str(store))
+    for name in [m for m in sys.modules if m == "trackio" or m.startswith("trackio.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for var in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_BUCKET_ID"):  # local only: no Space, no server
+        monkeypatch.delenv(var, raising=False)
+    run = train(tmp_path, "trackio", project="posttrain-tests", run_name=NAME)
+    assert (store / "posttrain-tests.db").is_file()
+
+    def values(metric: str) -> dict[int, float]:
+        """trackio's step (its own count of log calls, one per record) -> value, with trackio's CLI reader."""
+        out = subprocess.run(
+            [sys.executable, "-m", "trackio.cli", "get", "metric", "--project", "posttrain-tests", "--run", NAME,
+             "--metric", metric, "--json"], capture_output=True, text=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+        return {v["step"]: v["value"] for v in json.loads(out)["values"]}
+
+    global_step = values("train/global_step")  # logged with every record: trackio's step -> the Trainer's step
+    loss = series((global_step[s], v) for s, v in values("train/loss").items())
+    accuracy = series((global_step[s], v) for s, v in values(f"train/{ACCURACY}").items())
+    assert_same_as_jsonl(run, loss, accuracy)
+
+
+def test_mlflow_sqlite_store_holds_loss_and_held_out_accuracy_at_their_steps(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's default local store, in tmp_path
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "posttrain-tests")
+    run = train(tmp_path, "mlflow", run_name=NAME)
+    client = MlflowClient(tracking_uri=uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("posttrain-tests").experiment_id])
+    assert found.info.run_name == NAME and found.info.status == "FINISHED"
+
+    def history(metric: str) -> Series:
+        return series((m.step, m.value) for m in client.get_metric_history(found.info.run_id, metric))
+
+    assert_same_as_jsonl(run, history("loss"), history(ACCURACY))  # MLflow keeps the Trainer's own key names
+
+
+def test_tensorboard_event_files_hold_loss_and_held_out_accuracy_at_their_steps(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    run = train(tmp_path, "tensorboard")
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+
+    def scalars(tag: str) -> Series:
+        return series((e.step, e.value) for e in events.Scalars(tag))
+
+    assert_same_as_jsonl(run, scalars("train/loss"), scalars(f"train/{ACCURACY}"), approx=True)
+
+
+def test_every_tracker_preflight_checks_is_an_extra_named_as_report_to_names_it():
+    from posttrain.preflight import TRACKER_MODULES
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert set(TRACKER_MODULES) <= set(project["optional-dependencies"])
+    assert not [d for d in project["dependencies"] if d.split(">")[0].split("=")[0] in TRACKER_MODULES]  # extras only
+
+
+def test_a_rehearsal_leaves_out_a_tracker_that_is_not_installed_and_says_so(tmp_path, monkeypatch):
+    from posttrain.preflight import MachineError
+    from posttrain.rehearse import prepare_rehearsal
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))  # fmt: skip
+    recipe = {"name": "r", "trainer": "sft", "model": {"tiny": {"task": "arithmetic"}},
+              "data": {"train": {"synthetic": "arithmetic", "split": "train", "n": 64}},
+              "training": {"max_steps": 4, "report_to": ["tensorboard"]}}  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(MachineError, match=r"pip install 'posttrain\[tensorboard\]'") as err:
+        load_and_validate(path)
+    rehearsal = prepare_rehearsal(err.value.recipe, tmp_path / "reh")
+    assert yaml.safe_load(rehearsal.recipe_path.read_text())["training"]["report_to"] == "none"
+    assert any("logging to tensorboard" in line for line in rehearsal.not_rehearsed)
