@@ -81,16 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a value in every stage's recipe (repeatable)")  # fmt: skip
     p.set_defaults(func=cmd_quickstart)
 
-    p = sub.add_parser("eval", help="evaluate a model on a benchmark suite; results go to the results store")
-    p.add_argument("--model", required=True, help="model dir (e.g. runs/x/final) or hub id")
-    p.add_argument("--suite", required=True, help="suite YAML, e.g. eval/suites/arithmetic.yaml")
-    p.add_argument("--backend", choices=BACKENDS, default="hf")
-    p.add_argument("--store", default="eval/results.db", help="SQLite results store (default eval/results.db)")
-    p.add_argument("--samples-dir", default="eval/samples", help="per-sample outputs (jsonl per benchmark)")
-    p.add_argument("--limit", type=positive_int, default=None, help="evaluate at most N rows per benchmark")
-    p.add_argument("--label", default=None, help="display name in the leaderboard (default: derived from --model)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.set_defaults(func=cmd_eval)
+    _add_eval_command(sub.add_parser("eval", help="evaluate a model on a suite; results go to the results store"))
 
     p = sub.add_parser("leaderboard", help="write leaderboard.md and leaderboard.html from the results store")
     p.add_argument("--out", default="eval/reports", help="output dir (default eval/reports)")
@@ -99,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_leaderboard)
 
     _add_push_command(sub.add_parser("push", help="upload a run's final/ (with its model card) and report to the Hub"))
+    _add_launch_command(sub.add_parser("launch", help="write an sbatch script running a recipe over several nodes"))
 
     p = sub.add_parser("recipes", help="list shipped recipes")
     p.set_defaults(func=cmd_recipes)
@@ -120,6 +112,63 @@ def _add_push_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its visibility)")  # fmt: skip
     p.add_argument("--revision", default=None, metavar="BRANCH", help="commit to this branch (created when missing; default main)")  # fmt: skip
     p.set_defaults(func=cmd_push)
+
+
+def _add_eval_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model dir (e.g. runs/x/final) or hub id (required)")
+    p.add_argument("--suite", help="suite YAML, e.g. eval/suites/arithmetic.yaml (required)")
+    p.add_argument("--backend", choices=BACKENDS, default="hf")
+    p.add_argument("--store", default="eval/results.db", help="SQLite results store (default eval/results.db)")
+    p.add_argument("--samples-dir", default="eval/samples", help="per-sample outputs (jsonl per benchmark)")
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate at most N rows per benchmark")
+    p.add_argument("--label", default=None, help="display name in the leaderboard (default: derived from --model)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--store-timeout", type=float, default=None, metavar="SECONDS",
+                   help="wait this long for another writer's lock, then keep the results beside the store (default 30)")  # fmt: skip
+    p.add_argument("--flush-pending", action="store_true",
+                   help="only store the results writers left beside a locked --store (docs/evaluation.md)")  # fmt: skip
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_launch_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--slurm", action="store_true", help="write a Slurm sbatch script (docs/scaling.md)")
+    p.add_argument("--nodes", type=positive_int, required=True, help="training nodes")
+    p.add_argument("--gpus-per-node", type=positive_int, required=True, help="GPUs, i.e. processes, per training node")
+    p.add_argument("--vllm-nodes", type=non_negative_int, default=0, help="nodes serving rollouts with trl vllm-serve "
+                   "(0 or 1; the recipe gets rollout.vllm.mode=server with that node's address)")  # fmt: skip
+    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--time", default=None, help="Slurm time limit, e.g. 24:00:00")
+    p.add_argument("--port", type=positive_int, default=None, help="rendezvous port on the first node (default 29500)")
+    p.add_argument("--out", default=None, metavar="FILE", help="the script (default slurm/<recipe name>.sbatch)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, passed on to every node's `posttrain train` (repeatable)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the launch, batch geometry and memory plan for nodes x GPUs processes; write nothing")  # fmt: skip
+    p.add_argument("--gpu-memory", default="80GiB", type=memory_size, help="device size the --dry-run plan assumes")
+    p.set_defaults(func=cmd_launch)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from posttrain.shipped import find_shipped
+    from posttrain.slurm import prepare_launch, sbatch_script
+
+    if not (args.slurm or args.dry_run):
+        raise PosttrainError("posttrain launch: pass --slurm to write the sbatch script (or --dry-run for the plan)")
+    prepared = prepare_launch(
+        find_shipped(args.recipe), nodes=args.nodes, gpus_per_node=args.gpus_per_node, vllm_nodes=args.vllm_nodes,
+        overrides=args.overrides, workdir=Path.cwd(), script=Path(args.out) if args.out else None,
+        partition=args.partition, time=args.time, port=args.port, plan=args.dry_run, gpu_memory=args.gpu_memory,
+    )  # fmt: skip
+    print("\n".join(f"- {line}" for line in prepared.lines))
+    if prepared.unmet is not None:
+        print(f"# not checked here (this machine cannot run it; the nodes must)\n{prepared.unmet}", file=sys.stderr)
+    if args.dry_run:
+        return 0
+    prepared.script.parent.mkdir(parents=True, exist_ok=True)
+    prepared.script.write_text(sbatch_script(prepared.job))
+    print(f"wrote {prepared.script}; submit it with: sbatch {prepared.script}")
+    return 0
 
 
 def _add_tiny_model_command(p: argparse.ArgumentParser) -> None:
@@ -265,13 +314,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from posttrain.evaluation.suite_runner import format_outcomes, run_suite
     from posttrain.shipped import find_shipped
 
-    store = ResultsStore(args.store)
+    if args.flush_pending:
+        store = ResultsStore(args.store, create=False, timeout=args.store_timeout)
+        waiting = len(store.pending())
+        print(f"{args.store}: stored {store.flush_pending()} new result(s) from the {waiting} file(s) that waited in "
+              f"{store.pending_dir}/")  # fmt: skip
+        return 0
+    if args.model is None or args.suite is None:
+        raise PosttrainError("posttrain eval: --model and --suite are required (or --flush-pending alone)")
+    store = ResultsStore(args.store, timeout=args.store_timeout)
     outcomes = run_suite(
         args.model, find_shipped(args.suite, "suites"), backend=args.backend, store=store, samples_dir=Path(args.samples_dir),
         limit=args.limit, label=args.label, batch_size=args.batch_size,
     )  # fmt: skip
     print(format_outcomes(outcomes))
-    print(f"stored in {args.store}; per-sample outputs under {args.samples_dir}/")
+    if not store.kept:
+        print(f"stored in {args.store}; per-sample outputs under {args.samples_dir}/")
+        return 0
+    print(f"warning: {args.store} stayed locked by another writer for {store.timeout:g} s: {len(store.kept)} of "
+          f"{len(outcomes)} result(s) kept in {store.pending_dir}/, which the next `posttrain eval` into this store "
+          f"loads (or `posttrain eval --flush-pending --store {args.store}`); per-sample outputs under "
+          f"{args.samples_dir}/; nothing was lost", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -282,10 +345,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     if not Path(args.store).exists():
         raise PosttrainError(f"{args.store}: no results store yet; run `posttrain eval` first")
-    md, html = write_leaderboard(
-        ResultsStore(args.store, create=False), Path(args.out), Path(args.runs), curves_for=run_curves
-    )
+    store = ResultsStore(args.store, create=False)
+    md, html = write_leaderboard(store, Path(args.out), Path(args.runs), curves_for=run_curves)
     print(f"wrote {md} and {html}")
+    if store.pending():
+        print(f"warning: {len(store.pending())} result(s) wait in {store.pending_dir}/ and are not in this leaderboard "
+              f"yet: `posttrain eval --flush-pending --store {args.store}` stores them", file=sys.stderr)  # fmt: skip
     return 0
 
 

@@ -12,6 +12,15 @@ final/                   the trained model + tokenizer (from_pretrained-loadable
 eval/<name>.json         held-out results before/after training, with per-sample outputs
 mixture.json             a mixed data.train's sources with their requested and realised shares
 report.md, *.png         curves and tables
+.run_nonce               only while a multi-process run starts: global rank 0's nonce, which every rank must read
+                         back (`posttrain.models.processes.confirm_shared_run_dir`); removed once all have
+
+Who writes what under a multi-process (multi-node) launch, into the one run dir every node must share
+(docs/scaling.md): global rank 0 alone writes recipe.resolved.yaml, base_model/ (model.tiny), metrics.jsonl, eval/,
+mixture.json, report.md, each checkpoint's model weights, trainer state and `.complete` marker (after every rank has
+saved), and final/ (gathered from every rank under ZeRO-3). Every rank writes its own `rng_state_<rank>.pth` into
+each checkpoint and, under DeepSpeed, its own ZeRO partitions (`global_step<n>/zero_pp_rank_<rank>_*`). A node's
+local rank 0 writes nothing of the run.
 
 States (`RunDir.state`), decided before a run starts: `new` (nothing of a run there), `failed` (files of a run but
 no complete checkpoint and no final/: restarted from scratch, the old files moved aside to `<dir>.failed-<time>/`),
@@ -36,6 +45,7 @@ from posttrain.recipe import Recipe, to_yaml
 COMPLETE_MARKER = ".complete"
 FINAL_INFO = "posttrain_final.json"  # in final/: the step the model was saved at
 SUPERSEDED = "metrics.superseded.jsonl"
+RUN_NONCE = ".run_nonce"  # written by global rank 0 at start, read back by every rank (the run dir is shared)
 MIXTURE_FILE = "mixture.json"  # a mixed data.train: each source's requested and realised share (data/mixture.py)
 # Weight files of a checkpoint that predates the file manifest in `.complete` (Trainer, PEFT, DeepSpeed, accelerate).
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors",

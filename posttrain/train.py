@@ -19,12 +19,13 @@ def train_recipe(recipe: Recipe, resume: bool = False):
     """Run `recipe` into its run dir, settled first (`RunDir.prepare`): a failed run starts again (its files moved
     aside), an interrupted one continues with resume=True, a finished one resumed returns what it recorded and
     changes nothing."""
-    from posttrain.models.processes import process_state
+    from posttrain.models.processes import confirm_shared_run_dir, process_state
 
     module = trainer_module(recipe.trainer, recipe.where)
     run = RunDir(recipe.run_dir())
     planned = planned_steps(recipe)
     process = process_state()  # first in the process: a DeepSpeed launch on CPUs needs its backend named
+    confirm_shared_run_dir(run.path)  # every rank sees the same run dir (a node-local output_dir is refused)
     seen = run.state(planned)  # every process reads the dir before the main process changes it
     process.wait_for_everyone()
     state = run.prepare(recipe, resume=resume, planned_steps=planned, state=seen, is_main=process.is_main_process)
@@ -73,14 +74,18 @@ def dry_run_plan(recipe: Recipe, gpu_memory: str = "80GiB", accelerate_config: s
 def memory_lines(recipe: Recipe, gpu_memory: str = "80GiB", accelerate_config: str | None = None) -> list[str]:
     """The recipe's memory plan per device on its accelerate config (posttrain.models.memory), or why there is
     none (a tiny or diffusion model, an unknown hub model)."""
-    from posttrain.models.memory import model_shape, parse_size, plan_for, read_launch
+    from posttrain.models.memory import model_shape, parse_size, plan_for, planned_launch, read_launch
 
     if recipe.model.tiny is not None:
         return ["memory plan: a tiny local model (a few MB); none needed"]
     config = accelerate_config or (recipe.resolve_path(recipe.accelerate_config) if recipe.accelerate_config else None)
     source = recipe.resolve_path(recipe.model.path or "")
     plan = plan_for(
-        recipe, get_spec(recipe.trainer, recipe.where), read_launch(config), parse_size(gpu_memory), model_shape(source)
+        recipe,
+        get_spec(recipe.trainer, recipe.where),
+        planned_launch() or read_launch(config),
+        parse_size(gpu_memory),
+        model_shape(source),
     )
     if plan is None:
         return [f"memory plan: the shape of '{source}' is unknown here (not a causal LM with a readable config.json)"]

@@ -14,7 +14,14 @@ PACKAGES = ("posttrain", "reward_models")
 
 # Floors of docs/architecture.md, top to bottom: a module may import modules of its own floor or lower ones.
 FLOORS = [
-    ("posttrain.cli", "posttrain.quickstart", "posttrain.rehearse", "posttrain.hub", "posttrain.__main__"),
+    (
+        "posttrain.cli",
+        "posttrain.quickstart",
+        "posttrain.rehearse",
+        "posttrain.hub",
+        "posttrain.slurm",
+        "posttrain.__main__",
+    ),
     ("posttrain.train",),
     ("posttrain.trainers",),
     ("posttrain.registry", "posttrain.preflight", "posttrain.rehearsal_edit", "posttrain.model_card"),

@@ -325,6 +325,24 @@ def _file_cases(tmp_path: Path) -> list[tuple[list[str], list[str]]]:
         (["eval", "--model", "m", "--suite", "s.yaml", "--batch-size", "0"], ["--batch-size", "must be >= 1"]),
         (["eval", "--model", "m", "--suite", "s.yaml", "--limit", "ten"], ["--limit", "expected an integer"]),
         (["eval", "--model", "m", "--suite", "s.yaml", "--backend", "tpu"], ["invalid choice: 'tpu'"]),
+        (["eval", "--suite", "s.yaml"], ["--model and --suite are required"]),
+        (["launch", str(good), "--slurm", "--nodes", "0", "--gpus-per-node", "8"], ["--nodes", "must be >= 1"]),
+        (["launch", str(good), "--nodes", "2", "--gpus-per-node", "8"], ["pass --slurm"]),
+        (["launch", str(good), "--slurm", "--nodes", "2", "--gpus-per-node", "1", "--vllm-nodes", "2"], ["one node"]),
+        (
+            [
+                "launch",
+                str(good),
+                "--dry-run",
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "1",
+                "--set",
+                "rollout.num_generations=16",
+            ],
+            ["num_generations (16) must divide the generation batch", "1 process(es)"],
+        ),  # fmt: skip
         (
             [
                 "eval",

@@ -65,7 +65,7 @@ def run_suite(
                               metrics=result.summary(), n=result.n, suite=suite.name,
                               suite_version=suite.version)  # fmt: skip
         record.samples_path = str(_save_samples(samples_dir, label, spec.name, record.settings_hash, result))
-        store.add(record)
+        store.add(record)  # a store locked past its timeout keeps the record pending beside it (store.kept)
         outcomes.append(SuiteOutcome(record, result, reruns=len(store.previous_identical(record))))
     return outcomes
 

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +138,26 @@ def read_launch(path: str | Path | None) -> Launch:
         offload_params=ds.get("offload_param_device", "none") not in ("none", None),
         source=str(path),
     )
+
+
+# The launch a plan is made for when it is not this process's own: `posttrain launch --nodes N --gpus-per-node G`
+# plans (and checks the batch of) a job of N x G processes from a process that is not part of it.
+_PLANNED_LAUNCH: ContextVar[Launch | None] = ContextVar("planned_launch", default=None)
+
+
+@contextmanager
+def planning_for(launch: Launch) -> Iterator[Launch]:
+    """Within the block, plans and batch checks count `launch` (`planned_launch`) instead of the recipe's config."""
+    token = _PLANNED_LAUNCH.set(launch)
+    try:
+        yield launch
+    finally:
+        _PLANNED_LAUNCH.reset(token)
+
+
+def planned_launch() -> Launch | None:
+    """The launch set by an enclosing `planning_for`, else None."""
+    return _PLANNED_LAUNCH.get()
 
 
 def launch_of_this_process() -> Launch | None:

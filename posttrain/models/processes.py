@@ -8,12 +8,22 @@ every rank writes the run dir. (`accelerate launch --cpu` and a `MULTI_CPU` conf
 unless run under mpirun.) The fix is the first `PartialState` of the process, built with what accelerate needs
 to see the real world: `cpu=True` for DDP over gloo; for DeepSpeed, the gloo backend that DeepSpeed's CPU
 accelerator initialises (`cpu=True` would turn DeepSpeed off). Everything else is accelerate's own state.
+
+Also here: the check every multi-process run takes at start that all its ranks see one run dir
+(`confirm_shared_run_dir`, docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import time
+import uuid
+from pathlib import Path
 from typing import Any
+
+from posttrain.errors import PosttrainError
+from posttrain.runs import RUN_NONCE, write_atomic
 
 
 def launched_on_cpu() -> bool:
@@ -56,6 +66,68 @@ def end_processes() -> None:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+class RunDirNotShared(PosttrainError):
+    """The processes of a launch do not all see the same run dir (`confirm_shared_run_dir`)."""
+
+
+def confirm_shared_run_dir(path: Path, wait_s: float = 10.0) -> None:
+    """Refuse to start unless every process sees the same run dir: global rank 0 writes a fresh nonce into
+    `<path>/.run_nonce` (RUN_NONCE) and broadcasts it, every rank reads the file it finds at its own `path`, the
+    verdicts are gathered, and when any rank saw no file or another nonce every rank raises the same PosttrainError
+    (so none is left waiting in a collective); rank 0 then removes the file. A no-op in a single-process run.
+
+    Two nodes whose run dirs are different directories (output_dir on a node-local disk, or set differently per
+    node) would each write a half of the run that the other never reads (rank 0's checkpoints, a ZeRO-3 shard on
+    every rank): caught here, before anything is written. A rank polls for up to `wait_s` seconds, listing the dir
+    each time, because NFS may cache a lookup that found no file for a few seconds."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    rank = dist.get_rank()
+    sent = [None]  # (nonce, why rank 0 could not write it)
+    if rank == 0:
+        sent = [(uuid.uuid4().hex, None)]
+        try:
+            write_atomic(path / RUN_NONCE, sent[0][0])
+        except OSError as err:  # told to every rank, which would otherwise wait for it in the next collective
+            sent = [(None, f"{type(err).__name__}: {err}")]
+    dist.broadcast_object_list(sent, src=0)  # returns once rank 0 has written the file
+    nonce, failed = sent[0]
+    if failed:
+        raise RunDirNotShared(f"global rank 0 cannot write the run dir {path} ({failed}); nothing was trained")
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (socket.gethostname(), str(path.resolve()), _nonce_seen(path, nonce, wait_s)))
+    if rank == 0:
+        (path / RUN_NONCE).unlink(missing_ok=True)
+    blind = [(r, host, where, what) for r, (host, where, what) in enumerate(seen) if what != "the same nonce"]
+    if blind:
+        host0, where0, _ = seen[0]
+        shown = "; ".join(f"rank {r} on {host} found {what} in {where}" for r, host, where, what in blind[:4])
+        more = f" (and {len(blind) - 4} more ranks)" if len(blind) > 4 else ""
+        raise RunDirNotShared(
+            f"the run dir is not shared: global rank 0 on {host0} wrote a nonce to {where0}/{RUN_NONCE}, but {shown}"
+            f"{more}. The run dir (output_dir) must be on a shared filesystem that every node mounts at the same path, "
+            "with the same output_dir on every node; nothing was trained"
+        )
+
+
+def _nonce_seen(path: Path, nonce: str, wait_s: float) -> str:
+    """What this rank finds at `path/RUN_NONCE`: 'the same nonce', 'another nonce' or 'no such file'."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.listdir(path)  # revalidates the dir's cached entries on NFS before the file is opened
+            found = (path / RUN_NONCE).read_text().strip()
+        except OSError:
+            found = None
+        if found == nonce:
+            return "the same nonce"
+        if time.monotonic() >= deadline:
+            return "no such file" if found is None else "another nonce"
+        time.sleep(0.5)
 
 
 # `posttrain train --rehearse` sets this to a step: after the checkpoint of that step is written and marked complete,

@@ -110,6 +110,7 @@ def load_train_data(recipe: Recipe, schema: str | tuple[str, ...] | None, run: R
     with `run`, written to its mixture.json (the report shows them)."""
     from posttrain.data import format_prompts, load_source
     from posttrain.data.mixture import realised_shares, write_summary
+    from posttrain.models.processes import process_state
     from posttrain.report import mixture_table
 
     origin = f"{recipe.where}: data.train"
@@ -119,7 +120,7 @@ def load_train_data(recipe: Recipe, schema: str | tuple[str, ...] | None, run: R
     rows, mixture = realised_shares(rows, spec, "data.train")
     if mixture is not None:
         print("\n".join(mixture_table(mixture)))
-        if run is not None:
+        if run is not None and process_state().is_main_process:  # one writer: the ranks' atomic writes would race
             write_summary(run.path, mixture)
     return format_prompts(
         rows,

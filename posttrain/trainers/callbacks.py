@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from posttrain.models.processes import stop_after_checkpoint
+from posttrain.models.processes import process_state, stop_after_checkpoint
 from posttrain.runs import RunDir, mark_complete
 
 # Short names for the progress bar, first match wins.
@@ -41,6 +41,7 @@ class CheckpointMarker(TrainerCallback):
     """Mark a checkpoint complete once the Trainer finished writing it; resume only trusts marked ones."""
 
     def on_save(self, args, state, control, **kwargs):
+        process_state().wait_for_everyone()  # every rank has written its rng_state_<rank>.pth: the marker lists it
         if state.is_world_process_zero:
             from pathlib import Path
 

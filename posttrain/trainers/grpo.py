@@ -91,9 +91,14 @@ def batch_geometry(recipe: Recipe, num_processes: int = 1) -> dict[str, int]:
 
 
 def plan_processes(recipe: Recipe) -> int:
-    """Processes a plan counts: this launch's (WORLD_SIZE), else the recipe's accelerate_config's, else 1."""
+    """Processes a plan counts: the planned launch's (`posttrain launch --nodes N --gpus-per-node G`), else this
+    launch's (WORLD_SIZE), else the recipe's accelerate_config's, else 1."""
     import os
 
+    from posttrain.models.memory import planned_launch
+
+    if planned_launch() is not None:
+        return planned_launch().processes
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
     if recipe.accelerate_config:
