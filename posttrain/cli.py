@@ -182,7 +182,7 @@ def _add_tiny_model_command(p: argparse.ArgumentParser) -> None:
 
 
 def _add_data_commands(p: argparse.ArgumentParser) -> None:
-    """`posttrain data polar-pretrain | polar-finetune`."""
+    """`posttrain data polar-pretrain | polar-finetune | graded-samples`."""
     data = p.add_subparsers(dest="data_command", required=True)
     d = data.add_parser("polar-pretrain", help="sample a pool of policies into POLAR pretraining triplets")
     d.add_argument("--policies", nargs="+", required=True, metavar="MODEL", help="model dirs or hub ids (>= 2)")
@@ -204,6 +204,18 @@ def _add_data_commands(p: argparse.ArgumentParser) -> None:
     d.add_argument("--field", default=None, help="the ranked list's field (default 'ranked') or reference field "
                    "(default 'reference')")  # fmt: skip
     d.set_defaults(func=cmd_data_polar_finetune)
+    d = data.add_parser("graded-samples", help="sample a model on prompts with answers; label each sample by a grader")
+    d.add_argument("--model", required=True, help="model dir (or hub id) to sample")
+    d.add_argument("--data", required=True, help="a data source with prompt + answer columns: a file, or a recipe "
+                   "source as YAML, e.g. '{synthetic: arithmetic, split: train}'")  # fmt: skip
+    d.add_argument("--out", required=True, help="output jsonl (prompt, completion, label: true when graded correct)")
+    d.add_argument("--samples", type=positive_int, default=2, help="completions per prompt")
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--max-new-tokens", type=positive_int, default=256)
+    d.add_argument("--grader", default="numeric_match", help="a benchmark grader (see eval/suites)")
+    d.add_argument("--limit", type=positive_int, default=None, help="use the first N prompts")
+    d.add_argument("--seed", type=non_negative_int, default=0)
+    d.set_defaults(func=cmd_data_graded_samples)
 
 
 def cmd_data_polar_pretrain(args: argparse.Namespace) -> int:
@@ -233,6 +245,23 @@ def cmd_data_polar_finetune(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in out))
     print(f"wrote {len(out)} POLAR rows to {args.out}")
+    return 0
+
+
+def cmd_data_graded_samples(args: argparse.Namespace) -> int:
+    import yaml
+
+    from posttrain.evaluation.graded_samples import SampleBuild, build_graded_samples
+
+    source = yaml.safe_load(args.data)
+    source = source if isinstance(source, dict) else {"path": args.data}
+    if args.limit is not None:
+        source["limit"] = args.limit
+    build = SampleBuild(model=args.model, data=source, samples=args.samples, temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens, grader=args.grader, seed=args.seed)  # fmt: skip
+    counts = build_graded_samples(build, Path(args.out))
+    print(f"wrote {counts['rows']} rows to {args.out}: {counts['desirable']} graded correct (label true), "
+          f"{counts['undesirable']} wrong (label false); {counts['empty']} empty completions left out")  # fmt: skip
     return 0
 
 

@@ -34,6 +34,7 @@ TRAINERS: dict[str, str] = {
     "seppo": "posttrain.trainers.seppo",
     "dpo": "posttrain.trainers.dpo",
     "rloo": "posttrain.trainers.rloo",
+    "kto": "posttrain.trainers.kto",
 }
 
 # Library-config fields that the recipe's `rollout` section owns (set them there, not under training/algorithm).

@@ -219,6 +219,9 @@ CHAT_CASES = [  # (id, trainer, model.tiny, data.chat_template, rows, words)
     ("prompt-unknown-role", "dpo", CHAT, False,
      [{"chosen": _turns(("user", "a"), ("critic", "no"), ("assistant", "b")),
        "rejected": _turns(("user", "a"), ("critic", "no"), ("assistant", "c"))}], ["row 1", "critic"]),
+    ("unpaired-label", "kto", {"task": "arithmetic"}, False,  # plain rows, the same per-trainer shape
+     [{"prompt": "1+1=", "completion": "2", "label": "yes"}, {"prompt": "1+1=", "completion": "3", "label": "no"}],
+     ["row 1", "label must be true (desirable) or false (undesirable)", "'yes'"]),
 ]  # fmt: skip
 
 

@@ -19,6 +19,9 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),  # chat conversations (posttrain.data.chat), SFT's alternative to prompt/completion
     "preference": ("prompt", "chosen", "rejected"),
+    # One completion judged on its own: label true = desirable, false = undesirable (both kinds must occur). A
+    # source of pairs is read as pairs instead (sources.paired_schema); the trainer unpairs them.
+    "unpaired": ("prompt", "completion", "label"),
     "polar_triplet": ("prompt", "reference", "chosen", "rejected"),
     "prompt_image": ("prompt", "image"),
     "prompt": ("prompt",),
@@ -64,6 +67,8 @@ def validate(
     table = ds.with_format("arrow")
     firsts = [i for i in (_first_missing(table[name]) for name in fields) if i is not None]
     if not firsts:
+        if "label" in fields:
+            _check_labels(table["label"], origin, row_numbers)
         return
     i = min(firsts)
     row = table[i].to_pylist()[0]
@@ -95,3 +100,25 @@ def _is_missing(value: Any) -> bool:
     if isinstance(value, str):
         return not value.strip()
     return isinstance(value, list) and not value
+
+
+def _check_labels(column: pa.ChunkedArray | pa.Array, origin: str, row_numbers: Sequence[int] | None) -> None:
+    """An unpaired preference label is a boolean (true = desirable, false = undesirable), and data of one kind
+    only states no preference (the losses over such data weigh desirable against undesirable examples)."""
+    import pyarrow as pa
+
+    if not pa.types.is_boolean(column.type):
+        values = column.to_pylist()
+        i = next(i for i, v in enumerate(values) if not isinstance(v, bool))
+        number = row_numbers[i] if row_numbers is not None else i + 1
+        raise DataError(
+            f"{origin}: row {number}: label must be true (desirable) or false (undesirable), got {values[i]!r}"
+        )
+    kinds = set(column.to_pylist())
+    if len(kinds) == 1:
+        names = {True: "true (desirable)", False: "false (undesirable)"}
+        (only,) = kinds
+        raise DataError(
+            f"{origin}: every row's label is {names[only]}; unpaired preference data needs rows labelled "
+            f"{names[not only]} too"
+        )

@@ -76,13 +76,27 @@ def load_source(spec: Mapping[str, Any], *, base_dir: Path | None = None, origin
         ds = ds.select(order)
     if spec.get("schema") is not None:
         numbers = lines if order is None else [lines[i] if lines else i + 1 for i in order]
-        schema = conversational_schema(ds, spec["schema"])
+        schema = conversational_schema(ds, paired_schema(ds, spec["schema"]))
         if _wants_split(ds, schema):
             from posttrain.data.chat import split_transcripts
 
             ds = split_transcripts(ds, origin, numbers)
         validate(ds, schema, origin, row_numbers=numbers)
     return ds
+
+
+def paired_schema(ds: Dataset, schema: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    """The fields to check in `ds`: unpaired preference rows (completion + label) are read as pairs when the source
+    holds chosen/rejected and neither completion nor label (each pair is one desirable and one undesirable row; the
+    trainer unpairs them). Transcripts without a prompt column are then split like any preference pair."""
+    from posttrain.data.schemas import SCHEMAS
+
+    fields = SCHEMAS[schema] if isinstance(schema, str) and schema in SCHEMAS else tuple(schema)
+    columns = set(ds.column_names)
+    pairs = bool({"chosen", "rejected"} & columns) and not {"completion", "label"} & columns
+    if pairs and {"completion", "label"} <= set(fields):
+        return tuple(f for f in fields if f not in ("completion", "label")) + ("chosen", "rejected")
+    return schema
 
 
 def conversational_schema(ds: Dataset, schema: str | tuple[str, ...]) -> str | tuple[str, ...]:

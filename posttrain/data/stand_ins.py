@@ -12,14 +12,14 @@ from typing import Any
 
 def text_rows(fields: tuple[str, ...], n: int, rng: random.Random) -> list[dict[str, Any]]:
     """`n` rows with a value for each of `fields`: small sums as prompts, with answers, completions, preference
-    pairs and references that fit them; any other field gets a short text."""
+    pairs and references that fit them, unpaired labels alternating true/false; any other field gets a short text."""
     rows = []
     for i in range(n):
         a, b = rng.randint(1, 49), rng.randint(1, 49)
         good, bad = f"{a} + {b} = {a + b}. The answer is {a + b}.", f"{a} + {b} = {a + b + 1}. The answer is {a + b + 1}."  # fmt: skip
         known = {"prompt": f"What is {a} + {b}?", "answer": str(a + b), "completion": good, "chosen": good,
                  "rejected": bad, "reference": good, "solution": f"{a} + {b} = {a + b}\n#### {a + b}",
-                 "carry": (a % 10 + b % 10) >= 10}  # fmt: skip
+                 "carry": (a % 10 + b % 10) >= 10, "label": i % 2 == 0}  # fmt: skip
         rows.append({f: known.get(f, f"{f} {i}") for f in fields})
     return rows
 
