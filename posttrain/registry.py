@@ -35,6 +35,7 @@ TRAINERS: dict[str, str] = {
     "dpo": "posttrain.trainers.dpo",
     "rloo": "posttrain.trainers.rloo",
     "kto": "posttrain.trainers.kto",
+    "distill": "posttrain.trainers.distill",
 }
 
 # Library-config fields that the recipe's `rollout` section owns (set them there, not under training/algorithm).
@@ -89,6 +90,9 @@ class TrainerSpec:
     generates: bool = False  # samples completions from the policy while it trains (rollouts, rewards)
     sequences_per_row: int = 1  # sequences one training row becomes (chosen + rejected: 2; POLAR's triplet: 3)
     reference_model: bool = False  # holds a frozen copy of the policy when the library's `beta` is > 0
+    # The options field naming a frozen teacher model (a dir or hub id) the trainer holds beside the policy: the
+    # memory plan counts its weights (read from the teacher's own config.json).
+    teacher_option: str | None = None
     length_key: str | None = "max_length"  # the setting bounding a row's tokens (a generating trainer: the rollout's)
     paper: str = ""  # the method's paper as a markdown link ("[title](arXiv URL)"): the run's model card cites it
 
@@ -213,7 +217,10 @@ def _validate_trainer_sections(recipe: Recipe, spec: TrainerSpec, found: list) -
         found.append(RecipeError(f"{recipe.where}: trainer '{spec.name}' needs at least one entry under 'rewards'"))
     own_checks = getattr(trainer_module(spec.name), "problems", None)
     if own_checks is not None:
-        found.extend(RecipeError(f"{recipe.where}: {message}") for message in own_checks(recipe))
+        # A message is a problem of the recipe; an error (e.g. preflight's MachineError: an input an earlier step
+        # writes) is kept as its own kind, so `--dry-run` and `--rehearse` treat it as they treat a missing model.path.
+        for problem in own_checks(recipe):
+            found.append(problem if isinstance(problem, PosttrainError) else RecipeError(f"{recipe.where}: {problem}"))
 
 
 def _coerce_section(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -23,6 +24,7 @@ class RehearsalEdit:
     did: Callable[[str], None]  # what the rehearsal exercises, listed under "exercised"
     max_accumulation: int = 2
     max_batch: int = 2
+    workdir: Path | None = None  # the rehearsal's directory: where a hook writes a stand-in of its own (a teacher)
 
     @property
     def training(self) -> dict[str, Any]:

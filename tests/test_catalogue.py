@@ -151,7 +151,14 @@ RECIPE_CASES = [
         {"data.eval": {"path": "train.jsonl", "columns": {"answer": "carry", "carry": "x"}}},
         ["data.eval"],
     ),  # fmt: skip
-]
+    # trainer: distill (its teacher a hub id: not fetched, so the checks below are the recipe's own)
+    ("distill-no-teacher", {"trainer": "distill", "rewards": [], "rollout": {"max_new_tokens": 8}},
+     ["algorithm.teacher is required"]),
+    ("distill-beta", {"trainer": "distill", "rewards": [], "rollout": {"max_new_tokens": 8},
+                      "algorithm": {"teacher": "org/teacher", "beta": 2.0}}, ["algorithm.beta must be in [0, 1]"]),
+    ("distill-groups", {"trainer": "distill", "rewards": [], "algorithm": {"teacher": "org/teacher"}},
+     ["rollout.num_generations", "one completion per prompt"]),
+]  # fmt: skip
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:

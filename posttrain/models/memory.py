@@ -7,6 +7,8 @@ Terms, each marked exact or estimate:
   processes from stage 1 on; gradients from stage 2; weights from stage 3, plus the largest layer gathered);
   without DeepSpeed, weights, gradients and both AdamW states in the training dtype; LoRA trains only the adapters;
 - the reference model (KL with `beta > 0`, full fine-tuning only: LoRA's reference is the base with adapters off);
+- a frozen teacher (a trainer whose spec names a `teacher_option`): its weights, from its own config.json, in the
+  policy's dtype;
 - vLLM's share of the device when it is colocated (`gpu_memory_utilization`, exact: vLLM reserves it);
 - estimates: the logits of the log-prob pass (batch x completion tokens x vocabulary, 16-bit logits plus the fp32
   log-softmax; often the largest term in GRPO) and the activations kept for backward (per layer about
@@ -228,6 +230,7 @@ class MemoryPlan:
             "gradients": "ZeRO-2/3 (gradients shard over the processes), or model.lora",
             "weights": "ZeRO-3 (weights shard over the processes), or model.lora with a 16-bit base",
             "reference": "algorithm.beta: 0 (no reference model) or model.lora (the base is the reference)",
+            "teacher": "a smaller teacher, a 16-bit model.dtype, or ZeRO-3 (the teacher shards over the processes)",
             "vllm": "a lower rollout.vllm.gpu_memory_utilization or vllm mode: server on other GPUs",
         }
         knob = next((v for k, v in knobs.items() if biggest.name.startswith(k)), "a smaller batch")
@@ -301,12 +304,26 @@ def plan_for(recipe: Any, spec: Any, launch: Launch, device_bytes: int, shape: M
     if spec.reference_model and (s.get("beta") or 0) > 0 and not lora:
         share = launch.processes if launch.zero_stage == 3 else 1
         plan.terms.append(Term("reference model", shape.params * weight_bytes / share, True, "beta > 0"))
+    plan.terms += teacher_terms(recipe, spec, weight_bytes, launch)
     plan.terms += reward_model_terms(recipe)
     if r.backend == "vllm" and r.vllm.mode == "colocate":
         plan.terms.append(Term("vllm (colocated)", r.vllm.gpu_memory_utilization * device_bytes, True,
                                "rollout.vllm.gpu_memory_utilization"))  # fmt: skip
     plan.terms += activation_terms(recipe, spec, shape)
     return plan
+
+
+def teacher_terms(recipe: Any, spec: Any, weight_bytes: int, launch: Launch) -> list[Term]:
+    """The frozen teacher the trainer declares (`spec.teacher_option`, the options field holding its path or hub
+    id): its weights in the policy's dtype, sharded over the processes under ZeRO-3 as the reference model is."""
+    if not spec.teacher_option or recipe.options is None or not getattr(recipe.options, spec.teacher_option):
+        return []
+    source = getattr(recipe.options, spec.teacher_option)
+    shape = model_shape(recipe.resolve_path(source))
+    if shape is None:
+        return [Term("teacher model", 0.0, False, f"not counted: the shape of '{source}' is unknown here")]
+    share = launch.processes if launch.zero_stage == 3 else 1
+    return [Term("teacher model", shape.params * weight_bytes / share, True, f"frozen, {source}")]
 
 
 def reward_model_terms(recipe: Any) -> list[Term]:

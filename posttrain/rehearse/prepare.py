@@ -123,7 +123,7 @@ class _Builder:
             self.note(f"training.precision: {self.recipe.settings.precision} -> fp32 (CPU)")
             training["precision"] = "fp32"
         self.trackers(training)
-        edit = RehearsalEdit(self.recipe, self.raw, STEPS, self.note, self.did)
+        edit = RehearsalEdit(self.recipe, self.raw, STEPS, self.note, self.did, workdir=self.out.workdir)
         hook = getattr(trainer_module(self.spec.name), "rehearse", None)
         if hook is not None:
             hook(edit)
@@ -165,9 +165,13 @@ class _Builder:
             rollout["max_new_tokens"] = MAX_NEW_TOKENS
             self.note(f"rollout.max_new_tokens: {tokens} -> {MAX_NEW_TOKENS}")
         if self.spec.generates:
-            self.did(
-                f"generation with transformers: {rollout.get('num_generations', self.recipe.rollout.num_generations)} samples per prompt"
-            )
+            from posttrain.registry import library_field_types
+
+            # Groups of samples only where the trainer's library config takes a group size (distillation: one each).
+            config = self.spec.library_config
+            grouped = config is None or "num_generations" in library_field_types(config)
+            n = rollout.get("num_generations", self.recipe.rollout.num_generations) if grouped else 1
+            self.did(f"generation with transformers: {n} sample{'s' if n != 1 else ''} per prompt")
 
     # --- rewards ---------------------------------------------------------------------------------------
 
