@@ -117,7 +117,11 @@ def _wants_split(ds: Dataset, schema: str | tuple[str, ...]) -> bool:
 
     fields = SCHEMAS[schema] if isinstance(schema, str) and schema in SCHEMAS else tuple(schema)
     columns = ds.column_names
-    return {"prompt", "chosen", "rejected"} <= set(fields) and "prompt" not in columns and {"chosen", "rejected"} <= set(columns)
+    return (
+        {"prompt", "chosen", "rejected"} <= set(fields)
+        and "prompt" not in columns
+        and {"chosen", "rejected"} <= set(columns)
+    )
 
 
 def _check_spec(spec: Any, origin: str) -> None:
