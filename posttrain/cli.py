@@ -111,6 +111,8 @@ def _add_push_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo-id", required=True, help="Hub repo, e.g. your-name/sft-arithmetic (created when missing)")
     p.add_argument("--private", action="store_true", help="create the repo private (an existing one keeps its visibility)")  # fmt: skip
     p.add_argument("--revision", default=None, metavar="BRANCH", help="commit to this branch (created when missing; default main)")  # fmt: skip
+    p.add_argument("--store", default=None, help="results store whose `posttrain eval` results of final/ the card shows "
+                   "(default eval/results.db when there)")  # fmt: skip
     p.set_defaults(func=cmd_push)
 
 
@@ -386,7 +388,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from posttrain.hub import push_run
 
-    pushed = push_run(args.run, args.repo_id, private=args.private, revision=args.revision)
+    store = args.store if args.store is not None else ("eval/results.db" if Path("eval/results.db").is_file() else None)
+    pushed = push_run(args.run, args.repo_id, private=args.private, revision=args.revision, store=store)
     print(f"pushed {args.run} to {pushed.repo_url}: {len(pushed.files)} files, final/ at the root (README.md: the "
           f"model card), the report under report/ (commit {pushed.commit_url})")  # fmt: skip
     return 0

@@ -52,13 +52,22 @@ def upload_plan(run: RunDir) -> dict[str, Path]:
     return files
 
 
-def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision: str | None = None) -> Pushed:
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    revision: str | None = None,
+    store: str | Path | None = None,
+) -> Pushed:
     """Create `repo_id` when missing (private when asked; an existing repo keeps its visibility) and commit the run's
-    `upload_plan` to it, on branch `revision` (created when missing) or main."""
+    `upload_plan` to it, on branch `revision` (created when missing) or main. With a results `store`, the card first
+    gets (or refreshes) a section with the store's results for final/ (`posttrain eval` runs after training)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     run = RunDir(run_dir)
     files = upload_plan(run)
+    if store is not None:
+        add_store_results(run, Path(store))
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)  # read now, not when huggingface_hub was imported
     step = run.final_step()
     message = f"posttrain push {run.path.name}" + (f" (step {step})" if step is not None else "")
@@ -69,6 +78,23 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, revision:
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
         info = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
     return Pushed(repo_url=str(repo_url), commit_url=str(info.commit_url), files=sorted(files))
+
+
+def add_store_results(run: RunDir, store: Path) -> None:
+    """final/README.md with the results store's section for this model (written back atomically, so the local card
+    is the uploaded one); a card-less run is left as it is."""
+    from posttrain.model_card import store_table, with_store_table
+    from posttrain.runs import write_atomic
+
+    if not store.is_file():
+        raise PushError(f"{store}: no results store there (--store names one `posttrain eval` wrote); {_NOTHING}")
+    card = run.final / CARD_NAME
+    if not card.is_file():
+        return
+    text = card.read_text()
+    updated = with_store_table(text, store_table(store, run.final))
+    if updated != text:
+        write_atomic(card, updated)
 
 
 @contextmanager

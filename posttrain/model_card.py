@@ -72,7 +72,7 @@ def build_model_card(run: RunDir, recipe: Recipe, result: Any):
         *held_out_table(run.read_metrics(), recipe.name),
         "",
         *figure_lines(run),
-        "## How to use",
+        _HOW_TO,
         "",
         "```python",
         load_snippet(spec, run.final),
@@ -185,6 +185,51 @@ def held_out_table(records: list[dict[str, Any]], stage: str) -> list[str]:
         change = "–" if a is None or b is None else f"{a - b:+.4g}"
         lines.append(f"| {key} | {_fmt(b)} | {_fmt(a)} | {change} |")
     return lines
+
+
+STORE_HEADING = "## Benchmarks (results store)"
+_HOW_TO = "## How to use"
+
+
+def store_table(store_path: Path, final: Path) -> list[str]:
+    """The results store's newest result per benchmark for the model in `final` (`posttrain eval --model` of that
+    dir, from any working directory), as a markdown section; nothing when the store has none."""
+    from posttrain.evaluation.store import ResultsStore
+
+    if not store_path.is_file():
+        return []
+    target = final.resolve()
+    found = [r for r in ResultsStore(store_path, create=False).latest() if _same_model(r, target)]
+    if not found:
+        return []
+    lines = [STORE_HEADING, "", f"`posttrain eval` results for this model in `{store_path}` (the newest per benchmark):",
+             "", "| benchmark | suite | metric | value | n |", "|---|---|---|---|---|"]  # fmt: skip
+    for record in sorted(found, key=lambda r: r.benchmark):
+        for key, value in sorted(record.metrics.items()):
+            if _is_number(value):
+                lines.append(
+                    f"| {record.benchmark} | {record.suite or '–'} | {key} | {_fmt(float(value))} | {record.n} |"
+                )
+    return [*lines, ""]
+
+
+def _same_model(record: Any, target: Path) -> bool:
+    candidates = [record.model] + ([str(Path(record.run_dir) / "final")] if record.run_dir else [])
+    return any(Path(c).expanduser().resolve() == target for c in candidates if c)
+
+
+def with_store_table(card_text: str, table: list[str]) -> str:
+    """`card_text` with its results-store section replaced by `table` (placed before "How to use")."""
+    if STORE_HEADING in card_text:
+        head, rest = card_text.split(STORE_HEADING, 1)
+        card_text = head + rest[rest.index("\n## ") + 1 :] if "\n## " in rest else head
+    if not table:
+        return card_text
+    block = "\n".join(table) + "\n"
+    if _HOW_TO in card_text:
+        head, rest = card_text.split(_HOW_TO, 1)
+        return head + block + _HOW_TO + rest
+    return card_text.rstrip("\n") + "\n\n" + block
 
 
 def _tagged(records: list[dict[str, Any]], tag: str) -> dict[str, float]:

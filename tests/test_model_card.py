@@ -274,3 +274,26 @@ def test_push_of_a_card_the_hub_rejects_names_what_it_found(sft_run, hub, capsys
     err = capsys.readouterr().err
     assert "refused final/README.md" in err and "license" in err and len(err.splitlines()) == 1
     assert hub.repos["me/x"] == {"main": {}}  # the repo was created, nothing committed
+
+
+def test_push_adds_the_results_store_s_evaluations_of_final_to_the_card_once(sft_run, hub, tmp_path, monkeypatch):
+    """`posttrain eval` results of final/ (its path as given, from another working directory too) go into the card
+    as a section, refreshed, not repeated, on the next push; other models' results stay out."""
+    from posttrain.evaluation.store import ResultRecord, ResultsStore
+
+    run, _, _ = sft_run
+    store_path = tmp_path / "results.db"
+    store = ResultsStore(store_path)
+    store.add(ResultRecord(model=str(run.final), model_label="sft", benchmark="arith", suite="arithmetic",
+                           settings={"n": 1}, metrics={"accuracy": 0.625, "accuracy_stderr": 0.02}, n=40))  # fmt: skip
+    store.add(ResultRecord(model="someone/else", model_label="else", benchmark="arith", settings={"n": 1},
+                           metrics={"accuracy": 0.111}, n=40))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["push", str(run.path), "--repo-id", "me/sft-store", "--store", str(store_path)]) == 0
+    text = hub.repos["me/sft-store"]["main"]["README.md"].decode()
+    assert text.count("## Benchmarks (results store)") == 1
+    assert "| arith | arithmetic | accuracy | 0.625 | 40 |" in text and "0.111" not in text
+    assert text.index("## Benchmarks (results store)") < text.index("## How to use")
+    assert ModelCard.load(run.final / "README.md").text == ModelCard(text).text  # the local card is the uploaded one
+    assert main(["push", str(run.path), "--repo-id", "me/x", "--store", str(tmp_path / "none.db")]) == 2
