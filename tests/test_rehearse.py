@@ -19,6 +19,12 @@ from tests.conftest import REPO
 
 SHIPPED = sorted(str(p.relative_to(recipes_dir())) for p in recipes_dir().rglob("*.yaml")
                  if p.relative_to(recipes_dir()).parts[0] != "accelerate")  # fmt: skip
+# Rehearsed in CI: one recipe per path through the rehearsal (NFT/GRPO under ZeRO-2 with dynamic sampling, GRPO with
+# a POLAR reward under ZeRO-3, POLAR pretraining, SePPO on SD 1.5, and the trainers no launch test covers: RLOO, KTO,
+# distillation). The others (`manual`: CI's 45-minute budget) rehearse the same code paths on other recipes; run
+# them with -m manual before changing a rehearsal stand-in.
+IN_CI = {"nft/qwen2.5-math-7b.yaml", "polar/grpo_qwen2.5-7b_polar.yaml", "polar/pretrain_1.5b.yaml",
+         "seppo/sd15_pickapic.yaml", "rloo/arithmetic.yaml", "kto/arithmetic.yaml", "distill/arithmetic.yaml"}  # fmt: skip
 
 
 def load(name: str, overrides: list[str] | None = None):
@@ -234,7 +240,7 @@ def test_a_failed_launch_shows_the_workers_error_not_the_launchers(tmp_path, wor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", [n if n in IN_CI else pytest.param(n, marks=pytest.mark.manual) for n in SHIPPED])
 def test_every_shipped_recipe_rehearses(name, tmp_path):
     pytest.importorskip("deepspeed")
     rehearsal = prepare_rehearsal(load(name), tmp_path / "r")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -83,17 +84,45 @@ def assert_same_as_jsonl(run: RunDir, loss: Series, accuracy: Series, approx: bo
     assert [v for _, v in accuracy] == pytest.approx([v for _, v in want_accuracy], rel=rel, abs=0)
 
 
-def test_wandb_offline_run_holds_loss_and_held_out_accuracy_at_their_steps(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_PROJECT", "posttrain-tests")
-    try:
-        run = train(tmp_path, "wandb")
-    finally:
-        wandb.finish()  # transformers leaves the run open (it ends at exit); finishing flushes its transaction log
-    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+INSTALLED = [t for t in ("wandb", "trackio", "mlflow", "tensorboard") if importlib.util.find_spec(t) is not None]
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """One run reporting to every installed tracker at once, each to its own local store under `tmp`: (run, tmp).
+    (One run, not one per tracker: each test reads its tracker's store back against the same metrics.jsonl.)"""
+    if not INSTALLED:
+        pytest.skip("no tracker installed: pip install 'posttrain[wandb,trackio,mlflow,tensorboard]'")
+    tmp = tmp_path_factory.mktemp("trackers")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_DIR", str(tmp))
+        mp.setenv("WANDB_SILENT", "true")
+        mp.setenv("WANDB_PROJECT", "posttrain-tests")
+        # trackio reads TRACKIO_DIR once, when it is first imported: import it afresh for this store (the context
+        # puts back any trackio modules imported before)
+        mp.setenv("TRACKIO_DIR", str(tmp / "trackio"))
+        for name in [m for m in sys.modules if m == "trackio" or m.startswith("trackio.")]:
+            mp.delitem(sys.modules, name)
+        for var in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_BUCKET_ID"):  # local only: no Space, no server
+            mp.delenv(var, raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")  # MLflow's default local store, in tmp
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", "posttrain-tests")
+        mp.setenv("TENSORBOARD_LOGGING_DIR", str(tmp / "tb"))
+        try:
+            run = train(tmp, INSTALLED, project="posttrain-tests", run_name=NAME)
+        finally:
+            if "wandb" in INSTALLED:
+                import wandb
+
+                wandb.finish()  # transformers leaves the run open (it ends at exit); finishing flushes its log
+        yield run, tmp, mp
+
+
+def test_wandb_offline_run_holds_loss_and_held_out_accuracy_at_their_steps(tracked):
+    pytest.importorskip("wandb")
+    run, tmp, _ = tracked
+    (run_dir,) = (tmp / "wandb").glob("offline-run-*")
     # wandb's own reader of the run's .wandb transaction log; offline, it sends nothing
     records = subprocess.run(
         [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
@@ -106,18 +135,11 @@ def test_wandb_offline_run_holds_loss_and_held_out_accuracy_at_their_steps(tmp_p
     assert_same_as_jsonl(run, loss, accuracy)
 
 
-def test_trackio_local_store_holds_loss_and_held_out_accuracy_at_their_steps(tmp_path, monkeypatch):
+def test_trackio_local_store_holds_loss_and_held_out_accuracy_at_their_steps(tracked):
     if importlib.util.find_spec("trackio") is None:
         pytest.skip("trackio is not installed: pip install 'posttrain[trackio]'")
-    store = tmp_path / "trackio"
-    # trackio reads TRACKIO_DIR once, when it is first imported: import it afresh for this store (monkeypatch
-    # puts back any trackio modules imported before)
-    monkeypatch.setenv("TRACKIO_DIR", str(store))
-    for name in [m for m in sys.modules if m == "trackio" or m.startswith("trackio.")]:
-        monkeypatch.delitem(sys.modules, name)
-    for var in ("TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL", "TRACKIO_BUCKET_ID"):  # local only: no Space, no server
-        monkeypatch.delenv(var, raising=False)
-    run = train(tmp_path, "trackio", project="posttrain-tests", run_name=NAME)
+    run, tmp, _ = tracked
+    store = tmp / "trackio"
     assert (store / "posttrain-tests.db").is_file()
 
     def values(metric: str) -> dict[int, float]:
@@ -125,6 +147,7 @@ def test_trackio_local_store_holds_loss_and_held_out_accuracy_at_their_steps(tmp
         out = subprocess.run(
             [sys.executable, "-m", "trackio.cli", "get", "metric", "--project", "posttrain-tests", "--run", NAME,
              "--metric", metric, "--json"], capture_output=True, text=True, check=True, timeout=60,
+            env={**os.environ, "TRACKIO_DIR": str(store)},
         ).stdout  # fmt: skip
         return {v["step"]: v["value"] for v in json.loads(out)["values"]}
 
@@ -134,15 +157,12 @@ def test_trackio_local_store_holds_loss_and_held_out_accuracy_at_their_steps(tmp
     assert_same_as_jsonl(run, loss, accuracy)
 
 
-def test_mlflow_sqlite_store_holds_loss_and_held_out_accuracy_at_their_steps(tmp_path, monkeypatch):
+def test_mlflow_sqlite_store_holds_loss_and_held_out_accuracy_at_their_steps(tracked):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's default local store, in tmp_path
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "posttrain-tests")
-    run = train(tmp_path, "mlflow", run_name=NAME)
-    client = MlflowClient(tracking_uri=uri)
+    run, tmp, _ = tracked
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     (found,) = client.search_runs([client.get_experiment_by_name("posttrain-tests").experiment_id])
     assert found.info.run_name == NAME and found.info.status == "FINISHED"
 
@@ -152,13 +172,12 @@ def test_mlflow_sqlite_store_holds_loss_and_held_out_accuracy_at_their_steps(tmp
     assert_same_as_jsonl(run, history("loss"), history(ACCURACY))  # MLflow keeps the Trainer's own key names
 
 
-def test_tensorboard_event_files_hold_loss_and_held_out_accuracy_at_their_steps(tmp_path, monkeypatch):
+def test_tensorboard_event_files_hold_loss_and_held_out_accuracy_at_their_steps(tracked):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
-    run = train(tmp_path, "tensorboard")
-    events = EventAccumulator(str(tmp_path / "tb"))
+    run, tmp, _ = tracked
+    events = EventAccumulator(str(tmp / "tb"))
     events.Reload()
 
     def scalars(tag: str) -> Series:
