@@ -82,6 +82,7 @@ def test_messages_sft_masks_every_token_but_the_assistant_turns(tmp_path):
     assert [t != -100 for t in batch["labels"][0].tolist()] == [bool(b) for b in expected_mask(tokenizer, convo)[0]]
 
 
+@pytest.mark.slow  # a learning run (6-12 s on 2 cores): the default run stays under 3 minutes
 def test_messages_sft_learns_the_assistant_replies(tmp_path):
     rows = [{"messages": reverse_chat(w)} for w in WORDS]
     body = sft_body(write_jsonl(tmp_path / "c.jsonl", rows * 8), max_steps=120)
@@ -114,6 +115,7 @@ def test_dry_run_prints_one_conversation_with_its_trained_span(tmp_path):
 # ------------------------------------------------------------------------------------------ chat prompts, GRPO
 
 
+@pytest.mark.slow  # a learning run (6-12 s on 2 cores): the default run stays under 3 minutes
 def test_grpo_on_chat_prompts_renders_them_and_raises_reward(tmp_path, user_rewards):
     from posttrain.models.tiny import TinySpec, save_tiny_model
 

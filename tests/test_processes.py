@@ -54,6 +54,7 @@ def _stop_steps(rank: int, port: int, budgets: list[float], out: dict) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes, ~10 s each on 2 cores
 @pytest.mark.parametrize("budgets", [[0.0, 1e9], [1e9, 0.0]], ids=["rank0-out-of-time", "rank1-out-of-time"])
 def test_a_time_budget_out_on_one_rank_stops_every_rank_at_the_same_step(budgets):
     ctx = mp.get_context("spawn")

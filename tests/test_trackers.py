@@ -119,6 +119,7 @@ def tracked(tmp_path_factory):
         yield run, tmp, mp
 
 
+@pytest.mark.slow  # the shared run: each tracker's client starts up (~20 s on 2 cores)
 def test_wandb_offline_run_holds_loss_and_held_out_accuracy_at_their_steps(tracked):
     pytest.importorskip("wandb")
     run, tmp, _ = tracked
@@ -135,6 +136,7 @@ def test_wandb_offline_run_holds_loss_and_held_out_accuracy_at_their_steps(track
     assert_same_as_jsonl(run, loss, accuracy)
 
 
+@pytest.mark.slow  # the shared run: each tracker's client starts up (~20 s on 2 cores)
 def test_trackio_local_store_holds_loss_and_held_out_accuracy_at_their_steps(tracked):
     if importlib.util.find_spec("trackio") is None:
         pytest.skip("trackio is not installed: pip install 'posttrain[trackio]'")
@@ -157,6 +159,7 @@ def test_trackio_local_store_holds_loss_and_held_out_accuracy_at_their_steps(tra
     assert_same_as_jsonl(run, loss, accuracy)
 
 
+@pytest.mark.slow  # the shared run: each tracker's client starts up (~20 s on 2 cores)
 def test_mlflow_sqlite_store_holds_loss_and_held_out_accuracy_at_their_steps(tracked):
     pytest.importorskip("mlflow")
     from mlflow import MlflowClient
@@ -172,6 +175,7 @@ def test_mlflow_sqlite_store_holds_loss_and_held_out_accuracy_at_their_steps(tra
     assert_same_as_jsonl(run, history("loss"), history(ACCURACY))  # MLflow keeps the Trainer's own key names
 
 
+@pytest.mark.slow  # the shared run: each tracker's client starts up (~20 s on 2 cores)
 def test_tensorboard_event_files_hold_loss_and_held_out_accuracy_at_their_steps(tracked):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
