@@ -140,6 +140,7 @@ def check_data(recipe: Recipe, train_schema: str | None, eval_schema: str | None
     """Open each local/synthetic data source (hub datasets are fetched only when training starts): its rows, the
     schema the trainer needs, the prompt template, the columns the rewards read, the eval slice column."""
     from posttrain.data.schemas import SCHEMAS
+    from posttrain.rollout import tools
 
     if train_schema is not None and recipe.data.train is not None:
         # The schema's fields and the columns the rewards read, each checked in every row (a missing answer would
@@ -158,6 +159,7 @@ def check_data(recipe: Recipe, train_schema: str | None, eval_schema: str | None
         if rows is not None:
             _check_template(recipe, rows, "data.train", problems)
             check_chat(recipe, rows, problems)
+            problems.extend(tools.row_problems(recipe, rows))
     held_out = recipe.eval.data or recipe.data.eval
     if eval_schema is None or held_out is None:
         return
@@ -189,7 +191,7 @@ def dry_run_tokenizer(recipe: Recipe) -> Any:
             spec = TinySpec(**recipe.model.tiny)
         except TypeError:
             return None  # check_model names the bad spec
-        tokenizer = build_tokenizer(spec.task, spec.chat)
+        tokenizer = build_tokenizer(spec.task, spec.chat, spec.tools)
     else:
         source = recipe.resolve_path(recipe.model.path or "")
         if not (Path(source) / "tokenizer_config.json").is_file():

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from posttrain.errors import RecipeError, unknown_key
-from posttrain.recipe_yaml import read_recipe_yaml
+from posttrain.recipe_yaml import deep_merge, read_recipe_yaml
 
 
 @dataclass
@@ -107,6 +107,9 @@ class RolloutSection:
     top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
     top_k: int = field(default=0, metadata={"ge": 0})  # 0 disables top-k
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
+    tools: list[str] = field(default_factory=list)  # multi-turn rollouts (posttrain.rollout.tools): module:function
+    environment: str | dict[str, str] | None = None  # module:Class, or {name: module:Class} picked by a row column
+    max_tool_calls: int | None = field(default=None, metadata={"ge": 1})  # tool-calling rounds per rollout
 
 
 @dataclass
@@ -122,6 +125,8 @@ class EvalSection:
     batch_size: int = field(default=256, metadata={"ge": 1})
     slice_column: str | None = None  # boolean/categorical column for per-slice accuracy (e.g. carry)
     limit: int | None = field(default=None, metadata={"ge": 1})  # cap on rows per benchmark (held-out and suite)
+    tools: list[str] = field(default_factory=list)  # the held-out eval's tool loop, any trainer; else rollout.tools
+    max_tool_calls: int | None = field(default=None, metadata={"ge": 1})  # else rollout.max_tool_calls
 
 
 @dataclass
@@ -239,17 +244,6 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise RecipeError(f"{path}: 'extends' must be a path to another recipe file")
     base = _read_with_extends(path.parent / parent, seen=(*seen, resolved))
     return deep_merge(base, data)
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge `update` into a copy of `base`; mappings merge, everything else is replaced."""
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> set[str]:

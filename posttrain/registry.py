@@ -43,6 +43,7 @@ ROLLOUT_OWNED = frozenset(
     {
         "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "use_vllm", "vllm_mode",
         "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "vllm_server_host", "vllm_server_port",
+        "max_tool_calling_iterations",
     }
 )  # fmt: skip
 # Library-config fields owned by other recipe sections (model, seed, output_dir, rewards, training.precision).
@@ -88,6 +89,8 @@ class TrainerSpec:
     # What the shared layers ask about the method (the memory plan, --rehearse, the dry-run plan, validation):
     model: ModelKind = "causal_lm"  # what it trains: a causal LM, a scalar-head reward model, a diffusion stack
     generates: bool = False  # samples completions from the policy while it trains (rollouts, rewards)
+    # Runs multi-turn rollouts with tools and environments (rollout.tools / rollout.environment: TRL's tool loop).
+    tools: bool = False
     sequences_per_row: int = 1  # sequences one training row becomes (chosen + rejected: 2; POLAR's triplet: 3)
     reference_model: bool = False  # holds a frozen copy of the policy when the library's `beta` is > 0
     # The options field naming a frozen teacher model (a dir or hub id) the trainer holds beside the policy: the
@@ -175,6 +178,7 @@ def validate_recipe(recipe: Recipe, problems: list | None = None) -> None:
     _validate_eval(recipe, found)
     preflight.check_rewards(recipe, found)
     preflight.check_rollout_backend(recipe, found)
+    _check_tools(recipe, spec, found)
     preflight.check_trackers(recipe, found)
     preflight.check_run_dir(recipe, found)
     preflight.check_launch(recipe, found, spec)
@@ -185,6 +189,26 @@ def validate_recipe(recipe: Recipe, problems: list | None = None) -> None:
         err = preflight.MachineError(str(err))
         err.recipe = recipe  # `--dry-run` still prints the plan of a recipe this machine can't run
     raise err
+
+
+def _check_tools(recipe: Recipe, spec: TrainerSpec | None, found: list) -> None:
+    """Multi-turn rollouts and tool-loop evaluation (posttrain.rollout.tools): the trainer runs them, the code is
+    well-formed, and the chat template can render and parse a tool-calling conversation."""
+    from posttrain import preflight
+    from posttrain.rollout import tools
+
+    if spec is None or not tools.wanted(recipe):
+        return
+    able = [name for name in TRAINERS if get_spec(name).tools] if not spec.tools else []
+    problems = tools.recipe_problems(recipe, spec, able)
+    found.extend(problems)
+    try:
+        tokenizer = None if problems and tools.REFUSED in str(problems[0]) else preflight.dry_run_tokenizer(recipe)
+    except PosttrainError as err:
+        tokenizer = found.append(err)
+    wrong = tokenizer is not None and tools.template_problem(tokenizer)
+    if wrong:
+        found.append(RecipeError(f"{recipe.where}: {'rollout' if tools.uses_tools(recipe) else 'eval'}.tools: {wrong}"))
 
 
 def _validate_trainer_sections(recipe: Recipe, spec: TrainerSpec, found: list) -> None:

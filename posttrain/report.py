@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.recipe import Recipe
-from posttrain.runs import MIXTURE_FILE, RunDir, write_atomic
+from posttrain.runs import MIXTURE_FILE, TOOL_FAILURES_FILE, TOOL_TRANSCRIPTS_FILE, RunDir, write_atomic
 
 # Training curves drawn when the caller names none (a run's report passes its trainer's own: TrainerSpec.curves).
 DEFAULT_CURVES = ("reward", "loss")
@@ -131,6 +131,9 @@ def write_run_report(run: RunDir, recipe: Recipe, result: Any, curves: Sequence[
     """report.md: steps, time, the held-out before/after table and the training curves named by `curves`."""
     # The stage's own log lines plus its "<name>:before"/":after" evaluations.
     records = [r for r in run.read_metrics() if str(r.get("stage", "")).split(":")[0] == recipe.name]
+    tool_run = (run.path / TOOL_TRANSCRIPTS_FILE).is_file()
+    if tool_run:
+        curves = (*curves, *TOOL_CURVES)
     drawn = plot_curves(records, run.path / "curves.png", f"{recipe.name} ({recipe.trainer})", curves)
     lines = [
         f"# {recipe.name}",
@@ -149,9 +152,36 @@ def write_run_report(run: RunDir, recipe: Recipe, result: Any, curves: Sequence[
         lines += [f"![training curves](curves.png) ({', '.join(drawn)})", ""]
     if (run.path / MIXTURE_FILE).is_file():
         lines += [*mixture_table(json.loads((run.path / MIXTURE_FILE).read_text())), ""]
+    if tool_run:
+        lines += [*tool_section(run.path), ""]
     path = run.path / "report.md"
     write_atomic(path, "\n".join(lines))
     return path
+
+
+TOOL_CURVES = ("tools/call_frequency", "tools/used", "tools/turns", "tools/failure_frequency")
+
+
+def tool_section(path: Path) -> list[str]:
+    """Multi-turn rollouts: the last rewarded and unrewarded transcripts, and how many tool calls failed."""
+    kept = json.loads((path / TOOL_TRANSCRIPTS_FILE).read_text())
+    lines = ["## Tool-use transcripts", ""]
+    for kind in ("rewarded", "unrewarded"):
+        example = kept.get(kind)
+        if example is None:
+            lines += [f"No {kind} rollout in training.", ""]
+            continue
+        lines += [f"{kind} (generation at step {example['step']}), reward {example['reward']:.3g}, "
+                  f"{example['turns']} turn(s):", "", "```text", example["transcript"], "```", ""]  # fmt: skip
+    failures = path / TOOL_FAILURES_FILE
+    if failures.is_file():
+        records = [json.loads(line) for line in failures.read_text().splitlines() if line.strip()]
+        tools = sorted({r["tool"] for r in records})
+        lines.append(f"{len(records)} tool call(s) failed ({', '.join(tools)}): each with its sample in "
+                     f"`{TOOL_FAILURES_FILE}`; the first: `{records[0]['tool']}` raised `{records[0]['error']}`")  # fmt: skip
+    else:
+        lines.append("No tool call failed.")
+    return lines
 
 
 def mixture_table(summary: dict[str, Any]) -> list[str]:

@@ -47,6 +47,10 @@ FINAL_INFO = "posttrain_final.json"  # in final/: the step the model was saved a
 SUPERSEDED = "metrics.superseded.jsonl"
 RUN_NONCE = ".run_nonce"  # written by global rank 0 at start, read back by every rank (the run dir is shared)
 MIXTURE_FILE = "mixture.json"  # a mixed data.train: each source's requested and realised share (data/mixture.py)
+# Multi-turn tool rollouts (posttrain.trainers.tool_rollouts): the latest rewarded / unrewarded transcript, and each
+# tool failure with its sample (one JSON line each).
+TOOL_TRANSCRIPTS_FILE = "tool_transcripts.json"
+TOOL_FAILURES_FILE = "tool_failures.jsonl"
 # Weight files of a checkpoint that predates the file manifest in `.complete` (Trainer, PEFT, DeepSpeed, accelerate).
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors",
             "adapter_model.bin")  # fmt: skip

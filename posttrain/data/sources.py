@@ -24,6 +24,7 @@ PATH_KEYS = ("path", "config", "data_dir")
 SYNTHETIC_TASK_OPTIONS = {
     "arithmetic": ("n", "seed", "digits", "carry_drop", "eval_fraction"),
     "polar_markov": ("n", "seed", "world_seed", "policies"),
+    "tool_arithmetic": ("n", "seed", "tool_rate", "direct_accuracy", "eval_fraction"),
 }
 SYNTHETIC_OPTIONS = tuple(dict.fromkeys(o for opts in SYNTHETIC_TASK_OPTIONS.values() for o in opts))
 SYNTHETIC_KEYS = ("synthetic", *SYNTHETIC_OPTIONS)
@@ -101,12 +102,13 @@ def paired_schema(ds: Dataset, schema: str | tuple[str, ...]) -> str | tuple[str
 
 def conversational_schema(ds: Dataset, schema: str | tuple[str, ...]) -> str | tuple[str, ...]:
     """The fields to check in `ds`: prompt/completion become `messages` for rows that are conversations (SFT's
-    other input, rendered by the chat template)."""
+    other input, rendered by the chat template). Rows with `messages` and no `completion` are conversations even
+    when they also carry a `prompt` (e.g. tool_arithmetic's, whose prompt is what RL samples from)."""
     from posttrain.data.schemas import SCHEMAS
 
     fields = SCHEMAS[schema] if isinstance(schema, str) and schema in SCHEMAS else tuple(schema)
     columns = ds.column_names
-    if {"prompt", "completion"} <= set(fields) and "messages" in columns and "prompt" not in columns:
+    if {"prompt", "completion"} <= set(fields) and "messages" in columns and "completion" not in columns:
         return tuple(f for f in fields if f not in ("prompt", "completion")) + ("messages",)
     return schema
 
@@ -150,6 +152,7 @@ def _int_option(spec: Mapping[str, Any], key: str, origin: str) -> int:
 def _synthetic(spec: Mapping[str, Any], origin: str) -> Dataset:
     from posttrain.data.arithmetic import arithmetic_split
     from posttrain.data.markov import polar_markov_split
+    from posttrain.data.tool_arithmetic import tool_arithmetic_split
 
     name = spec["synthetic"]
     if name not in SYNTHETIC_TASKS:
@@ -159,7 +162,7 @@ def _synthetic(spec: Mapping[str, Any], origin: str) -> Dataset:
     if stray:
         raise DataError(f"{origin}: {unknown_key(stray[0], allowed, f'synthetic task {name!r}', noun='option')}")
     kwargs = {k: spec[k] for k in allowed if k in spec}
-    build = polar_markov_split if name == "polar_markov" else arithmetic_split
+    build = {"polar_markov": polar_markov_split, "tool_arithmetic": tool_arithmetic_split}.get(name, arithmetic_split)
     try:
         return build(spec.get("split", "train"), **kwargs)
     except DataError as err:

@@ -61,11 +61,14 @@ def evaluate(generator: Generator, benchmark: Benchmark, tokenizer: Any = None) 
     from posttrain.data import render_prompt
     from posttrain.evaluation.graders import grade_batch
     from posttrain.evaluation.metrics import aggregate
+    from posttrain.rollout.tool_loop import tool_use_metrics
 
     # datasets 5 returns lazy Column objects; work on plain lists.
     rows = benchmark.rows
     columns = {col: list(rows[col]) for col in rows.column_names}
-    prompts = [render_prompt(p, tokenizer) if tokenizer is not None else p for p in columns["prompt"]]
+    # A tool loop (posttrain.rollout.tool_loop) renders its conversations itself, with the tools, each round.
+    render = getattr(generator, "render", None) or (lambda p: render_prompt(p, tokenizer) if tokenizer is not None else p)
+    prompts = [render(p) for p in columns["prompt"]]
     golds = [str(a) for a in columns["answer"]]
     samples = generator.generate(prompts, benchmark.params)
     n = benchmark.params.n
@@ -81,6 +84,7 @@ def evaluate(generator: Generator, benchmark: Benchmark, tokenizer: Any = None) 
     # maj@n takes the verdict of the samples that gave the majority answer (graders are deterministic); re-grading
     # the extracted answer as a completion would fail for gsm8k_strict (no '####') and some math-verify printouts.
     agg = aggregate(correct, answers if wants_maj else None, None, ks=ks)
+    agg.update(tool_use_metrics(generator, n))
     result = EvalResult(
         name=benchmark.name,
         accuracy=agg.pop("accuracy"),
@@ -89,6 +93,10 @@ def evaluate(generator: Generator, benchmark: Benchmark, tokenizer: Any = None) 
         extra=agg,
         samples=[_sample_record(*row) for row in zip(prompts, golds, samples, answers, correct)],
     )
+    transcripts = getattr(generator, "last_transcripts", None)
+    if transcripts:  # a tool loop: each sample's turns and tool results, beside its graded answer
+        for i, record in enumerate(result.samples):
+            record["transcript"] = transcripts[i * n] if n == 1 else transcripts[i * n : (i + 1) * n]
     if benchmark.slice_column:
         values = columns[benchmark.slice_column]
         rates = [sum(c) / n for c in correct]

@@ -38,11 +38,15 @@ class TinySpec:
     # ChatML on top of the task's characters: <|im_start|>/<|im_end|> appended to the vocabulary (the ids of every
     # other token unchanged), the chat template above, and <|im_end|> as the end of a turn (eos).
     chat: bool = False
+    # Tool calling on top of `chat` (implies it): <tool_call>/</tool_call> appended after ChatML's tokens, a template
+    # that renders tool calls and tool results (TOOL_TEMPLATE), and the response template TRL parses calls with.
+    tools: bool = False
 
 
-def build_tokenizer(task: str = "arithmetic", chat: bool = False):
+def build_tokenizer(task: str = "arithmetic", chat: bool = False, tools: bool = False):
     """A character-level fast tokenizer for `task` (pad/bos/eos/unk first, then one id per character); with `chat`,
-    ChatML's two tokens last and its template (`TinySpec.chat`)."""
+    ChatML's two tokens last and its template (`TinySpec.chat`); with `tools`, also the tool-call tokens, the
+    tool-calling template and its response template (`TinySpec.tools`)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -55,10 +59,15 @@ def build_tokenizer(task: str = "arithmetic", chat: bool = False):
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
-    if chat:
+    if chat or tools:
         tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
         tokenizer.eos_token = CHAT_TOKENS[1]
         tokenizer.chat_template = CHATML_TEMPLATE
+    if tools:
+        # Plain added tokens, not special ones: decoding keeps them, so TRL's response parser sees the calls.
+        tokenizer.add_tokens(list(TOOL_TOKENS))
+        tokenizer.chat_template = TOOL_TEMPLATE
+        tokenizer.response_template = TOOL_RESPONSE_TEMPLATE
     return tokenizer
 
 
@@ -67,7 +76,7 @@ def build_tiny_model(spec: TinySpec = TinySpec()):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(spec.task, spec.chat)
+    tokenizer = build_tokenizer(spec.task, spec.chat, spec.tools)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -108,6 +117,40 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# ChatML with tools, kept short for a character-level model (Qwen's tool preamble is ~600 characters): a system line
+# naming the tools, each call as `<tool_call>{"name":...,"arguments":{...}}</tool_call>` inside the assistant turn (the
+# JSON Qwen writes, without spaces), tool results as `tool` turns (outside the generation markers: no SFT loss).
+# Prefix-preserving, as TRL's multi-turn loop requires.
+TOOL_TOKENS = ("<tool_call>", "</tool_call>")
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\ntools:{% for t in tools %} "
+    "{{ (t['function'] if t['function'] is defined else t)['name'] }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] or '' }}"
+    "{% for c in m['tool_calls'] or [] %}{% set f = c['function'] if c['function'] is defined else c %}"
+    "<tool_call>{\"name\":{{ f['name'] | tojson }},\"arguments\":"
+    "{% if f['arguments'] is string %}{{ f['arguments'] }}{% else %}{{ f['arguments'] | tojson(separators=(',', ':')) }}"
+    "{% endif %}}</tool_call>{% endfor %}<|im_end|>{% endgeneration %}"
+    "{% elif m['role'] in ['system', 'user', 'tool'] %}{{ m['content'] }}<|im_end|>"
+    "{% else %}{{ raise_exception('unknown role: ' + m['role']) }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# How transformers' `parse_response` reads an assistant turn of TOOL_TEMPLATE back (the format of TRL's Qwen3 one).
+TOOL_RESPONSE_TEMPLATE = {
+    "defaults": {"role": "assistant"},
+    "start_anchor": "<|im_start|>assistant\n",
+    "fields": {
+        "tool_calls": {
+            "open": "<tool_call>",
+            "close_pattern": r"</tool_call>\s*",
+            "repeats": True,
+            "content": "json",
+            "transform": {"type": "function", "function": "{content}"},
+        },
+        "content": {"close_pattern": r"<\|im_end\|>\s*", "content": "text"},
+    },
+}
 
 
 def build_byte_tokenizer():

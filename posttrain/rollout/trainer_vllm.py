@@ -28,11 +28,18 @@ def held_out_generator(model: Any, tokenizer: Any, batch_size: int, trainer: Any
     the weights being trained), else transformers' `generate` on the policy; either way every rank generates 1/N
     of each benchmark (gathered in order)."""
     if trainer is not None and trainer_engine(trainer) is not None:
-        return TrainerVLLMGenerator(trainer, tokenizer)
-    from posttrain.rollout.hf import HFGenerator
-    from posttrain.rollout.sharded import ShardedGenerator
+        generator: Any = TrainerVLLMGenerator(trainer, tokenizer)
+    else:
+        from posttrain.rollout.hf import HFGenerator
+        from posttrain.rollout.sharded import ShardedGenerator
 
-    return ShardedGenerator(HFGenerator(model, tokenizer, batch_size))
+        generator = ShardedGenerator(HFGenerator(model, tokenizer, batch_size))
+    tools, rounds = getattr(trainer, "eval_tools", None) or ([], None)  # set by trainers.base.run_training
+    if tools:  # a tool recipe (eval.tools / rollout.tools): evaluate with the tool loop (posttrain.rollout.tool_loop)
+        from posttrain.rollout.tool_loop import ToolLoopGenerator
+
+        generator = ToolLoopGenerator(generator, tokenizer, tools, rounds)
+    return generator
 
 
 def trainer_engine(trainer: Any) -> Any:

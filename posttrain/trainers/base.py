@@ -250,6 +250,10 @@ def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, be
     trainer.add_callback(Progress(recipe.name))
     if recipe.settings.time_budget_s is not None:
         trainer.add_callback(TimeBudget(recipe.training["time_budget_s"], trainer.accelerator))
+    if benchmarks:
+        from posttrain.rollout.tools import eval_tools
+
+        trainer.eval_tools = eval_tools(recipe)  # (tools, round cap): the held-out generator runs the tool loop
     every = recipe.eval.every_steps
     if evaluator is not None and every:
         trainer.add_callback(EvaluatorEval(evaluator, every, metrics))

@@ -13,7 +13,10 @@ from posttrain.models.processes import process_state, stop_after_checkpoint
 from posttrain.runs import RunDir, mark_complete
 
 # Short names for the progress bar, first match wins.
-_PROGRESS_KEYS = (("loss", "loss"), ("reward", "reward"), ("mean_token_accuracy", "tok_acc"))
+_PROGRESS_KEYS = (
+    ("loss", "loss"), ("reward", "reward"), ("mean_token_accuracy", "tok_acc"),
+    ("tools/call_frequency", "calls"), ("tools/failure_frequency", "tool_fail"), ("tools/turns", "turns"),
+)  # fmt: skip
 
 
 class MetricsJsonl(TrainerCallback):

@@ -132,7 +132,7 @@ def student_vocabulary(recipe: Recipe) -> tuple[str, dict[str, int] | None]:
 
         try:
             spec = TinySpec(**recipe.model.tiny)
-            return f"model.tiny (task '{spec.task}')", build_tokenizer(spec.task, spec.chat).get_vocab()
+            return f"model.tiny (task '{spec.task}')", build_tokenizer(spec.task, spec.chat, spec.tools).get_vocab()
         except (TypeError, PosttrainError):  # a bad spec: check_model reports it
             return "model.tiny", None
     if not recipe.model.path:  # no model at all: validation reports it

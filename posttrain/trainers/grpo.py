@@ -40,6 +40,7 @@ SPEC = TrainerSpec(
     train_schema="prompt",
     eval_schema="prompt_answer",
     generates=True,
+    tools=True,
     reference_model=True,  # with beta > 0 (TRL's default is 0: no reference)
     paper="[DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models]"
     "(https://arxiv.org/abs/2402.03300)",
@@ -65,6 +66,8 @@ def rollout_kwargs(recipe: Recipe) -> dict[str, Any]:
             vllm_server_host=r.vllm.server_host,
             vllm_server_port=r.vllm.server_port,
         )
+    if r.max_tool_calls is not None:
+        kwargs["max_tool_calling_iterations"] = r.max_tool_calls
     return kwargs
 
 
@@ -113,6 +116,23 @@ def plan_processes(recipe: Recipe) -> int:
             except Exception:  # an unreadable config is reported by validation; the plan falls back to 1
                 return 1
     return 1
+
+
+def tools_line(recipe: Recipe) -> str:
+    """The dry-run line on multi-turn rollouts (posttrain.rollout.tools)."""
+    from posttrain.rollout.tools import environment_refs, uses_tools
+
+    r = recipe.rollout
+    if not uses_tools(recipe):
+        return "tool loop: off (each rollout is one completion)"
+    offered = [ref.rpartition(":")[2] for ref in r.tools]
+    offered += [f"the methods of {ref.rpartition(':')[2]}" + (f" (rows with environment={name!r})" if name else "")
+                for name, ref in environment_refs(recipe).items()]  # fmt: skip
+    rounds = f"at most {r.max_tool_calls} tool-calling round(s)" if r.max_tool_calls else "no cap on tool-calling rounds"
+    return (f"tool loop: {', '.join(offered)}; {rounds} per rollout, so at most "
+            f"{(r.max_tool_calls or 0) + 1 if r.max_tool_calls else 'unbounded'} assistant turns; every turn and tool "
+            f"result shares the {r.max_new_tokens}-token completion budget (rollout.max_new_tokens: the memory plan's "
+            "sequence length), and tool-result tokens carry no loss")  # fmt: skip
 
 
 def dynamic_line(recipe: Recipe, which: str = "groups whose rewards do not vary") -> str:
@@ -201,6 +221,7 @@ def plan(recipe: Recipe) -> list[str]:
             group_rule_line(recipe),
             steps_line(recipe),
             dynamic_line(recipe),
+            tools_line(recipe),
             f"rollout backend: {recipe.rollout.backend}"
             + (f" ({recipe.rollout.vllm.mode})" if recipe.rollout.backend == "vllm" else ""),
             rewards_line(recipe),
@@ -249,8 +270,9 @@ def trainer_class():
     from trl import GRPOTrainer
 
     from posttrain.trainers.dynamic_sampling import DynamicSamplingMixin
+    from posttrain.trainers.tool_rollouts import ToolRolloutMixin
 
-    class PosttrainGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
+    class PosttrainGRPOTrainer(ToolRolloutMixin, DynamicSamplingMixin, GRPOTrainer):
         pass
 
     return PosttrainGRPOTrainer
@@ -277,6 +299,9 @@ def build_trainer(recipe: Recipe, run: RunDir, trainer_class: Any = None):
     funcs, weights = reward_functions(recipe)
     config = config_class(**config_kwargs(recipe, run), **rollout_kwargs(recipe), reward_weights=weights)
     tokenizer.padding_side = "left"
+    from posttrain.rollout import tools
+
+    tool_log = tools.ToolLog()
     trainer = (trainer_class or GRPOTrainer)(
         model=model,
         reward_funcs=funcs,
@@ -284,7 +309,9 @@ def build_trainer(recipe: Recipe, run: RunDir, trainer_class: Any = None):
         train_dataset=rows,
         processing_class=tokenizer,
         peft_config=peft_config(recipe.model),
+        **tools.trainer_kwargs(recipe, tool_log),
     )
+    trainer.tool_log, trainer.tool_run_dir = tool_log, run.path
     return trainer, tokenizer
 
 

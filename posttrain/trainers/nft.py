@@ -25,6 +25,7 @@ from posttrain.trainers.grpo import (
     plan_processes,
     rewards_line,
     steps_line,
+    tools_line,
 )
 from posttrain.trainers.grpo import problems as grpo_problems
 from posttrain.trainers.grpo import rehearse as grpo_rehearse
@@ -110,6 +111,7 @@ SPEC = TrainerSpec(
     train_schema="prompt",
     eval_schema="prompt_answer",
     generates=True,
+    tools=True,
     paper="[Bridging Supervised Learning and Reinforcement Learning in Math Reasoning]"
     "(https://arxiv.org/abs/2505.18116)",
 )
@@ -142,8 +144,9 @@ def trainer_class():
     training)."""
     from posttrain.trainers.dynamic_sampling import DynamicSamplingMixin
     from posttrain.trainers.nft_trainer import INFORMATIVE, NFTTrainer
+    from posttrain.trainers.tool_rollouts import ToolRolloutMixin
 
-    class DynamicNFTTrainer(DynamicSamplingMixin, NFTTrainer):  # outermost: it filters what NFT's wrapper returns
+    class DynamicNFTTrainer(ToolRolloutMixin, DynamicSamplingMixin, NFTTrainer):  # outermost: it filters what NFT's wrapper returns
         def _dynamic_keep(self, output, n):
             return output[INFORMATIVE].bool()  # NFT's own notion: some answers right, some wrong
 
@@ -163,6 +166,7 @@ def plan(recipe: Recipe) -> list[str]:
             group_rule_line(recipe),
             steps_line(recipe),
             dynamic_line(recipe, which="groups whose answers are all right or all wrong"),
+            tools_line(recipe),
             f"loss: omega={o.weight}, positives={o.positives}, negatives={o.negatives} x neg_weight {o.neg_weight:g}, "
             f"eps={o.neg_clip_eps:g}, r_hat clamp={o.rhat_clamp:g}, aggregation={o.aggregation}"
             f"{_constant_line(o, g['processes']) if o.aggregation == 'constant' else ''}, "

@@ -32,6 +32,7 @@ SPEC = TrainerSpec(
     train_schema=nft.SPEC.train_schema,
     eval_schema=nft.SPEC.eval_schema,
     generates=True,
+    tools=True,
     paper="[Scaling Relationship on Learning Mathematical Reasoning with Large Language Models]"
     "(https://arxiv.org/abs/2308.01825)",
 )

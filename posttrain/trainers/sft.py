@@ -47,9 +47,11 @@ def build_trainer(recipe: Recipe, run: RunDir):
     from posttrain.models.loading import peft_config
 
     model, tokenizer, rows = load_policy_tokenizer_data(recipe, run, schema="prompt_completion")
-    chat = "messages" in rows.column_names
-    # SFTTrainer tokenises every column it's given; keep only what it trains on.
-    rows = rows.select_columns(["messages"] if chat else ["prompt", "completion"])
+    chat = "messages" in rows.column_names and "completion" not in rows.column_names
+    # SFTTrainer tokenises every column it's given; keep only what it trains on (a conversation's `tools`: the JSON
+    # schemas its template renders, as TRL's SFT reads them).
+    keep = ["messages", *(["tools"] if "tools" in rows.column_names else [])] if chat else ["prompt", "completion"]
+    rows = rows.select_columns(keep)
     kwargs = config_kwargs(recipe, run)
     if chat:  # conversations: the loss covers the assistant turns only, unless the recipe says otherwise
         kwargs.setdefault("assistant_only_loss", True)
