@@ -1,6 +1,7 @@
 """Reward functions and models usable with or without posttrain's trainers."""
 
-from reward_models import format as _format  # noqa: F401  (registers built-ins)
+from reward_models import code_exec as _code_exec  # noqa: F401  (registers built-ins)
+from reward_models import format as _format  # noqa: F401
 from reward_models import math as _math  # noqa: F401
 from reward_models import polar as _polar  # noqa: F401
 from reward_models import remote as _remote  # noqa: F401

@@ -39,8 +39,8 @@ STANDALONE = textwrap.dedent(
 
     import reward_models
 
-    expected = {"errors", "format", "image", "math", "polar", "registry", "remote", "scoring",
-                "sequence_classifier", "server"}
+    expected = {"code_exec", "errors", "format", "image", "math", "polar", "registry", "remote", "sandbox",
+                "sandbox_process", "scoring", "sequence_classifier", "server"}
     found = {m.name for m in pkgutil.iter_modules(reward_models.__path__)} - {"__main__"}
     missing = expected - found
     assert not missing, f"submodules gone: {sorted(missing)}"
