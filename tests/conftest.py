@@ -141,3 +141,21 @@ def _no_deprecated_calls_from_posttrain():
         yield
     if found:
         pytest.fail("deprecated calls from posttrain's own code:\n" + "\n".join(dict.fromkeys(found)))
+
+
+class ModelBuilt(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Any model, or tokenizer read from files, fails the test: validation must stop a bad recipe before that (a tiny
+    in-memory tokenizer, which validation builds to check chat templates, is allowed)."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ModelBuilt("a model or tokenizer was built before the problem was reported")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "from_pretrained", refuse)

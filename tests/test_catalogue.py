@@ -33,23 +33,6 @@ BASE = {
 ROWS = [{"prompt": f"{i}+{i}=", "answer": str(2 * i), "carry": i > 4} for i in range(10)]
 
 
-class ModelBuilt(AssertionError):
-    pass
-
-
-@pytest.fixture
-def no_models(monkeypatch):
-    """Any model or tokenizer construction fails the test: validation must stop a bad recipe before that."""
-    import transformers
-
-    def refuse(*args, **kwargs):
-        raise ModelBuilt("a model or tokenizer was built before the problem was reported")
-
-    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
-    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "from_pretrained", refuse)
-
-
 def _recipe_dir(tmp_path: Path, data: dict | None = None, train_text: str | None = None) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "train.jsonl").write_text(

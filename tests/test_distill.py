@@ -48,19 +48,6 @@ def byte_model_dir(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Building any model or tokenizer (from files or in memory) fails the test."""
-    import transformers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model or tokenizer was built before the problem was reported")
-
-    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse)
-    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "__init__", refuse)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
-
-
 def write_recipe(tmp_path: Path, student: Path | str | None, teacher: Path | str, **sections) -> Path:
     """A small distill recipe: `student` a model dir or hub id (None: the tiny arithmetic spec)."""
     raw = {

@@ -48,7 +48,7 @@ def test_dpo_rows_missing_chosen_or_rejected_are_named(tmp_path):
 
 def test_dpo_pairs_with_identical_answers_are_dropped_and_all_identical_is_an_error(tmp_path):
     rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "2"}] * 4
-    with pytest.raises(DataError, match="every row has chosen == rejected"):
+    with pytest.raises(DataError, match="every pair has chosen == rejected; DPO needs pairs that differ"):
         train_recipe(load_and_validate(_recipe(tmp_path, rows)))
 
 

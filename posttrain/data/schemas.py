@@ -122,3 +122,15 @@ def _check_labels(column: pa.ChunkedArray | pa.Array, origin: str, row_numbers: 
             f"{origin}: every row's label is {names[only]}; unpaired preference data needs rows labelled "
             f"{names[not only]} too"
         )
+
+
+def distinct_pairs(rows: Dataset, origin: str, needed_by: str) -> Dataset:
+    """Preference rows whose chosen and rejected differ (a pair with no preference teaches nothing); the dropped ones
+    are counted on the console, and none left is an error naming the data and `needed_by` (the trainer)."""
+    kept = rows.filter(lambda row: row["chosen"] != row["rejected"])
+    dropped = len(rows) - len(kept)
+    if len(kept) == 0:
+        raise DataError(f"{origin}: every pair has chosen == rejected; {needed_by} needs pairs that differ")
+    if dropped:
+        print(f"{origin}: {dropped} of {len(rows)} pairs have chosen == rejected (no preference) and were dropped")
+    return kept

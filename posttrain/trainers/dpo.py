@@ -12,7 +12,6 @@ rows are dropped before training, and the count is printed.
 
 from __future__ import annotations
 
-from posttrain.errors import DataError
 from posttrain.recipe import Recipe
 from posttrain.registry import TrainerSpec
 from posttrain.runs import RunDir
@@ -74,11 +73,12 @@ def plan(recipe: Recipe) -> list[str]:
 def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     from trl import DPOConfig, DPOTrainer
 
+    from posttrain.data.schemas import distinct_pairs
     from posttrain.models.loading import peft_config
 
     model, tokenizer, rows = load_policy_tokenizer_data(recipe, run, schema="preference")
     rows = rows.select_columns(["prompt", "chosen", "rejected"])
-    rows = _preference_pairs(rows, f"{recipe.where}: data.train")
+    rows = distinct_pairs(rows, f"{recipe.where}: data.train", "DPO")
     trainer = DPOTrainer(
         model=model,
         args=DPOConfig(**config_kwargs(recipe, run)),
@@ -89,12 +89,3 @@ def train(recipe: Recipe, run: RunDir, resume: bool = False) -> RunResult:
     return run_training(recipe, trainer, tokenizer, run, resume)
 
 
-def _preference_pairs(rows, origin: str):
-    """The rows whose chosen and rejected differ; none left is an error naming the data."""
-    kept = rows.filter(lambda row: row["chosen"] != row["rejected"])
-    dropped = len(rows) - len(kept)
-    if len(kept) == 0:
-        raise DataError(f"{origin}: every row has chosen == rejected; DPO needs pairs that differ")
-    if dropped:
-        print(f"{origin}: {dropped} of {len(rows)} rows have chosen == rejected (no preference) and were dropped")
-    return kept

@@ -22,7 +22,6 @@ the recipe's seed first: every batch then mixes desirable with undesirable rows 
 
 from __future__ import annotations
 
-from posttrain.errors import DataError
 from posttrain.recipe import Recipe
 from posttrain.registry import TrainerSpec
 from posttrain.runs import RunDir
@@ -119,13 +118,9 @@ def unpaired_rows(rows, origin: str):
     label false, the prompt shared) after dropping those whose two sides are identical."""
     from trl.data_utils import unpair_preference_dataset
 
+    from posttrain.data.schemas import distinct_pairs
+
     if "label" in rows.column_names:
         return rows.select_columns(list(COLUMNS))
-    pairs = rows.select_columns(list(PAIR_COLUMNS))
-    kept = pairs.filter(lambda row: row["chosen"] != row["rejected"])
-    if len(kept) == 0:
-        raise DataError(f"{origin}: every pair has chosen == rejected; KTO needs pairs that differ")
-    if len(kept) < len(pairs):
-        print(f"{origin}: {len(pairs) - len(kept)} of {len(pairs)} pairs have chosen == rejected (no preference) and "
-              "were dropped")  # fmt: skip
+    kept = distinct_pairs(rows.select_columns(list(PAIR_COLUMNS)), origin, "KTO")
     return unpair_preference_dataset(kept).select_columns(list(COLUMNS))
