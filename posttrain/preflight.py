@@ -432,10 +432,10 @@ def check_launch(recipe: Recipe, problems: list, spec: Any = None) -> None:
                 "support; remove model.lora"
             )  # fmt: skip
         )
-    if launch is not None and launch.zero_stage is not None and not spec.deepspeed:
+    if launch is not None and launch.sharded and not spec.deepspeed:
         problems.append(
             RecipeError(
-                f"{recipe.where}: trainer '{spec.name}' cannot run under DeepSpeed ZeRO-{launch.zero_stage} "
+                f"{recipe.where}: trainer '{spec.name}' cannot run under {launch.engine} "
                 f"({launch.source}): its own accelerate loop (several models: frozen encoders, a reference copy, the "
                 "trained one) is built and tested for DDP only; launch it with recipes/accelerate/ddp.yaml"
             )

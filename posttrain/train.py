@@ -24,7 +24,8 @@ def train_recipe(recipe: Recipe, resume: bool = False):
     module = trainer_module(recipe.trainer, recipe.where)
     run = RunDir(recipe.run_dir())
     planned = planned_steps(recipe)
-    process = process_state()  # first in the process: a DeepSpeed launch on CPUs needs its backend named
+    # First in the process: a DeepSpeed launch on CPUs needs its backend named, and the process group its timeout.
+    process = process_state(timeout_s=collective_timeout_s(recipe))
     confirm_shared_run_dir(run.path)  # every rank sees the same run dir (a node-local output_dir is refused)
     seen = run.state(planned)  # every process reads the dir before the main process changes it
     process.wait_for_everyone()
@@ -33,6 +34,14 @@ def train_recipe(recipe: Recipe, resume: bool = False):
     if state.kind == "finished":
         return finished_result(run, recipe, state)
     return module.train(recipe, run, resume=state.kind == "interrupted")
+
+
+def collective_timeout_s(recipe: Recipe) -> float:
+    """How long a rank waits for the others in a collective before the run fails: `training.ddp_timeout` when the
+    recipe sets it, else posttrain's default (`processes.DDP_TIMEOUT_S`), not transformers' 1800 s."""
+    from posttrain.models.processes import DDP_TIMEOUT_S
+
+    return float(recipe.training.get("ddp_timeout", DDP_TIMEOUT_S))
 
 
 def planned_steps(recipe: Recipe) -> int | None:
@@ -68,6 +77,8 @@ def dry_run_plan(recipe: Recipe, gpu_memory: str = "80GiB", accelerate_config: s
     budget = recipe.settings.get("time_budget_s")
     if budget is not None:
         lines.append(f"time budget: stops after {budget:.0f} s of training")
+    lines.append(f"collective timeout: {collective_timeout_s(recipe):g} s (training.ddp_timeout): with several "
+                 "processes, one that waits longer for another (a node that died or hangs) fails the run")  # fmt: skip
     return lines + memory_lines(recipe, gpu_memory, accelerate_config)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import yaml
 
 from posttrain.runs import COMPLETE_MARKER, RunDir
 from tests.conftest import REPO
+from tests.test_shared_run_dir import kill_node
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -225,8 +225,7 @@ def test_zero3_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(tmp_pa
     deadline = time.monotonic() + 600
     while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-    proc.wait()
+    kill_node(proc)  # the launcher and both ranks (torchrun starts each in a session of its own)
     assert mark.exists() and not (out / "final" / "config.json").exists()  # killed mid-run, after checkpoint-4
     launch("zero3", path, "--resume")
     assert losses(out) == pytest.approx(losses(tmp_path / "straight"), rel=RTOL)

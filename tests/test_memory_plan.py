@@ -3,6 +3,9 @@ estimator functions and hand-computed bytes, the verdict and the knob it names."
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import pytest
 
 from posttrain.cli import main
@@ -48,6 +51,87 @@ def test_model_states_by_hand():
     )
     # LoRA under ZeRO-2: full frozen weights, adapters' gradients and states only
     assert total(model_state_terms(p, 10**6, 2, Launch(processes=n, zero_stage=2))) == 2 * p + 18 * 10**6 / n
+
+
+def test_fsdp2_model_states_by_hand():
+    p, n, layer, unit = 1_000_000_000, 8, 40_000_000, 200_000_000  # unit: the output head + final norm
+
+    def terms(launch: Launch, trainable: int = p, weight_bytes: int = 2, mixed: bool = True) -> dict[str, float]:
+        found = model_state_terms(p, trainable, weight_bytes, launch, mixed_precision=mixed, layer=layer,
+                                  output_unit=unit)  # fmt: skip
+        return {t.name: t.bytes for t in found}
+
+    fsdp2 = Launch(processes=n, fsdp_version=2, mixed_precision="bf16")
+    # bf16 mixed precision: accelerate upcasts the trainable weights to fp32 before sharding, and gradients and AdamW's
+    # m and v follow their dtype; gathered for compute in 16 bit: the output unit (kept from forward to backward) and
+    # two layers (the one running, the next prefetched), and the unsharded gradients of the output unit and a layer
+    assert terms(fsdp2) == {
+        "weights (fp32 master)": 4 * p / n,
+        "gradients (32-bit)": 4 * p / n,
+        "optimizer (AdamW m, v)": 8 * p / n,
+        "gathered weights (16-bit)": 2 * (unit + 2 * layer),
+        "gathered gradients (16-bit)": 2 * (unit + layer),
+    }
+    sharded = lambda found: sum(v for k, v in found.items() if not k.startswith("gathered"))  # noqa: E731
+    # 16 bytes per parameter over the processes, where ZeRO-3 holds 20 (its 16-bit weights and gradients as well)
+    assert sharded(terms(fsdp2)) == 16 * p / n
+    zero3 = model_state_terms(p, p, 2, Launch(processes=n, zero_stage=3), largest_layer=0)
+    assert sum(t.bytes for t in zero3) == 20 * p / n
+    # without resharding after forward every unit stays gathered until its backward: the whole model, 16-bit
+    assert terms(replace(fsdp2, reshard_after_forward=False))["gathered weights (16-bit)"] == 2 * p
+    # fp32, no mixed precision (the CPU config): 4 bytes for everything
+    assert terms(Launch(processes=2, fsdp_version=2), weight_bytes=4, mixed=False) == {
+        "weights (32-bit)": 4 * p / 2,
+        "gradients (32-bit)": 4 * p / 2,
+        "optimizer (AdamW m, v)": 8 * p / 2,
+        "gathered weights (32-bit)": 4 * (unit + 2 * layer),
+        "gathered gradients (32-bit)": 4 * (unit + layer),
+    }
+    # a bf16 model without mixed precision stays bf16: 2 + 2 + 4 bytes per parameter over the processes
+    assert sharded(terms(Launch(processes=n, fsdp_version=2), mixed=False)) == 8 * p / n
+    # LoRA: the frozen base stays 16-bit and sharded, the adapters are fp32 with their gradients and states
+    t = 10**6
+    lora = terms(fsdp2, trainable=t)
+    assert lora["weights (fp32 master)"] == (4 * t + 2 * (p - t)) / n
+    assert (lora["gradients (32-bit)"], lora["optimizer (AdamW m, v)"]) == (4 * t / n, 8 * t / n)
+    assert lora["gathered gradients (16-bit)"] == 0
+    # fsdp_offload_params: the shards and the optimizer step live on the CPU; the gathered units still on the device
+    offloaded = terms(replace(fsdp2, offload_params=True, offload_optimizer=True))
+    assert sharded(offloaded) == 0 and offloaded["gathered weights (16-bit)"] == 2 * (unit + 2 * layer)
+
+
+def test_dry_run_plans_fsdp2_per_process_from_its_accelerate_config(capsys):
+    from posttrain.models.memory import plan_for, read_launch
+    from posttrain.preflight import MachineError
+    from posttrain.registry import get_spec, load_and_validate
+
+    shape = KNOWN_SHAPES["Qwen/Qwen2.5-1.5B"]
+    h, kv, inter, vocab = 1536, 256, 8960, 151936  # its config.json (2 KV heads of 128)
+    # a decoder layer: q and o (h x h), k and v (h x kv), the q/k/v biases, gate/up/down (h x I), two norms
+    layer = 2 * h * h + 2 * h * kv + (h + 2 * kv) + 3 * h * inter + 2 * h
+    assert shape.layer_params == layer == 46_797_824
+    assert shape.output_unit_params == vocab * h + h  # tied: the embedding is the head's own tensor
+    assert shape.params == vocab * h + 28 * layer + h
+    path = recipes_dir() / "grpo" / "qwen2.5-math-1.5b-gsm8k.yaml"
+    overrides = ["accelerate_config=../accelerate/fsdp2.yaml", "algorithm.beta=0.04"]  # beta > 0: a reference model
+    try:
+        recipe = load_and_validate(path, overrides)
+    except MachineError as err:  # no GPU / vLLM here
+        recipe = err.recipe
+    launch = read_launch(recipe.resolve_path(recipe.accelerate_config))
+    assert (launch.kind, launch.processes, launch.mixed_precision, launch.reshard_after_forward) == ("FSDP2", 8, "bf16", True)  # fmt: skip
+    plan = plan_for(recipe, get_spec("grpo"), launch, 80 * GIB, shape)
+    p = shape.params
+    got = {t.name: t.bytes for t in plan.terms}
+    assert got["weights (fp32 master)"] == got["gradients (32-bit)"] == 4 * p / 8  # bf16 model, upcast to fp32
+    assert got["optimizer (AdamW m, v)"] == 8 * p / 8
+    assert got["gathered weights (16-bit)"] == 2 * (vocab * h + h + 2 * layer)
+    assert got["gathered gradients (16-bit)"] == 2 * (vocab * h + h + layer)
+    assert got["reference model"] == 2 * p / 8  # TRL shards it as it does the policy
+    main(["train", str(path), "--dry-run", *[a for o in overrides for a in ("--set", o)]])
+    out = capsys.readouterr().out
+    assert "memory plan per device (8 process(es), FSDP2, from " in out
+    assert re.search(rf"weights \(fp32 master\) +{4 * p / 8 / GIB:.2f} GiB  exact; sharded over 8", out)
 
 
 @pytest.mark.parametrize("gpus", [1, 8])

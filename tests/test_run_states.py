@@ -193,7 +193,8 @@ def test_resume_from_a_checkpoint_at_max_steps_writes_final_without_training_pas
     result = train_recipe(load_recipe(path), resume=True)
     assert result.global_step == 4 and not (out / "checkpoints" / "checkpoint-5").exists()
     assert_bitwise_equal(weights(out), reference)
-    assert json.loads((out / "final" / FINAL_INFO).read_text()) == {"step": 4, "processes": 1, "distributed": "NO"}
+    info = json.loads((out / "final" / FINAL_INFO).read_text())
+    assert info == {"step": 4, "machines": 1, "processes": 1, "distributed": "NO"}
 
 
 def test_a_torn_newest_checkpoint_is_skipped_and_the_run_ends_as_an_uninterrupted_one(tmp_path, capsys):

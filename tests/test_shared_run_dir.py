@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,62 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def start_two_nodes(config: Path, args_of: Callable[[int], list[str]], logs: Path, processes: int = 2,
+                    env: dict[str, str] | None = None) -> list[subprocess.Popen]:  # fmt: skip
+    """Two `accelerate launch --config_file CONFIG` as the two machines of one job on this host (c10d rendezvous on
+    127.0.0.1, a free port), `processes` over both; node r runs `args_of(r)` (e.g. `-m posttrain train ...`), its
+    output in logs/node<r>.log. Node 0 first: on one host node 1's rendezvous agent would otherwise take the port node
+    0 checks is free."""
+    port = _free_port()
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               "--num_machines", "2", "--num_processes", str(processes), "--machine_rank", str(rank),
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--rdzv_backend", "c10d",
+               *args_of(rank)]  # fmt: skip
+        log = (logs / f"node{rank}.log").open("w")
+        return subprocess.Popen(cmd, cwd=REPO, env=env or os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
+
+    nodes = [node(0)]
+    deadline = time.monotonic() + 120
+    while not _listening(port) and nodes[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [*nodes, node(1)]
+
+
+def kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL a node's launcher and every process under it. torchrun starts each worker in a session of its own, so
+    killing the launcher (or its process group) leaves the workers running."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in tree:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    node.wait()
+
+
+def wait_nodes(nodes: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Each node's exit code, or None for one still running after `timeout` seconds (then killed with its workers)."""
+    deadline = time.monotonic() + timeout
+    try:
+        for node in nodes:
+            try:
+                node.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return [node.poll() for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                kill_node(node)
+
+
 @pytest.mark.slow
 def test_two_nodes_given_different_run_dirs_are_refused_before_training(tmp_path):
     """Two `accelerate launch`es as two machines (c10d rendezvous on 127.0.0.1), each given its own output_dir."""
@@ -92,32 +149,15 @@ def test_two_nodes_given_different_run_dirs_are_refused_before_training(tmp_path
         "data": {"train": {"synthetic": "arithmetic", "split": "train", "n": 64}},
         "training": {"max_steps": 2, "per_device_train_batch_size": 4},
     }))  # fmt: skip
-    port = _free_port()
+    config = REPO / "recipes" / "accelerate" / "cpu" / "ddp.yaml"
 
-    def node(rank: int) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "recipes" / "accelerate" / "cpu" / "ddp.yaml"), "--num_machines", "2", "--num_processes", "2",
-               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               "--rdzv_backend", "c10d", "-m", "posttrain", "train", str(recipe),
-               "--set", f"output_dir={tmp_path / f'node{rank}' / 'run'}"]  # fmt: skip
-        log = (tmp_path / f"node{rank}.log").open("w")
-        return subprocess.Popen(cmd, cwd=REPO, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
+    def args(rank: int) -> list[str]:  # each node its own output_dir
+        return ["-m", "posttrain", "train", str(recipe), "--set", f"output_dir={tmp_path / f'node{rank}' / 'run'}"]
 
-    nodes = [node(0)]
-    deadline = time.monotonic() + 120
-    while not _listening(port) and nodes[0].poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)  # node 0 first: on one host node 1's agent would take the port node 0 checks is free
-    nodes.append(node(1))
-    try:
-        for n in nodes:
-            n.wait(300)
-    finally:
-        for n in nodes:
-            if n.poll() is None:
-                n.kill()
-    for rank, n in enumerate(nodes):
+    codes = wait_nodes(start_two_nodes(config, args, tmp_path), timeout=300)
+    for rank, code in enumerate(codes):
         log = (tmp_path / f"node{rank}.log").read_text()
-        assert n.returncode != 0, log[-3000:]
+        assert code not in (0, None), log[-3000:]
         assert "RunDirNotShared: the run dir is not shared" in log, log[-3000:]
         assert "must be on a shared filesystem" in log
     assert not (tmp_path / "node1" / "run").exists()  # the node that did not see it wrote nothing

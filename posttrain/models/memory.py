@@ -5,8 +5,11 @@ Terms, each marked exact or estimate:
   per ZeRO stage (the one its `estimate_zero2/3_model_states_mem_needs` use: 16-bit weights and gradients, fp32
   master weights, momentum, variance and gradient partitions = 16 bytes per trainable parameter, sharded over the
   processes from stage 1 on; gradients from stage 2; weights from stage 3, plus the largest layer gathered);
-  without DeepSpeed, weights, gradients and both AdamW states in the training dtype; LoRA trains only the adapters;
-- the reference model (KL with `beta > 0`, full fine-tuning only: LoRA's reference is the base with adapters off);
+  under FSDP2 (accelerate's `fsdp_version: 2`) weights, gradients and AdamW states all sharded over the processes,
+  fp32 master weights under mixed precision, plus the units gathered for compute (`fsdp2_terms`); without
+  either, weights, gradients and both AdamW states in the training dtype; LoRA trains only the adapters;
+- the reference model (KL with `beta > 0`, full fine-tuning only: LoRA's reference is the base with adapters off),
+  sharded where the launch shards the policy's weights (ZeRO-3, FSDP2: TRL prepares it the same way);
 - a frozen teacher (a trainer whose spec names a `teacher_option`): its weights, from its own config.json, in the
   policy's dtype;
 - vLLM's share of the device when it is colocated (`gpu_memory_utilization`, exact: vLLM reserves it);
@@ -51,10 +54,21 @@ class ModelShape:
 
     @property
     def params(self) -> int:
-        h, kv = self.hidden, self.hidden * self.kv_heads // self.heads
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * self.layer_params + self.hidden
+
+    @property
+    def layer_params(self) -> int:
+        """One decoder layer (attention with its biases, the MLP, two norms): a unit of FSDP2's transformer-based
+        wrapping."""
+        h, kv = self.hidden, self.kv_hidden
         attention = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.qkv_bias else 0)
-        layer = attention + 3 * h * self.intermediate + 2 * h
-        return self.vocab * h * (1 if self.tied else 2) + self.layers * layer + h
+        return attention + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def output_unit_params(self) -> int:
+        """The output head and the final norm (tied, the embedding is the head's own tensor): the unit accelerate's
+        FSDP2 keeps gathered from forward to backward."""
+        return self.vocab * self.hidden + self.hidden
 
     @property
     def largest_layer_params(self) -> int:
@@ -118,13 +132,49 @@ def model_shape(source: str) -> ModelShape | None:
 
 @dataclass(frozen=True)
 class Launch:
-    """The parts of an accelerate config the plan needs."""
+    """The parts of an accelerate config the plan needs, and what each launch kind shards over its processes (the
+    one place that knows it: the plan, the reference model's and the teacher's share, the dry-run's label)."""
 
     processes: int = 1
-    zero_stage: int | None = None  # None: no DeepSpeed (DDP or one process)
+    zero_stage: int | None = None  # None: no DeepSpeed (DDP, FSDP or one process)
+    fsdp_version: int | None = None  # accelerate's FSDP (`distributed_type: FSDP`); None: not FSDP
+    reshard_after_forward: bool = True  # FSDP2: a unit's gathered weights are freed after its forward
+    mixed_precision: str = "no"  # the config's; a recipe's `training.precision` bf16/fp16 turns it on too
     offload_optimizer: bool = False
-    offload_params: bool = False
+    offload_params: bool = False  # under FSDP2 the sharded weights, gradients and optimizer step all go to the CPU
     source: str = "one process, no DeepSpeed"
+
+    @property
+    def fsdp2(self) -> bool:
+        return self.fsdp_version == 2
+
+    @property
+    def shards_weights(self) -> bool:
+        """Each process holds 1/N of the weights (ZeRO-3, FSDP2), and of a frozen reference model or teacher, which
+        TRL and accelerate prepare the same way as the policy."""
+        return self.zero_stage == 3 or self.fsdp2
+
+    @property
+    def sharded(self) -> bool:
+        """The model is wrapped by a sharding engine (DeepSpeed ZeRO, FSDP), which a trainer must be built for
+        (`TrainerSpec.deepspeed`)."""
+        return self.zero_stage is not None or self.fsdp_version is not None
+
+    @property
+    def engine(self) -> str:
+        """'DeepSpeed ZeRO-<stage>', 'FSDP<version>' or 'DDP'."""
+        if self.zero_stage is not None:
+            return f"DeepSpeed ZeRO-{self.zero_stage}"
+        return f"FSDP{self.fsdp_version}" if self.fsdp_version is not None else "DDP"
+
+    @property
+    def kind(self) -> str:
+        """'ZeRO-<stage>', 'FSDP2', 'FSDP1 (counted unsharded)' or 'no DeepSpeed' (DDP or one process)."""
+        if self.zero_stage is not None:
+            return f"ZeRO-{self.zero_stage}"
+        if self.fsdp_version is not None:
+            return "FSDP2" if self.fsdp2 else f"FSDP{self.fsdp_version} (counted unsharded)"
+        return "no DeepSpeed"
 
 
 def read_launch(path: str | Path | None) -> Launch:
@@ -133,13 +183,25 @@ def read_launch(path: str | Path | None) -> Launch:
     data = yaml.safe_load(Path(path).read_text()) or {}
     ds = data.get("deepspeed_config") or {}
     stage = ds.get("zero_stage") if data.get("distributed_type") == "DEEPSPEED" else None
+    fsdp = (data.get("fsdp_config") or {}) if data.get("distributed_type") == "FSDP" else None
+    offload_fsdp = fsdp is not None and _flag(fsdp.get("fsdp_offload_params", False))
     return Launch(
         processes=int(data.get("num_processes", 1)),  # accelerate's num_processes counts every machine's
         zero_stage=None if stage is None else int(stage),
-        offload_optimizer=ds.get("offload_optimizer_device", "none") not in ("none", None),
-        offload_params=ds.get("offload_param_device", "none") not in ("none", None),
+        # accelerate's defaults when the key is absent: version 1, resharding after forward
+        fsdp_version=None if fsdp is None else int(fsdp.get("fsdp_version", 1)),
+        reshard_after_forward=_flag((fsdp or {}).get("fsdp_reshard_after_forward", True)),
+        mixed_precision=str(data.get("mixed_precision") or "no"),
+        offload_optimizer=ds.get("offload_optimizer_device", "none") not in ("none", None) or offload_fsdp,
+        offload_params=ds.get("offload_param_device", "none") not in ("none", None) or offload_fsdp,
         source=str(path),
     )
+
+
+def _flag(value: Any) -> bool:
+    """An accelerate config's boolean as YAML or its env vars spell it (true, "true", "True"); FSDP1's sharding
+    strategies read as whether they reshard after forward (FULL_SHARD, HYBRID_SHARD)."""
+    return str(value).strip().lower() in ("true", "1", "yes", "full_shard", "hybrid_shard")
 
 
 # The launch a plan is made for when it is not this process's own: `posttrain launch --nodes N --gpus-per-node G`
@@ -170,9 +232,16 @@ def launch_of_this_process() -> Launch | None:
         return None
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    offload_fsdp = fsdp and _flag(os.environ.get("FSDP_OFFLOAD_PARAMS", "false"))
     return Launch(
         processes=int(os.environ["WORLD_SIZE"]),
         zero_stage=int(stage) if deepspeed and stage else None,
+        fsdp_version=int(os.environ.get("FSDP_VERSION", "1")) if fsdp else None,
+        reshard_after_forward=_flag(os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true")),
+        mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),
+        offload_optimizer=offload_fsdp,
+        offload_params=offload_fsdp,
         source="this accelerate launch",
     )
 
@@ -206,9 +275,8 @@ class MemoryPlan:
         return sum(t.bytes for t in self.terms)
 
     def lines(self) -> list[str]:
-        zero = f"ZeRO-{self.launch.zero_stage}" if self.launch.zero_stage is not None else "no DeepSpeed"
         out = [
-            f"memory plan per device ({self.launch.processes} process(es), {zero}, from {self.launch.source}; "
+            f"memory plan per device ({self.launch.processes} process(es), {self.launch.kind}, from {self.launch.source}; "
             f"device {self.device_bytes / GIB:.0f} GiB assumed, --gpu-memory to change):"
         ]
         for t in self.terms:
@@ -228,9 +296,11 @@ class MemoryPlan:
             "activations": "model.gradient_checkpointing: true, or a smaller per_device_train_batch_size",
             "optimizer": "a higher ZeRO stage or more processes (states shard over them), or model.lora",
             "gradients": "ZeRO-2/3 (gradients shard over the processes), or model.lora",
-            "weights": "ZeRO-3 (weights shard over the processes), or model.lora with a 16-bit base",
+            "weights": "ZeRO-3 or FSDP2 (weights shard over the processes), or model.lora with a 16-bit base",
+            "gathered": "fsdp_reshard_after_forward: true (each layer is freed after its forward), or model.lora",
             "reference": "algorithm.beta: 0 (no reference model) or model.lora (the base is the reference)",
-            "teacher": "a smaller teacher, a 16-bit model.dtype, or ZeRO-3 (the teacher shards over the processes)",
+            "teacher": "a smaller teacher, a 16-bit model.dtype, or ZeRO-3/FSDP2 (the teacher shards over the "
+            "processes)",
             "vllm": "a lower rollout.vllm.gpu_memory_utilization or vllm mode: server on other GPUs",
         }
         knob = next((v for k, v in knobs.items() if biggest.name.startswith(k)), "a smaller batch")
@@ -245,7 +315,15 @@ def lora_params(shape: ModelShape, r: int) -> int:
 
 
 def model_state_terms(
-    params: int, trainable: int, weight_bytes: int, launch: Launch, largest_layer: int = 0
+    params: int,
+    trainable: int,
+    weight_bytes: int,
+    launch: Launch,
+    largest_layer: int = 0,
+    *,
+    mixed_precision: bool = False,
+    layer: int = 0,
+    output_unit: int = 0,
 ) -> list[Term]:
     """Weights, gradients and optimizer states per device. Under DeepSpeed, the accounting of its own
     `estimate_zero2_model_states_mem_needs` (stage 2: full 16-bit weights, the process's partition of the 16-bit
@@ -253,8 +331,11 @@ def model_state_terms(
     over the processes: 2P + 18P/N, DeepSpeed 0.19; stage 1 keeps the gradients whole) and
     `estimate_zero3_model_states_mem_needs` (weights sharded too, plus the largest layer's weights and gradients
     gathered) plus ZeRO-3's gradient partition buffer, which that estimator omits and DeepSpeed holds (measured:
-    scripts/zero_state_bytes.py); generalised to LoRA, where only the adapters have gradients and optimizer states."""
+    scripts/zero_state_bytes.py); generalised to LoRA, where only the adapters have gradients and optimizer states.
+    Under FSDP2, `fsdp2_terms` (`mixed_precision`, `layer`, `output_unit` are its)."""
     n, stage, w = launch.processes, launch.zero_stage, weight_bytes
+    if launch.fsdp2:
+        return fsdp2_terms(params, trainable, w, launch, mixed_precision, layer, output_unit)
     if stage is None:
         return [
             Term("weights", params * w, True),
@@ -287,6 +368,44 @@ def model_state_terms(
     ]
 
 
+def fsdp2_terms(
+    params: int, trainable: int, weight_bytes: int, launch: Launch, mixed_precision: bool, layer: int, output_unit: int
+) -> list[Term]:
+    """FSDP2 (torch's `fully_shard` as accelerate 1.15 applies it, `fsdp2_prepare_model`) per process.
+
+    Sharded over the N processes (dim 0 of every tensor): the weights, their gradients and both AdamW states. Under
+    mixed precision accelerate first upcasts the trainable weights to fp32 (master weights; their gradients and the
+    AdamW states follow that dtype: 4 + 4 + 8 = 16 bytes per trainable parameter over N, where ZeRO-3 holds 20: its
+    16-bit copies too) and gathers and computes in 16 bit; without it all of them stay in the model's dtype. Frozen
+    weights (LoRA's base) stay in the model's dtype. With `fsdp_offload_params` the shards and the optimizer step are
+    on the CPU.
+
+    Gathered for compute (an estimate: how far torch prefetches is its own runtime policy): the units are each
+    decoder layer (TRANSFORMER_BASED_WRAP) and the output head with the final norm (tied, the embedding is the same
+    tensor; untied, the embedding is a unit of its own, no larger than the head), which accelerate keeps gathered
+    from forward to backward. With `reshard_after_forward` a layer is gathered for its forward, freed, and gathered
+    again for its backward, the next one prefetched meanwhile: the output unit and two layers at once, plus the
+    unsharded 16-bit gradients of the output unit and one layer before their reduce-scatter (full fine-tuning; LoRA's
+    adapter gradients are negligible). Without it every unit stays gathered from forward to backward: the whole model
+    in the compute dtype."""
+    n = launch.processes
+    master = 4 if mixed_precision else weight_bytes
+    compute = 2 if mixed_precision else weight_bytes
+    held = 0.0 if launch.offload_params else 1.0
+    where = "offloaded to CPU" if launch.offload_params else f"sharded over {n}"
+    name = "fp32 master" if mixed_precision else f"{8 * weight_bytes}-bit"
+    gathered = output_unit + 2 * layer if launch.reshard_after_forward else params
+    how = "the output unit and two layers" if launch.reshard_after_forward else "every unit, until backward"
+    unsharded_grads = compute * (output_unit + layer) if trainable == params else 0.0
+    return [
+        Term(f"weights ({name})", held * (master * trainable + weight_bytes * (params - trainable)) / n, True, where),
+        Term(f"gradients ({8 * master}-bit)", held * master * trainable / n, True, where),
+        Term("optimizer (AdamW m, v)", held * 2 * master * trainable / n, True, where),
+        Term(f"gathered weights ({8 * compute}-bit)", compute * gathered, False, how),
+        Term(f"gathered gradients ({8 * compute}-bit)", unsharded_grads, False, "output unit and one layer"),
+    ]
+
+
 def plan_for(recipe: Any, spec: Any, launch: Launch, device_bytes: int, shape: ModelShape | None) -> MemoryPlan | None:
     """The plan of a causal-LM or reward-model recipe (None when the model's shape is unknown, e.g. a diffusion model).
 
@@ -296,13 +415,16 @@ def plan_for(recipe: Any, spec: Any, launch: Launch, device_bytes: int, shape: M
     if shape is None:
         return None
     s, r = recipe.settings, recipe.rollout
+    mixed = s.get("precision") in ("bf16", "fp16") or launch.mixed_precision in ("bf16", "fp16")
     weight_bytes = 2 if (recipe.model.dtype in ("bfloat16", "float16") or s.get("precision") in ("bf16", "fp16")) else 4
     lora = recipe.model.lora
     trainable = lora_params(shape, lora.r) if lora else shape.params
     plan = MemoryPlan(device_bytes=device_bytes, launch=launch)
-    plan.terms += model_state_terms(shape.params, trainable, weight_bytes, launch, shape.largest_layer_params)
+    plan.terms += model_state_terms(shape.params, trainable, weight_bytes, launch, shape.largest_layer_params,
+                                    mixed_precision=mixed, layer=shape.layer_params,
+                                    output_unit=shape.output_unit_params)  # fmt: skip
     if spec.reference_model and (s.get("beta") or 0) > 0 and not lora:
-        share = launch.processes if launch.zero_stage == 3 else 1
+        share = launch.processes if launch.shards_weights else 1
         plan.terms.append(Term("reference model", shape.params * weight_bytes / share, True, "beta > 0"))
     plan.terms += teacher_terms(recipe, spec, weight_bytes, launch)
     plan.terms += reward_model_terms(recipe)
@@ -315,14 +437,15 @@ def plan_for(recipe: Any, spec: Any, launch: Launch, device_bytes: int, shape: M
 
 def teacher_terms(recipe: Any, spec: Any, weight_bytes: int, launch: Launch) -> list[Term]:
     """The frozen teacher the trainer declares (`spec.teacher_option`, the options field holding its path or hub
-    id): its weights in the policy's dtype, sharded over the processes under ZeRO-3 as the reference model is."""
+    id): its weights in the policy's dtype, sharded over the processes under ZeRO-3 and FSDP2 as the reference model
+    is."""
     if not spec.teacher_option or recipe.options is None or not getattr(recipe.options, spec.teacher_option):
         return []
     source = getattr(recipe.options, spec.teacher_option)
     shape = model_shape(recipe.resolve_path(source))
     if shape is None:
         return [Term("teacher model", 0.0, False, f"not counted: the shape of '{source}' is unknown here")]
-    share = launch.processes if launch.zero_stage == 3 else 1
+    share = launch.processes if launch.shards_weights else 1
     return [Term("teacher model", shape.params * weight_bytes / share, True, f"frozen, {source}")]
 
 

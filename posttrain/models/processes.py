@@ -9,6 +9,9 @@ unless run under mpirun.) The fix is the first `PartialState` of the process, bu
 to see the real world: `cpu=True` for DDP over gloo; for DeepSpeed, the gloo backend that DeepSpeed's CPU
 accelerator initialises (`cpu=True` would turn DeepSpeed off). Everything else is accelerate's own state.
 
+FSDP on CPUs needs one more step (`let_accelerate_shard_on_cpu`): accelerate turns a launch into FSDP only from a
+GPU-family state, so with the CPU's `MULTI_CPU` it dropped the FSDP plugin and trained as DDP without a word.
+
 Also here: the check every multi-process run takes at start that all its ranks see one run dir
 (`confirm_shared_run_dir`, docs/scaling.md).
 """
@@ -36,15 +39,77 @@ def launched_on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def process_state() -> Any:
-    """accelerate's `PartialState` (a per-process singleton: the first call decides it, later ones share it)."""
+# How long a rank waits in a collective (all-reduce, barrier, broadcast) for the others before it fails the run, when
+# the recipe sets no `training.ddp_timeout`. A node that dies takes its processes' connections with it only when its
+# kernel lives on (kill -9, an OOM kill: the peers' reads fail at once with "Connection reset by peer"); a node that
+# hangs, loses power or its network sends nothing, and the survivors wait this long, holding their GPUs: torch's and
+# transformers' 30 minutes is half an hour of a whole job idle. 10 minutes still covers the longest wait a healthy run
+# has for one rank working alone (the main process tokenizing a large data set under `main_process_first`, a rank-0
+# checkpoint of a full model and optimizer written to a network disk).
+DDP_TIMEOUT_S = 600
+
+
+def process_state(timeout_s: float | None = None) -> Any:
+    """accelerate's `PartialState` (a per-process singleton: the first call decides it, later ones share it).
+
+    `timeout_s` (default DDP_TIMEOUT_S) is the process group's collective timeout; it counts only in the first call,
+    which creates the process group: `posttrain train` makes that call with the recipe's `training.ddp_timeout`
+    before transformers' TrainingArguments would (its own PartialState finds the group made and keeps it)."""
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    if launched_on_cpu() and not PartialState._shared_state:
+    if PartialState._shared_state:
+        return PartialState()
+    timeout = timedelta(seconds=DDP_TIMEOUT_S if timeout_s is None else timeout_s)
+    if launched_on_cpu():
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-            return PartialState(backend="gloo")
-        return PartialState(cpu=True)
-    return PartialState()
+            return PartialState(backend="gloo", timeout=timeout)
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            let_accelerate_shard_on_cpu()
+        return PartialState(cpu=True, timeout=timeout)
+    return PartialState(timeout=timeout)
+
+
+def let_accelerate_shard_on_cpu() -> None:
+    """Make an FSDP launch on CPUs (gloo) shard as configured instead of silently training as DDP.
+
+    accelerate 1.15's `AcceleratorState` sets `distributed_type = FSDP` (and keeps the FSDP plugin) only when the
+    process state it starts from is a GPU-family one (`MULTI_GPU`, `MULTI_XPU`, ...; state.py); on CPUs that state is
+    `MULTI_CPU` (gloo), so the plugin was dropped: `final/posttrain_final.json` said MULTI_CPU and torch's DDP reducer
+    ran. torch 2.13's FSDP2 (`fully_shard`) itself runs on CPUs over gloo. So the first `AcceleratorState` of the
+    process is shown `MULTI_GPU` in place of `MULTI_CPU` (the device stays the CPU, the backend gloo); accelerate then
+    makes it FSDP and writes FSDP back into the process state, as it does on GPUs. Installed once, only for a
+    multi-process FSDP launch on CPUs (`process_state`); tests/test_fsdp2_launch.py fails when accelerate changes."""
+    from accelerate import state
+    from accelerate.utils import DistributedType
+
+    build = state.AcceleratorState.__init__
+    if getattr(build, "shards_on_cpu", False):
+        return
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        process = state.PartialState._shared_state
+        if (
+            not state.AcceleratorState._shared_state
+            and process.get("distributed_type") == DistributedType.MULTI_CPU
+            and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        ):
+            process["distributed_type"] = DistributedType.MULTI_GPU
+        build(self, *args, **kwargs)
+
+    __init__.shards_on_cpu = True  # type: ignore[attr-defined]
+    state.AcceleratorState.__init__ = __init__  # type: ignore[method-assign]
+
+
+def machines() -> int:
+    """The machines (nodes) of this launch: torchrun's GROUP_WORLD_SIZE (one agent per node, whatever launched it:
+    `accelerate launch`, DeepSpeed's standard multi-node launcher), else WORLD_SIZE / LOCAL_WORLD_SIZE (mpirun through
+    accelerate), else 1."""
+    if os.environ.get("GROUP_WORLD_SIZE"):
+        return int(os.environ["GROUP_WORLD_SIZE"])
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    return max(1, world // local) if local > 0 else 1
 
 
 def end_processes() -> None:

@@ -5,8 +5,8 @@ What a GPU recipe needs that a CPU lacks is substituted, and each substitution i
 - the model: a tiny random model of the same architecture family (from the model dir's config.json or the hub
   shapes posttrain knows, `posttrain.models.memory.KNOWN_SHAPES`), with the recipe's options kept: LoRA, gradient
   checkpointing, the reference model when `beta > 0`; a diffusion model becomes a tiny latent stack;
-- the launch: the recipe's accelerate config with 2 processes, fp32 and no offload, ZeRO stage kept (DDP when the
-  recipe names none);
+- the launch: the recipe's accelerate config with 2 processes, fp32 and no offload, ZeRO stage or FSDP2 kept (DDP
+  when the recipe names none);
 - data that is not local (a hub dataset, a file an earlier step writes): a few synthetic rows of the schema the
   trainer reads (a schema it cannot know, such as a custom field list, is refused before anything runs);
   local data is cut to its first rows;

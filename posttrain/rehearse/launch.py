@@ -27,8 +27,9 @@ class RehearsalFailed(PosttrainError):
 
 
 def write_launch_config(recipe: Recipe, override: str | None, out: Rehearsal) -> None:
-    """The recipe's accelerate config shrunk to 2 CPU processes, fp32, no offload, ZeRO stage kept (DDP when the
-    recipe names none, or DeepSpeed is not installed here), written into the rehearsal; the recipe points at it."""
+    """The recipe's accelerate config shrunk to 2 CPU processes, fp32, no offload, ZeRO stage or FSDP2 kept (DDP when
+    the recipe names none, DeepSpeed is not installed here, or it is FSDP1), written into the rehearsal; the recipe
+    points at it."""
     path = override or (recipe.resolve_path(recipe.accelerate_config) if recipe.accelerate_config else None)  # fmt: skip
     config = dict(DDP_CONFIG)
     if path is None:
@@ -57,11 +58,29 @@ def write_launch_config(recipe: Recipe, override: str | None, out: Rehearsal) ->
                 f"processes, {given.get('mixed_precision', 'no')}) -> ZeRO-{ds.get('zero_stage')} on 2 CPU "
                 f"processes, fp32 (gloo){dropped}"
             )
+        elif kind == "FSDP" and int((given.get("fsdp_config") or {}).get("fsdp_version", 1)) == 2:
+            # FSDP2 runs on CPUs over gloo (posttrain.models.processes.let_accelerate_shard_on_cpu)
+            config = copy.deepcopy(given)
+            fsdp = config.setdefault("fsdp_config", {})
+            offload = ["fsdp_offload_params"] if str(fsdp.get("fsdp_offload_params", False)).lower() == "true" else []
+            for key in offload:
+                fsdp[key] = False
+            config.update(num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no", use_cpu=False)
+            config.pop("main_process_ip", None)
+            dropped = f"; {', '.join(offload)} -> false" if offload else ""
+            out.note(
+                f"launch: {path} (FSDP2, {given.get('num_processes', 1)} processes, "
+                f"{given.get('mixed_precision', 'no')}) -> FSDP2 on 2 CPU processes, fp32 (gloo){dropped}"
+            )
+        elif kind == "FSDP":
+            out.note(f"launch: {path} (FSDP1) -> DDP, 2 CPU processes: only FSDP2 is rehearsed on CPUs")
+            out.not_rehearsed.append("FSDP1 (accelerate's FSDP1 was never tried on CPUs here; fsdp_version: 2 is)")
         else:
             out.note(f"launch: {path} ({kind}, {given.get('num_processes', 1)} processes) -> DDP, 2 CPU processes")
     out.accelerate_config.write_text(yaml.safe_dump(config, sort_keys=False))
     stage = (config.get("deepspeed_config") or {}).get("zero_stage") if config["distributed_type"] == "DEEPSPEED" else None  # fmt: skip
-    out.did(f"accelerate launch, 2 processes, {'DeepSpeed ZeRO-' + str(stage) if stage else 'DDP'} (gloo)")
+    shown = "FSDP2" if config["distributed_type"] == "FSDP" else ("DeepSpeed ZeRO-" + str(stage) if stage else "DDP")
+    out.did(f"accelerate launch, 2 processes, {shown} (gloo)")
 
 
 def run_rehearsal(rehearsal: Rehearsal, echo: Callable[[str], None] = print, timeout: float = 1800) -> Rehearsal:

@@ -21,6 +21,17 @@ class HFGenerator:
         return [[s.text for s in group] for group in self.generate_samples(prompts, params)]
 
     def generate_samples(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
+        """Samples for each prompt, in a fork of torch's RNG: the per-batch seeding reseeds the global RNG, and left
+        as it was, what a training run drew after a held-out evaluation (and the seed accelerate's data sampler takes,
+        `torch.random.initial_seed()`) depended on whether the evaluation ran: a resumed run, which has no evaluation
+        before training, drew other batches than the uninterrupted run."""
+        import torch
+
+        devices = [self.model.device] if self.model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._generate_samples(prompts, params)
+
+    def _generate_samples(self, prompts: list[str], params: SamplingParams) -> list[list[Sample]]:
         import torch
         from tqdm.auto import tqdm
 

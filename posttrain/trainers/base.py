@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.models.loading import load_policy, load_tokenizer, materialise_tiny, resolve_precision
+from posttrain.models.processes import DDP_TIMEOUT_S
 from posttrain.recipe import Recipe
 from posttrain.registry import library_kwargs
 from posttrain.runs import RunDir
 from posttrain.trainers.lifecycle import RunResult, finish, model_source, record_evaluation, save_final, start
 
-# posttrain's defaults where TRL's don't suit a recipe-driven run (a recipe's `training:` still wins).
-_DEFAULTS = {"logging_steps": 10, "save_strategy": "steps", "save_steps": 500, "report_to": "none"}
+# posttrain's defaults where TRL's don't suit a recipe-driven run (a recipe's `training:` still wins). ddp_timeout:
+# minutes, not transformers' half hour, for a dead node's survivors (processes.DDP_TIMEOUT_S says why).
+_DEFAULTS = {"logging_steps": 10, "save_strategy": "steps", "save_steps": 500, "report_to": "none",
+             "ddp_timeout": DDP_TIMEOUT_S}  # fmt: skip
 
 
 def config_kwargs(recipe: Recipe, run: RunDir) -> dict[str, Any]:

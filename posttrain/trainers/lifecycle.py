@@ -98,17 +98,17 @@ def save_final(
 
 
 def launch_info() -> dict:
-    """How the run was launched, recorded beside the final model: processes and accelerate's distributed type
-    (with the ZeRO stage under DeepSpeed)."""
+    """How the run was launched, recorded beside the final model: machines (nodes), processes over all of them, and
+    accelerate's distributed type (with the ZeRO stage under DeepSpeed)."""
     import os
 
-    from posttrain.models.processes import process_state
+    from posttrain.models.processes import machines, process_state
 
     state = process_state()
     kind = str(state.distributed_type).rsplit(".", 1)[-1]
     if kind == "DEEPSPEED":
         kind += f" ZeRO-{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}"
-    return {"processes": state.num_processes, "distributed": kind}
+    return {"machines": machines(), "processes": state.num_processes, "distributed": kind}
 
 
 def finish(run: RunDir, recipe: Recipe, result: RunResult) -> None:
