@@ -46,6 +46,7 @@ class SlurmJob:
     gpus_per_node: int
     accelerate_config: str
     zero_stage: int | None = None  # DeepSpeed's, from the config (None: DDP)
+    engine: str = "DDP"  # memory.Launch.engine: DDP, DeepSpeed ZeRO-<stage>, FSDP<version>
     vllm_nodes: int = 0
     vllm_model: str | None = None  # what `trl vllm-serve --model` loads (the recipe's model.path)
     vllm_port: int = 8000
@@ -93,10 +94,11 @@ def slurm_job(
     if vllm_nodes and recipe.model.path is None:
         raise LaunchError("--vllm-nodes: vLLM serves model.path; a model.tiny is built by the run itself")
     config = _config_path(recipe)
-    stage = read_launch(config).zero_stage
+    launch = read_launch(config)
+    stage = launch.zero_stage
     return SlurmJob(
         recipe=_shown(recipe_path, workdir), workdir=str(workdir), job_name=_job_name(recipe.name), nodes=nodes,
-        gpus_per_node=gpus_per_node, accelerate_config=_shown(config, workdir), zero_stage=stage,
+        gpus_per_node=gpus_per_node, accelerate_config=_shown(config, workdir), zero_stage=stage, engine=launch.engine,
         vllm_nodes=vllm_nodes, vllm_model=recipe.resolve_path(recipe.model.path) if vllm_nodes else None,
         vllm_port=recipe.rollout.vllm.server_port, vllm_tensor_parallel=recipe.rollout.vllm.tensor_parallel_size,
         partition=partition, time=time, port=port, overrides=tuple(overrides),
@@ -176,7 +178,7 @@ def _job_name(name: str) -> str:
 
 def launch_lines(job: SlurmJob, recipe: Recipe, generates: bool) -> list[str]:
     """What the job runs, and its global batch (the per-device batch and accumulation of the resolved recipe)."""
-    kind = f"DeepSpeed ZeRO-{job.zero_stage}" if job.zero_stage is not None else "DDP"
+    kind = job.engine
     s = recipe.settings
     per_device, accumulation = s.per_device_train_batch_size, s.gradient_accumulation_steps
     what = "completions" if generates else "rows"

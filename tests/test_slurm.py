@@ -56,6 +56,9 @@ def test_launch_dry_run_plans_nodes_x_gpus_processes(capsys):
     assert "each generation batch holds 1024 completions = 128 prompts x 8 samples" in out  # GRPO's own geometry
     assert "memory plan per device (16 process(es), ZeRO-2, from 2 node(s) x 8 GPU(s)" in out
     assert "optimizer (fp32 master, m, v, grads)       1.44 GiB  exact; sharded over 16" in out
+    fsdp = ["--set", "accelerate_config=../accelerate/fsdp2.yaml"]
+    assert main(["launch", str(REPO / GRPO), "--nodes", "2", "--gpus-per-node", "8", *fsdp, "--dry-run"]) == 0
+    assert "16 processes (FSDP2, " in capsys.readouterr().out  # the launch line names the config's engine
 
 
 def test_launch_refuses_an_indivisible_global_batch_in_one_line(tmp_path, capsys):
