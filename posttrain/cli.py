@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="SFT then GRPO on a tiny CPU model: RL fixing what imitation got wrong")
-    p.add_argument("--out", default="runs/quickstart", help="output dir (default runs/quickstart)")
+    p.add_argument("--out", default=None, help="output dir (default runs/quickstart, runs/quickstart-tools)")
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--task", choices=("arithmetic", "tools"), default="arithmetic",
+                   help="arithmetic: GRPO fixes dropped carries; tools: GRPO and NFT teach a calculator tool (docs/tools.md)")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value in every stage's recipe (repeatable)")  # fmt: skip
     p.set_defaults(func=cmd_quickstart)
@@ -334,9 +336,10 @@ def _print_plan(recipe, args: argparse.Namespace) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from posttrain.quickstart import run_quickstart
 
-    summary = run_quickstart(Path(args.out), seed=args.seed, overrides=args.overrides)
+    out = Path(args.out or ("runs/quickstart" if args.task == "arithmetic" else f"runs/quickstart-{args.task}"))
+    summary = run_quickstart(out, seed=args.seed, overrides=args.overrides, task=args.task)
     print(summary.table())
-    print(f"report: {args.out}/report.md")
+    print(f"report: {out}/report.md")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`posttrain quickstart`: reinforcement learning with a verifier fixes what imitation got wrong, on a CPU.
+"""`posttrain quickstart [--task arithmetic|tools]`: reinforcement learning with a verifier fixes what imitation got
+wrong, on a CPU (`--task tools`: RL teaches a tiny model to use a calculator tool, docs/tools.md).
 
 Stages, each an ordinary recipe run in its own run dir under `out/`:
 1. `sft`: a tiny model imitates demonstrations where half the carry problems drop the carry (recipes/sft/).
@@ -21,9 +22,49 @@ from posttrain.train import load_and_validate as load_recipe
 from posttrain.train import train_recipe
 
 RECIPES = recipes_dir()  # the checkout's recipes/, or the copies a wheel ships
-SLICES = ("eval/arithmetic/accuracy", "eval/arithmetic/accuracy[carry=True]", "eval/arithmetic/accuracy[carry=False]")
-LABELS = {"eval/arithmetic/accuracy": "all", "eval/arithmetic/accuracy[carry=True]": "carry",
-          "eval/arithmetic/accuracy[carry=False]": "no carry"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Task:
+    """One quickstart: its SFT recipe, the RL recipes run from the SFT model, the held-out metrics compared."""
+
+    sft: str
+    rl: tuple[tuple[str, str, str], ...]  # (label, recipe, stage dir)
+    metrics: tuple[tuple[str, str], ...]  # (logged key, column label)
+    title: str
+    intro: str
+
+
+TASKS = {
+    "arithmetic": Task(
+        sft="sft/arithmetic.yaml",
+        rl=(("SFT → GRPO", "grpo/arithmetic.yaml", "grpo"),),
+        metrics=(
+            ("eval/arithmetic/accuracy", "all"),
+            ("eval/arithmetic/accuracy[carry=True]", "carry"),
+            ("eval/arithmetic/accuracy[carry=False]", "no carry"),
+        ),  # fmt: skip
+        title="held-out 2-digit addition",
+        intro="A tiny Llama-style model learns 2-digit addition from demonstrations in which half of the problems "
+        "that need a carry show it dropped (47+85= → 122). GRPO with an exact-match verifier then trains on the same "
+        "prompts; the baseline continues SFT on the same demonstrations for the same wall time. Accuracy is greedy, "
+        "on 1000 held-out problems never trained on.",
+    ),
+    "tools": Task(
+        sft="sft/tools.yaml",
+        rl=(("SFT → GRPO", "grpo/tools.yaml", "grpo"), ("SFT → NFT", "nft/tools.yaml", "nft")),
+        metrics=(("eval/tools/accuracy", "accuracy"), ("eval/tools/tool_use_rate", "tool use")),
+        title="held-out 3-digit × 2-digit products with a calculator tool",
+        intro="A tiny model learns 3-digit × 2-digit multiplication from demonstrations of which 30% call a "
+        "`multiply(a, b)` tool and the rest answer straight away (right half of the time). Multi-turn GRPO and NFT "
+        "with an exact-match verifier then train with the tool; the baseline continues SFT on the same demonstrations "
+        "for the same wall time as GRPO. Accuracy and tool use are greedy, through the tool loop, on 300 held-out "
+        "problems never trained on (docs/tools.md).",
+    ),
+}
+# The arithmetic task's metrics, as other code and experiments read them.
+SLICES = tuple(key for key, _ in TASKS["arithmetic"].metrics)
+LABELS = dict(TASKS["arithmetic"].metrics)
 
 
 @dataclass
@@ -31,39 +72,44 @@ class QuickstartSummary:
     seed: int
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> metric -> value
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> training wall time
+    task: str = "arithmetic"
 
     def table(self) -> str:
-        head = "| model | " + " | ".join(LABELS[k] for k in SLICES) + " | train s |"
-        lines = [head, "|---" * (len(SLICES) + 2) + "|"]
-        for model, metrics in self.accuracy.items():
-            cells = " | ".join(f"{metrics.get(k, float('nan')):.3f}" for k in SLICES)
+        metrics = TASKS[self.task].metrics
+        head = "| model | " + " | ".join(label for _, label in metrics) + " | train s |"
+        lines = [head, "|---" * (len(metrics) + 2) + "|"]
+        for model, values in self.accuracy.items():
+            cells = " | ".join(f"{values.get(k, float('nan')):.3f}" for k, _ in metrics)
             lines.append(f"| {model} | {cells} | {self.seconds.get(model, 0):.0f} |")
         return "\n".join(lines)
 
 
-def run_quickstart(out: Path, seed: int = 0, overrides: list[str] | None = None) -> QuickstartSummary:
+def run_quickstart(
+    out: Path, seed: int = 0, overrides: list[str] | None = None, task: str = "arithmetic"
+) -> QuickstartSummary:
+    spec = TASKS[task]
     common = [f"seed={seed}", *(overrides or [])]
-    summary = QuickstartSummary(seed=seed)
+    summary = QuickstartSummary(seed=seed, task=task)
 
-    sft = load_recipe(RECIPES / "sft/arithmetic.yaml", [*common, f"output_dir={out / 'sft'}"])
+    sft = load_recipe(RECIPES / spec.sft, [*common, f"output_dir={out / 'sft'}"])
     sft_result = train_recipe(sft)
     summary.accuracy["base (untrained)"] = sft_result.before
     summary.accuracy["SFT"] = sft_result.after
     summary.seconds["SFT"] = sft_result.train_seconds
     sft_final = out / "sft" / "final"
 
-    grpo = load_recipe(
-        RECIPES / "grpo/arithmetic.yaml", [*common, f"model.path={sft_final}", f"output_dir={out / 'grpo'}"]
-    )
-    grpo_result = train_recipe(grpo)
-    summary.accuracy["SFT → GRPO"] = grpo_result.after
-    summary.seconds["SFT → GRPO"] = grpo_result.train_seconds
+    budget = None
+    for label, recipe, stage in spec.rl:
+        rl = load_recipe(RECIPES / recipe, [*common, f"model.path={sft_final}", f"output_dir={out / stage}"])
+        rl_result = train_recipe(rl)
+        summary.accuracy[label] = rl_result.after
+        summary.seconds[label] = rl_result.train_seconds
+        budget = rl_result.train_seconds if budget is None else budget  # the first RL stage's time
 
     # Same wall time as GRPO; the schedule is sized from SFT's measured step time so its cosine decay completes.
-    budget = grpo_result.train_seconds
     steps = max(10, int(budget / max(sft_result.train_seconds / max(sft_result.global_step, 1), 1e-3)))
     cont = load_recipe(
-        RECIPES / "sft/arithmetic.yaml",
+        RECIPES / spec.sft,
         [*common, "model.tiny=null", f"model.path={sft_final}", f"output_dir={out / 'sft_continue'}",
          f"training.max_steps={steps}", f"training.time_budget_s={budget:.1f}", "name=sft-continue"],
     )  # fmt: skip
@@ -76,23 +122,23 @@ def run_quickstart(out: Path, seed: int = 0, overrides: list[str] | None = None)
 
 
 def write_quickstart_report(out: Path, summary: QuickstartSummary) -> None:
+    spec = TASKS[summary.task]
+    labels = dict(spec.metrics)
     write_atomic(out / "summary.json", json.dumps(asdict(summary), indent=1))
     rows = [(model, metrics) for model, metrics in summary.accuracy.items() if "untrained" not in model]
     plot_accuracy_bars(
-        [(m, {LABELS[k]: v for k, v in metrics.items() if k in LABELS}) for m, metrics in rows],
-        [LABELS[k] for k in SLICES],
+        [(m, {labels[k]: v for k, v in metrics.items() if k in labels}) for m, metrics in rows],
+        list(labels.values()),
         out / "accuracy.png",
-        f"held-out 2-digit addition, seed {summary.seed}",
+        f"{spec.title}, seed {summary.seed}",
     )
     grpo_records = RunDir(out / "grpo").read_metrics()
     plot_curves(grpo_records, out / "grpo_curves.png", "GRPO: training reward and held-out accuracy")
+    stages = ", ".join(f"`{stage}/`" for stage in ("sft", *(s for _, _, s in spec.rl), "sft_continue"))
     lines = [
-        "# posttrain quickstart",
+        "# posttrain quickstart" + ("" if summary.task == "arithmetic" else f" --task {summary.task}"),
         "",
-        "A tiny Llama-style model learns 2-digit addition from demonstrations in which half of the problems that "
-        "need a carry show it dropped (47+85= → 122). GRPO with an exact-match verifier then trains on the same "
-        "prompts; the baseline continues SFT on the same demonstrations for the same wall time. Accuracy is greedy, "
-        "on 1000 held-out problems never trained on.",
+        spec.intro,
         "",
         summary.table(),
         "",
@@ -100,7 +146,6 @@ def write_quickstart_report(out: Path, summary: QuickstartSummary) -> None:
         "",
         "![GRPO curves](grpo_curves.png)",
         "",
-        "Stage run dirs (each with recipe.resolved.yaml, metrics.jsonl, final/ and report.md): "
-        "`sft/`, `grpo/`, `sft_continue/`.",
+        f"Stage run dirs (each with recipe.resolved.yaml, metrics.jsonl, final/ and report.md): {stages}.",
     ]
     write_atomic(out / "report.md", "\n".join(lines) + "\n")

@@ -482,3 +482,40 @@ def test_tool_loop_caps_rounds_and_hands_errors_to_the_model():
     assert generator.last_tool_calls == [1] and len(inner.seen) == 2
     assert "{'error': 'calculator broken'}" in inner.seen[1]
     assert answer == "{'error': 'calculator broken'}"  # the policy echoed the last tool result
+
+
+def test_the_tools_quickstart_is_wired_to_shipped_recipes_that_validate(tmp_path):
+    """`posttrain quickstart --task tools`: its recipes are shipped and validate (the RL ones from the SFT stage's
+    output), and its table shows accuracy and tool use."""
+    from posttrain.quickstart import RECIPES, TASKS, QuickstartSummary
+    from posttrain.registry import load_and_validate
+
+    task = TASKS["tools"]
+    small = ["data.train.n=64", "data.eval.n=8"]  # the whole split is ~77k rows: seconds to build
+    sft = load_and_validate(RECIPES / task.sft, [*small, f"output_dir={tmp_path / 'sft'}"])
+    assert sft.eval.tools == ["posttrain.data.tool_arithmetic:multiply"]
+    from posttrain.models.tiny import save_family_model
+
+    final, _ = save_family_model(tmp_path / "sft" / "final", "llama", tools=True)  # what the SFT stage leaves
+    for _, recipe, stage in task.rl:
+        rl = load_and_validate(RECIPES / recipe, [*small, f"model.path={final}", f"output_dir={tmp_path / stage}"])
+        assert rl.rollout.tools == ["posttrain.data.tool_arithmetic:multiply"] and rl.trainer in ("grpo", "nft")
+    summary = QuickstartSummary(seed=0, task="tools", accuracy={"SFT": {"eval/tools/accuracy": 0.25,
+                                "eval/tools/tool_use_rate": 0.5}}, seconds={"SFT": 10.0})  # fmt: skip
+    assert summary.table().splitlines()[0] == "| model | accuracy | tool use | train s |"
+    assert "| SFT | 0.250 | 0.500 | 10 |" in summary.table()
+
+
+def test_run_python_is_a_tool_the_loop_calls_in_the_sandbox():
+    """reward_models.code_exec:run_python passes the tool checks and runs model-written code in the sandbox when the
+    tool loop calls it (an error is the tool's result, the loop goes on)."""
+    from posttrain.models.tiny import build_tokenizer
+    from posttrain.rollout.tool_loop import ToolLoopGenerator
+    from posttrain.rollout.tools import import_ref, tool_problem
+
+    run_python = import_ref("reward_models.code_exec:run_python", "rollout.tools[0]")
+    assert tool_problem(run_python) is None
+    loop = ToolLoopGenerator(None, build_tokenizer("text", tools=True), [run_python])
+    assert loop._call({"function": {"name": "run_python", "arguments": {"code": "print(6 * 7)"}}}) == ("run_python", "42")
+    name, result = loop._call({"function": {"name": "run_python", "arguments": {"code": "import posttrain"}}})
+    assert name == "run_python" and "ModuleNotFoundError" in str(result)

@@ -153,10 +153,11 @@ TOOL_RESPONSE_TEMPLATE = {
 }
 
 
-def build_byte_tokenizer():
+def build_byte_tokenizer(tools: bool = False):
     """A byte-level BPE tokenizer with no merges (one id per byte, 256 + 3 special tokens) and a ChatML chat
     template: any text encodes, and it reloads with the same ids whatever class transformers picks for the model
-    family (a `qwen2` config reloads it as `Qwen2Tokenizer`, which rebuilt the character tokenizer above wrongly)."""
+    family (a `qwen2` config reloads it as `Qwen2Tokenizer`, which rebuilt the character tokenizer above wrongly).
+    `tools`: the tool-calling template and its response template instead (calls spelled in bytes)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -168,21 +169,24 @@ def build_byte_tokenizer():
         tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>",
         additional_special_tokens=["<|im_start|>"],
     )  # fmt: skip
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = TOOL_TEMPLATE if tools else CHATML_TEMPLATE
+    if tools:
+        tokenizer.response_template = TOOL_RESPONSE_TEMPLATE
     return tokenizer
 
 
 def save_family_model(
-    out_dir: str | Path, family: str, *, tied: bool = True, head: str = "causal", seed: int = 0
+    out_dir: str | Path, family: str, *, tied: bool = True, head: str = "causal", seed: int = 0, tools: bool = False
 ) -> tuple[Path, str]:
     """A tiny random model of architecture `family` (a transformers `model_type`: qwen2, llama, mistral, ...) with
     the byte tokenizer, saved loadable with from_pretrained: 2 layers, hidden 64, grouped-query attention.
-    `head`: causal (a policy) or classifier (a scalar-head reward model). A family transformers does not know
-    natively (e.g. internlm2, remote code only) falls back to llama; returns (dir, the family built)."""
+    `head`: causal (a policy) or classifier (a scalar-head reward model); `tools`: the tool-calling template. A family
+    transformers does not know natively (e.g. internlm2, remote code only) falls back to llama; returns (dir, the
+    family built)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    tokenizer = build_byte_tokenizer()
+    tokenizer = build_byte_tokenizer(tools)
     shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=4096,
                  tie_word_embeddings=tied, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -109,6 +109,12 @@ def run_rehearsal(rehearsal: Rehearsal, echo: Callable[[str], None] = print, tim
     repeated = sorted(step for step, values in losses.items() if len(values) > 1)
     if repeated:
         raise RehearsalFailed(f"--resume trained step(s) {repeated} again instead of continuing from checkpoint-1; log: {second}")  # fmt: skip
+    calls = [r["tools/call_frequency"] for r in run.read_metrics() if "tools/call_frequency" in r]
+    if calls and not any(calls):
+        rehearsal.not_rehearsed.append(
+            "a tool call: the random stand-in never wrote one (tools/call_frequency 0 at every step); the tools were "
+            "offered and the loop wired, no tool ran"
+        )
     if losses and all(v == 0 for values in losses.values() for v in values):
         rehearsal.not_rehearsed.append(
             "a non-zero loss: it was 0 at every step (a random stand-in earns no reward variance, so every group was "

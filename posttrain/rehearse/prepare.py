@@ -80,12 +80,16 @@ class _Builder:
             self.did(f"model: the recipe's tiny model {section.tiny}")
         else:
             from posttrain.models.tiny import save_family_model
+            from posttrain.rollout.tools import wanted
 
             source = self.recipe.resolve_path(section.path or "")
             family, how = model_family(source)
-            path, built = save_family_model(self.out.workdir / "model", family, seed=self.recipe.seed)
+            tools = wanted(self.recipe)  # the stand-in's template must render and parse tool calls
+            path, built = save_family_model(self.out.workdir / "model", family, seed=self.recipe.seed, tools=tools)
             fallback = f"; {family} is not a transformers class: llama stands in" if built != family else ""
             self.note(f"model: {source} -> a tiny random {built} model (2 layers, hidden 64; family {how}{fallback})")
+            if tools:
+                self.note("model: the stand-in's chat template is posttrain's tiny tool-calling one, not the model's")
             model["path"] = str(path)
             if model.pop("trust_remote_code", False):
                 self.note("model.trust_remote_code: true -> false (the stand-in is a transformers class)")
@@ -172,6 +176,10 @@ class _Builder:
             grouped = config is None or "num_generations" in library_field_types(config)
             n = rollout.get("num_generations", self.recipe.rollout.num_generations) if grouped else 1
             self.did(f"generation with transformers: {n} sample{'s' if n != 1 else ''} per prompt")
+        from posttrain.rollout.tools import tools_plan, wanted
+
+        if wanted(self.recipe):
+            self.did(f"the tool loop: {tools_plan(self.recipe)}")
 
     # --- rewards ---------------------------------------------------------------------------------------
 

@@ -169,6 +169,22 @@ def row_problems(recipe: Any, rows: Any) -> list[DataError]:
     return found
 
 
+def tools_plan(recipe: Any) -> str:
+    """What the tool loops offer, for plans and rehearsals: tools and environments, and the round caps."""
+    r = recipe.rollout
+    names = [ref.rpartition(":")[2] for ref in r.tools]
+    names += [f"the methods of {ref.rpartition(':')[2]}" for ref in environment_refs(recipe).values()]
+    parts = []
+    if names:
+        parts.append(f"rollouts offer {', '.join(names)} (max_tool_calls {r.max_tool_calls or 'unbounded'})")
+    key, refs = eval_tool_refs(recipe)
+    if refs or names:
+        shown = [ref.rpartition(":")[2] for ref in refs] or names
+        parts.append(f"the held-out evaluation offers {', '.join(shown)} ({key}; max_tool_calls "
+                     f"{recipe.eval.max_tool_calls or r.max_tool_calls or 4})")  # fmt: skip
+    return "; ".join(parts)
+
+
 def eval_tool_refs(recipe: Any) -> tuple[str, list[str]]:
     """The tools the held-out evaluation calls and the key naming them: eval.tools, else rollout.tools."""
     if recipe.eval.tools:
