@@ -70,6 +70,11 @@ class DataSection:
     # true: render prompts through the tokenizer's chat template; a name of one of TRL's bundled templates (qwen2_5,
     # llama3, ...) or a .jinja file: that template instead (the run's tokenizer and final/ carry it)
     chat_template: bool | str = False
+    # verl's data.max_prompt_length: a prompt over this many tokens (as the model sees it, template included) is an
+    # error naming its row, dropped (`filter`: verl's filter_overlong_prompts) or cut to its last tokens (`left`:
+    # verl's truncation='left'); posttrain.data.templates.limit_prompt_length
+    max_prompt_length: int | None = field(default=None, metadata={"ge": 1})
+    overlong_prompts: Literal["error", "filter", "left"] = "error"
 
 
 @dataclass

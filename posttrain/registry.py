@@ -176,6 +176,7 @@ def validate_recipe(recipe: Recipe, problems: list | None = None) -> None:
     if recipe.data.train is None:
         found.append(RecipeError(f"{recipe.where}: missing 'data.train' (a data source: path, or synthetic)"))
     _validate_eval(recipe, found)
+    _check_prompt_length(recipe, spec, found)
     preflight.check_rewards(recipe, found)
     preflight.check_rollout_backend(recipe, found)
     _check_tools(recipe, spec, found)
@@ -189,6 +190,20 @@ def validate_recipe(recipe: Recipe, problems: list | None = None) -> None:
         err = preflight.MachineError(str(err))
         err.recipe = recipe  # `--dry-run` still prints the plan of a recipe this machine can't run
     raise err
+
+
+def _check_prompt_length(recipe: Recipe, spec: TrainerSpec | None, found: list) -> None:
+    """data.max_prompt_length / overlong_prompts: read where a causal LM's prompts meet its tokenizer
+    (trainers.base.load_policy_tokenizer_data), so other trainers would ignore them."""
+    data = recipe.data
+    if data.max_prompt_length is None:
+        if data.overlong_prompts != "error":
+            found.append(RecipeError(f"{recipe.where}: data.overlong_prompts: {data.overlong_prompts} needs "
+                                     "data.max_prompt_length (the token limit it applies)"))  # fmt: skip
+        return
+    if spec is not None and spec.model != "causal_lm":
+        found.append(RecipeError(f"{recipe.where}: data.max_prompt_length applies to the prompts of a causal LM's "
+                                 f"trainers; trainer {spec.name} trains a {spec.model}"))  # fmt: skip
 
 
 def _check_tools(recipe: Recipe, spec: TrainerSpec | None, found: list) -> None:

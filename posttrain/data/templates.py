@@ -93,3 +93,40 @@ def _with_system(messages: Messages, system_prompt: str | None) -> Messages:
     if not system_prompt or (messages and messages[0].get("role") == "system"):
         return list(messages)
     return [{"role": "system", "content": system_prompt}, *messages]
+
+
+OVERLONG_PROMPTS = ("error", "filter", "left")
+
+
+def limit_prompt_length(ds: Dataset, tokenizer: Any, max_tokens: int, mode: str, origin: str) -> Dataset:
+    """verl's prompt-length rule (`data.max_prompt_length` with `filter_overlong_prompts` / `truncation`): prompts
+    whose tokens, as the model sees them (chat template and generation prompt included), exceed `max_tokens` are
+    an error naming the row (`error`), dropped (`filter`, verl's filter_overlong_prompts), or cut to their last
+    `max_tokens` tokens (`left`, verl's truncation='left'; a cut conversation becomes its rendered text, as verl
+    cuts the rendered ids). A summary line is printed when anything was dropped or cut."""
+    if mode not in OVERLONG_PROMPTS:
+        raise DataError(f"{origin}: overlong_prompts must be one of {', '.join(OVERLONG_PROMPTS)}, got {mode!r}")
+    if "prompt" not in ds.column_names:
+        raise DataError(f"{origin}: max_prompt_length needs a 'prompt' column (columns: {', '.join(ds.column_names)})")
+    texts = [render_prompt(p, tokenizer) for p in ds["prompt"]]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    over = [i for i, row in enumerate(ids) if len(row) > max_tokens]
+    if not over:
+        return ds
+    longest = max(len(ids[i]) for i in over)
+    if mode == "error":
+        raise DataError(
+            f"{origin}: row {over[0]} has a prompt of {len(ids[over[0]])} tokens, over data.max_prompt_length "
+            f"{max_tokens} ({len(over)} of {len(ds)} rows are; data.overlong_prompts: filter drops them, left cuts)"
+        )
+    if mode == "filter":
+        if len(over) == len(ds):
+            raise DataError(f"{origin}: every prompt is over data.max_prompt_length {max_tokens} tokens")
+        print(f"{origin}: dropped {len(over)} of {len(ds)} prompts over {max_tokens} tokens (longest {longest})")
+        keep = sorted(set(range(len(ds))) - set(over))
+        return ds.select(keep)
+    print(f"{origin}: cut {len(over)} of {len(ds)} prompts to their last {max_tokens} tokens (longest {longest})")
+    cut = {i: tokenizer.decode(ids[i][-max_tokens:]) for i in over}
+    # One column type: a cut conversation is rendered text, so every prompt becomes the text the model sees.
+    return ds.map(lambda _, i: {"prompt": cut.get(i, texts[i])}, with_indices=True, input_columns="prompt",
+                  remove_columns="prompt", desc="cutting prompts")  # fmt: skip

@@ -468,8 +468,8 @@ def activation_terms(recipe: Any, spec: Any, shape: ModelShape) -> list[Term]:
     batch = int(s.per_device_train_batch_size)
     rows = batch * spec.sequences_per_row
     if spec.generates:
-        # No prompt-length setting in TRL's GRPO-family configs: 512 prompt tokens assumed.
-        tokens = int(s.get("max_prompt_length") or 512) + r.max_new_tokens
+        # No prompt-length setting in TRL's GRPO-family configs: data.max_prompt_length bounds them, else 512 assumed.
+        tokens = int(s.get("max_prompt_length") or recipe.data.max_prompt_length or 512) + r.max_new_tokens
         logit_tokens = r.max_new_tokens
     else:
         tokens = int((s.get(spec.length_key) if spec.length_key else None) or 1024)

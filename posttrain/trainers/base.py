@@ -83,6 +83,11 @@ def load_policy_tokenizer_data(recipe: Recipe, run: RunDir, schema: str | tuple[
     resolve_chat_template(recipe.data.chat_template, tokenizer, recipe.where)
     rows = load_train_data(recipe, schema, run)
     check_chat_rows(rows, tokenizer, f"{recipe.where}: data.train")
+    if recipe.data.max_prompt_length is not None:
+        from posttrain.data.templates import limit_prompt_length
+
+        rows = limit_prompt_length(rows, tokenizer, recipe.data.max_prompt_length, recipe.data.overlong_prompts,
+                                   f"{recipe.where}: data.train")  # fmt: skip
     model = load_policy(source, recipe.model, resolve_precision(recipe.settings.precision))
     return model, tokenizer, rows
 
