@@ -62,9 +62,6 @@ TASKS = {
         "problems never trained on (docs/tools.md).",
     ),
 }
-# The arithmetic task's metrics, as other code and experiments read them.
-SLICES = tuple(key for key, _ in TASKS["arithmetic"].metrics)
-LABELS = dict(TASKS["arithmetic"].metrics)
 
 
 @dataclass

@@ -304,3 +304,36 @@ def test_lora_is_kept_and_rehearsed_under_zero3(tmp_path):
 
     adapter = load_file(rehearsal.run_dir / "final" / "adapter_model.safetensors")
     assert adapter and all(t.numel() > 0 for t in adapter.values())
+
+
+@pytest.mark.parametrize(
+    ("engine", "section", "offload", "shown"),
+    [
+        ("DEEPSPEED", "deepspeed_config", {"zero_stage": 3, "offload_optimizer_device": "cpu", "offload_param_device": "nvme"},
+         "-> ZeRO-3 on 2 CPU processes, fp32 (gloo); offload_optimizer_device -> none; offload_param_device -> none"),
+        ("FSDP", "fsdp_config", {"fsdp_version": 2, "fsdp_offload_params": True},
+         "-> FSDP2 on 2 CPU processes, fp32 (gloo); fsdp_offload_params -> false"),
+    ],
+)  # fmt: skip
+def test_a_launch_config_is_shrunk_to_two_cpu_processes_with_offload_off(tmp_path, engine, section, offload, shown):
+    """ZeRO and FSDP2 configs keep their engine; 8 GPUs on 4 machines in bf16 with offload become 2 CPU processes
+    of one machine in fp32 with offload off, and the rehearsal says which offload keys it turned off."""
+    from posttrain.rehearse.common import Rehearsal
+    from posttrain.rehearse.launch import write_launch_config
+
+    if engine == "DEEPSPEED":
+        pytest.importorskip("deepspeed")
+    given = {"distributed_type": engine, section: offload, "num_processes": 32, "num_machines": 4, "machine_rank": 3,
+             "mixed_precision": "bf16", "main_process_ip": "10.0.0.1"}  # fmt: skip
+    (tmp_path / "launch.yaml").write_text(yaml.safe_dump(given))
+    out = Rehearsal(source=None, workdir=tmp_path, recipe_path=tmp_path / "r.yaml",
+                    accelerate_config=tmp_path / "shrunk.yaml")  # fmt: skip
+    write_launch_config(None, str(tmp_path / "launch.yaml"), out)
+    shrunk = yaml.safe_load(out.accelerate_config.read_text())
+    assert (shrunk["num_processes"], shrunk["num_machines"], shrunk["machine_rank"]) == (2, 1, 0)
+    assert shrunk["mixed_precision"] == "no" and "main_process_ip" not in shrunk
+    assert shrunk["distributed_type"] == engine
+    kept = {k: v for k, v in offload.items() if "offload" not in k}
+    assert shrunk[section] == {**kept, **{k: ("none" if engine == "DEEPSPEED" else False) for k in offload if "offload" in k}}
+    assert out.substituted[-1].endswith(shown), out.substituted[-1]
+    assert given["num_processes"] == 32  # the recipe's own config is not touched

@@ -434,6 +434,25 @@ class ScriptedGenerator:
         return out
 
 
+def test_an_unknown_tool_is_recognised_in_the_words_trl_writes():
+    """tool_failures.jsonl names calls of tools that do not exist by reading TRL's tool-result text: pinned here
+    against GRPOTrainer's source (the error it raises, the dict it keeps, the str() it sends), not only by the slow
+    training test."""
+    import inspect
+
+    from trl import GRPOTrainer
+
+    from posttrain.trainers.tool_rollouts import _unknown_calls
+
+    source = inspect.getsource(GRPOTrainer)
+    assert 'raise ValueError(f"Tool {name} not found.")' in source
+    assert 'result = {"error": str(e)}' in source and "else str(result)" in source
+    trl_content = str({"error": str(ValueError("Tool divide not found."))})  # what the model is shown
+    transcript = [{"role": "assistant", "content": "..."}, {"role": "tool", "name": "divide", "content": trl_content},
+                  {"role": "tool", "name": "multiply", "content": "42"}]  # fmt: skip
+    assert _unknown_calls([transcript, "plain text completion"]) == ["divide"]
+
+
 def test_held_out_evaluation_runs_the_tool_loop_and_reports_tool_use(tmp_path):
     """evaluate() through ToolLoopGenerator: tools rendered into the prompt, calls parsed and run, the final turn
     graded; accuracy, tool-use rate and calls per sample match the scripted policy; transcripts kept."""

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -24,6 +25,23 @@ from posttrain.runs import loadable_model_dir, training_losses
 
 class RehearsalFailed(PosttrainError):
     """A rehearsal launch failed: the message ends with its log's tail (the real error)."""
+
+
+ZERO_OFFLOAD = {"offload_optimizer_device": "none", "offload_param_device": "none"}  # key -> its "off" value
+FSDP_OFFLOAD = {"fsdp_offload_params": False}
+
+
+def _on_two_cpus(given: dict, section: str, offload: dict[str, Any]) -> tuple[dict, str]:
+    """A copy of the ZeRO or FSDP2 launch config `given` on 2 CPU processes of one machine, fp32, its `section`'s
+    offload keys turned off; and the note saying which were on ("" when none)."""
+    config = copy.deepcopy(given)
+    sub = config.setdefault(section, {})
+    on = [k for k, off in offload.items() if str(sub.get(k, off)).lower() not in ("none", "false")]
+    for key in on:
+        sub[key] = offload[key]
+    config.update(num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no", use_cpu=False)
+    config.pop("main_process_ip", None)
+    return config, "".join(f"; {k} -> {str(offload[k]).lower()}" for k in on)
 
 
 def write_launch_config(recipe: Recipe, override: str | None, out: Rehearsal) -> None:
@@ -45,14 +63,8 @@ def write_launch_config(recipe: Recipe, override: str | None, out: Rehearsal) ->
                 "to rehearse it on the CPU)"
             )
         elif kind == "DEEPSPEED":
-            config = copy.deepcopy(given)
-            ds = config.setdefault("deepspeed_config", {})
-            offload = [k for k in ("offload_optimizer_device", "offload_param_device") if ds.get(k) not in (None, "none")]  # fmt: skip
-            for key in offload:
-                ds[key] = "none"
-            config.update(num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no", use_cpu=False)
-            config.pop("main_process_ip", None)
-            dropped = f"; {', '.join(offload)} -> none" if offload else ""
+            config, dropped = _on_two_cpus(given, "deepspeed_config", ZERO_OFFLOAD)
+            ds = config["deepspeed_config"]
             out.note(
                 f"launch: {path} (DeepSpeed ZeRO-{ds.get('zero_stage')}, {given.get('num_processes', 1)} "
                 f"processes, {given.get('mixed_precision', 'no')}) -> ZeRO-{ds.get('zero_stage')} on 2 CPU "
@@ -60,14 +72,7 @@ def write_launch_config(recipe: Recipe, override: str | None, out: Rehearsal) ->
             )
         elif kind == "FSDP" and int((given.get("fsdp_config") or {}).get("fsdp_version", 1)) == 2:
             # FSDP2 runs on CPUs over gloo (posttrain.models.processes.let_accelerate_shard_on_cpu)
-            config = copy.deepcopy(given)
-            fsdp = config.setdefault("fsdp_config", {})
-            offload = ["fsdp_offload_params"] if str(fsdp.get("fsdp_offload_params", False)).lower() == "true" else []
-            for key in offload:
-                fsdp[key] = False
-            config.update(num_processes=2, num_machines=1, machine_rank=0, mixed_precision="no", use_cpu=False)
-            config.pop("main_process_ip", None)
-            dropped = f"; {', '.join(offload)} -> false" if offload else ""
+            config, dropped = _on_two_cpus(given, "fsdp_config", FSDP_OFFLOAD)
             out.note(
                 f"launch: {path} (FSDP2, {given.get('num_processes', 1)} processes, "
                 f"{given.get('mixed_precision', 'no')}) -> FSDP2 on 2 CPU processes, fp32 (gloo){dropped}"

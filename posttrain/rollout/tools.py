@@ -89,6 +89,15 @@ def environment_refs(recipe: Any) -> dict[str | None, str]:
     return {None: env} if isinstance(env, str) else dict(env)
 
 
+def offered(recipe: Any) -> list[str]:
+    """What a rollout's tool loop offers, in words: each tool's name, then each environment's methods (with the rows
+    a named one serves). One wording for the dry-run plan and the rehearsal."""
+    names = [ref.rpartition(":")[2] for ref in recipe.rollout.tools]
+    names += [f"the methods of {ref.rpartition(':')[2]}" + (f" (rows with environment={name!r})" if name else "")
+              for name, ref in environment_refs(recipe).items()]  # fmt: skip
+    return names
+
+
 def wanted(recipe: Any) -> bool:
     """Whether training or the held-out evaluation runs a tool loop."""
     return uses_tools(recipe) or bool(recipe.eval.tools) or recipe.eval.max_tool_calls is not None
@@ -172,8 +181,7 @@ def row_problems(recipe: Any, rows: Any) -> list[DataError]:
 def tools_plan(recipe: Any) -> str:
     """What the tool loops offer, for plans and rehearsals: tools and environments, and the round caps."""
     r = recipe.rollout
-    names = [ref.rpartition(":")[2] for ref in r.tools]
-    names += [f"the methods of {ref.rpartition(':')[2]}" for ref in environment_refs(recipe).values()]
+    names = offered(recipe)
     parts = []
     if names:
         parts.append(f"rollouts offer {', '.join(names)} (max_tool_calls {r.max_tool_calls or 'unbounded'})")

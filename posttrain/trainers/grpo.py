@@ -120,16 +120,13 @@ def plan_processes(recipe: Recipe) -> int:
 
 def tools_line(recipe: Recipe) -> str:
     """The dry-run line on multi-turn rollouts (posttrain.rollout.tools)."""
-    from posttrain.rollout.tools import environment_refs, uses_tools
+    from posttrain.rollout.tools import offered, uses_tools
 
     r = recipe.rollout
     if not uses_tools(recipe):
         return "tool loop: off (each rollout is one completion)"
-    offered = [ref.rpartition(":")[2] for ref in r.tools]
-    offered += [f"the methods of {ref.rpartition(':')[2]}" + (f" (rows with environment={name!r})" if name else "")
-                for name, ref in environment_refs(recipe).items()]  # fmt: skip
     rounds = f"at most {r.max_tool_calls} tool-calling round(s)" if r.max_tool_calls else "no cap on tool-calling rounds"
-    return (f"tool loop: {', '.join(offered)}; {rounds} per rollout, so at most "
+    return (f"tool loop: {', '.join(offered(recipe))}; {rounds} per rollout, so at most "
             f"{(r.max_tool_calls or 0) + 1 if r.max_tool_calls else 'unbounded'} assistant turns; every turn and tool "
             f"result shares the {r.max_new_tokens}-token completion budget (rollout.max_new_tokens: the memory plan's "
             "sequence length), and tool-result tokens carry no loss")  # fmt: skip
