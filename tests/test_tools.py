@@ -138,7 +138,8 @@ def test_a_tool_recipe_validates_and_plans_its_tool_loop(tmp_path, toolmod):
     assert [f.__name__ for f in eval_tools(recipe)[0]] == ["multiply"] and eval_tools(recipe)[1] == 2
     recipe = validate(tmp_path, rollout="environment: pt_toolmod:Calculator")
     assert "the methods of Calculator" in "\n".join(trainer_module("grpo").plan(recipe))
-    assert [f.__name__ for f in eval_tools(recipe)[0]] == ["multiply"]  # a fresh, reset instance's methods
+    tools, _, environments = eval_tools(recipe)  # the class: the loop makes one instance per sample
+    assert tools == [] and [c.__name__ for c in environments.values()] == ["Calculator"] and None in environments
     # An SFT stage on tool demonstrations is evaluated with the tool loop (eval.tools), though it trains one-turn.
     recipe = validate(tmp_path, trainer="sft", data="SFT", rollout="temperature: 1.0\neval:\n  tools: [pt_toolmod:multiply]\n  max_tool_calls: 1")  # fmt: skip
     assert [f.__name__ for f in eval_tools(recipe)[0]] == ["multiply"] and eval_tools(recipe)[1] == 1
@@ -470,7 +471,7 @@ def test_held_out_evaluation_runs_the_tool_loop_and_reports_tool_use(tmp_path):
                               for a, b in ((123, 45), (200, 11), (999, 99), (101, 10))])  # fmt: skip
     inner = ScriptedGenerator(direct={101})
     generator = ToolLoopGenerator(inner, tok, [multiply], max_rounds=2)
-    bench = Benchmark(name="tools", rows=rows, grader="numeric_match", params=SamplingParams(max_new_tokens=64, temperature=0))  # fmt: skip
+    bench = Benchmark(name="tools", rows=rows, grader="numeric_match", params=SamplingParams(max_new_tokens=128, temperature=0))  # fmt: skip
     result = evaluate(generator, bench, tok)
     assert result.accuracy == 0.75  # 101*10 answered "0" without the tool
     assert result.extra["tool_use_rate"] == 0.75 and result.extra["tool_calls"] == 0.75
@@ -478,6 +479,96 @@ def test_held_out_evaluation_runs_the_tool_loop_and_reports_tool_use(tmp_path):
     first = result.samples[0]["transcript"]
     assert [m["role"] for m in first] == ["assistant", "tool", "assistant"]
     assert first[1] == {"role": "tool", "name": "multiply", "content": "5535"} and first[2]["content"] == "5535"
+
+
+def test_the_tool_loop_budget_covers_the_whole_completion_as_in_trl():
+    """max_new_tokens bounds every turn and tool result after the prompt together: a later turn is cut to what is
+    left, and tool results that would overflow are dropped and the rollout ends on its calling turn."""
+    from posttrain.data.tool_arithmetic import multiply
+    from posttrain.models.tiny import build_tokenizer
+    from posttrain.rollout import SamplingParams
+    from posttrain.rollout.tool_loop import ToolLoopGenerator
+
+    tok = build_tokenizer("text", tools=True)
+    prompt = [{"role": "user", "content": "123*45="}]
+    call = '<tool_call>{"name":"multiply","arguments":{"a":123,"b":45}}</tool_call>'
+
+    def used_after(turns):  # tokens after the prompt, as the loop measures them
+        loop = ToolLoopGenerator(None, tok, [multiply])
+        return len(loop._tokens(loop._text(prompt + turns))) - len(loop._tokens(loop._text(prompt)))
+
+    with_result = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+        "name": "multiply", "arguments": {"a": 123, "b": 45}}}]}, {"role": "tool", "name": "multiply", "content": "5535"}]  # fmt: skip
+    need = used_after(with_result)
+    inner = ScriptedGenerator()
+    loop = ToolLoopGenerator(inner, tok, [multiply], max_rounds=3)
+    [[answer]] = loop.generate([prompt], SamplingParams(max_new_tokens=need + 2, temperature=0))
+    assert answer == "55"  # the echoed "5535" cut to the 2 tokens left
+    assert loop.last_transcripts[0][1] == {"role": "tool", "name": "multiply", "content": "5535"}
+    inner = ScriptedGenerator()
+    loop = ToolLoopGenerator(inner, tok, [multiply], max_rounds=3)
+    [[answer]] = loop.generate([prompt], SamplingParams(max_new_tokens=need - 1, temperature=0))
+    assert len(inner.seen) == 1 and [m["role"] for m in loop.last_transcripts[0]] == ["assistant"]  # result dropped
+    assert loop.last_tool_calls == [1] and call not in answer
+
+
+def test_each_sample_gets_its_own_environment_reset_with_its_row():
+    """With rollout.environment the held-out loop makes one instance per sample, resets it with the row's fields
+    (TRL's reset(**row)), appends the observation to the last user message, and routes named environments by the
+    row's `environment` column (not forwarded to reset)."""
+    from datasets import Dataset
+
+    from posttrain.evaluation.benchmarks import Benchmark
+    from posttrain.evaluation.runner import evaluate
+    from posttrain.models.tiny import build_tokenizer
+    from posttrain.rollout import SamplingParams
+    from posttrain.rollout.tool_loop import ToolLoopGenerator
+
+    made = []
+
+    class Calculator:
+        def reset(self, **row):
+            self.row, self.calls = row, 0
+            made.append(self)
+            return " (use the tool)"
+
+        def multiply(self, a: int, b: int) -> int:
+            """Multiply two integers.
+
+            Args:
+                a: The first factor.
+                b: The second factor.
+            """
+            self.calls += 1
+            return a * b
+
+    class Broken(Calculator):
+        def multiply(self, a: int, b: int) -> int:
+            """Always wrong.
+
+            Args:
+                a: The first factor.
+                b: The second factor.
+            """
+            self.calls += 1
+            return 0
+
+    tok = build_tokenizer("text", tools=True)
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": f"{a}*{b}="}], "answer": str(a * b), "environment": e}
+                              for a, b, e in ((123, 45, "good"), (200, 11, "bad"), (999, 99, "good"))])  # fmt: skip
+    inner = ScriptedGenerator()
+    loop = ToolLoopGenerator(inner, tok, [], max_rounds=2, environments={"good": Calculator, "bad": Broken})
+    bench = Benchmark(name="env", rows=rows, grader="numeric_match", params=SamplingParams(n=2, max_new_tokens=128, temperature=0))  # fmt: skip
+    result = evaluate(loop, bench, tok)
+    assert len(made) == 6 and all(m.calls == 1 for m in made)  # one instance per sample, each called once
+    assert [type(m).__name__ for m in made] == ["Calculator"] * 2 + ["Broken"] * 2 + ["Calculator"] * 2
+    assert made[0].row == {"prompt": [{"role": "user", "content": "123*45="}], "answer": "5535"}
+    assert "user\n123*45= (use the tool)<|im_end|>" in inner.seen[0]
+    assert result.accuracy == pytest.approx(2 / 3)  # the broken environment's answers are wrong
+    single = ToolLoopGenerator(ScriptedGenerator(), tok, [], environments={None: Calculator})
+    made.clear()
+    assert single.generate([[{"role": "user", "content": "12*34="}]], SamplingParams(temperature=0)) == [["408"]]
+    assert made[0].row == {}  # no rows bound (a bare generate): reset() without fields
 
 
 def test_tool_loop_caps_rounds_and_hands_errors_to_the_model():

@@ -70,6 +70,8 @@ def evaluate(generator: Generator, benchmark: Benchmark, tokenizer: Any = None) 
     render = getattr(generator, "render", None) or (lambda p: render_prompt(p, tokenizer) if tokenizer is not None else p)
     prompts = [render(p) for p in columns["prompt"]]
     golds = [str(a) for a in columns["answer"]]
+    if hasattr(generator, "bind_rows"):  # a tool loop resets each sample's environment with its row (as TRL does)
+        generator.bind_rows([dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)])
     samples = generator.generate(prompts, benchmark.params)
     n = benchmark.params.n
     verdicts = grade_batch(

@@ -8,7 +8,11 @@ error becomes the tool's result, `{'error': ...}`, as in TRL) and goes on, up to
 The completion graded is the last assistant turn's text; each sample's calls and transcript are kept
 (`last_tool_calls`, `last_transcripts`) for the tool-use rate the evaluation reports.
 
-Each turn gets `max_new_tokens` of its own (TRL's budget covers all turns of a rollout together).
+As in TRL, `max_new_tokens` is the budget of the whole completion: every assistant turn and tool result after the
+prompt counts against it (measured on the re-rendered conversation; TRL counts the ids it concatenates), a turn is
+cut to what is left, and tool results that would overflow it are dropped and the rollout ends on its last turn.
+With `rollout.environment`, each sample gets its own instance, reset with its row's fields (`bind_rows`), and the
+observation `reset` returns is appended to the last user message, as TRL does per rollout.
 """
 
 from __future__ import annotations
@@ -32,14 +36,20 @@ def with_response_template(tokenizer: Any) -> Any:
 
 
 class ToolLoopGenerator:
-    """A `Generator` over message-list prompts that runs the tool loop on top of `inner` (any Generator)."""
+    """A `Generator` over message-list prompts that runs the tool loop on top of `inner` (any Generator).
 
-    def __init__(self, inner: Any, tokenizer: Any, tools: list[Callable], max_rounds: int | None = None):
+    `tools`: functions every sample may call; `environments`: {name or None: class}, one instance per sample whose
+    public methods are further tools (None serves every row; a name, the rows whose `environment` column says it)."""
+
+    def __init__(self, inner: Any, tokenizer: Any, tools: list[Callable], max_rounds: int | None = None,
+                 environments: dict[str | None, type] | None = None):  # fmt: skip
         self.inner = inner
         self.tokenizer = with_response_template(tokenizer)
         self.tools = list(tools)
         self.by_name = {tool.__name__: tool for tool in self.tools}
+        self.environments = dict(environments or {})
         self.max_rounds = 4 if max_rounds is None else max_rounds  # unbounded in TRL; a held-out eval must end
+        self.rows: list[dict[str, Any]] | None = None
         self.last_tool_calls: list[int] = []
         self.last_transcripts: list[list[dict[str, Any]]] = []
 
@@ -47,51 +57,93 @@ class ToolLoopGenerator:
         """Prompts stay message lists: each round renders them with the tools (`evaluate` asks before rendering)."""
         return prompt
 
-    def _text(self, messages: list[dict[str, Any]]) -> str:
+    def bind_rows(self, rows: list[dict[str, Any]]) -> None:
+        """The benchmark rows of the next `generate` call's prompts, in order: an environment is reset with them."""
+        self.rows = rows
+
+    def _text(self, messages: list[dict[str, Any]], tools: list[Callable] | None = None) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tools=self.tools or None, tokenize=False, add_generation_prompt=True
+            messages, tools=(self.tools if tools is None else tools) or None, tokenize=False, add_generation_prompt=True
         )
 
-    def _call(self, call: dict[str, Any]) -> tuple[str, Any]:
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _call(self, call: dict[str, Any], by_name: dict[str, Callable] | None = None) -> tuple[str, Any]:
         function = call.get("function", call)
         name = function.get("name", "unknown")
+        by_name = self.by_name if by_name is None else by_name
         try:
-            if name not in self.by_name:
+            if name not in by_name:
                 raise ValueError(f"Tool {name} not found.")
-            return name, self.by_name[name](**(function.get("arguments") or {}))
+            return name, by_name[name](**(function.get("arguments") or {}))
         except Exception as err:  # noqa: BLE001 - the model sees the error, as in TRL's loop
             return name, {"error": str(err)}
 
+    def _episode(self, prompt: Any, row: dict[str, Any] | None) -> tuple[list[dict[str, Any]], list[Callable]]:
+        """A sample's starting conversation and tools: with an environment, a fresh instance reset with the row's
+        fields (TRL: `reset(**row)`, the `environment` column not forwarded) and its observation appended."""
+        messages = [dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+        if not self.environments:
+            return messages, self.tools
+        from posttrain.rollout.tools import environment_tools
+
+        row = dict(row or {})
+        name = None if None in self.environments else row.pop("environment", None)
+        if name not in self.environments:
+            raise ValueError(f"no rollout.environment named {name!r} for this row (known: {list(self.environments)})")
+        instance = self.environments[name]()
+        observation = instance.reset(**row)
+        if isinstance(observation, str) and isinstance(messages[-1].get("content"), str):
+            messages[-1] = {**messages[-1], "content": messages[-1]["content"] + observation}
+        return messages, self.tools + [getattr(instance, m) for m in environment_tools(type(instance))]
+
     def generate_samples(self, prompts: list[Any], params: SamplingParams) -> list[list[Sample]]:
         n = params.n
-        conversations = [[dict(m) for m in p] if isinstance(p, list) else [{"role": "user", "content": str(p)}]
-                         for p in prompts for _ in range(n)]  # fmt: skip
+        rows = self.rows if self.rows is not None and len(self.rows) == len(prompts) else [None] * len(prompts)
+        episodes = [self._episode(p, row) for p, row in zip(prompts, rows, strict=True) for _ in range(n)]
+        conversations = [messages for messages, _ in episodes]
+        tools = [t for _, t in episodes]
         start = [len(c) for c in conversations]
+        base = [len(self._tokens(self._text(c, t))) for c, t in zip(conversations, tools, strict=True)]
+        left = [params.max_new_tokens] * len(conversations)
         calls = [0] * len(conversations)
         finals = [""] * len(conversations)
         active = list(range(len(conversations)))
-        one = dataclasses.replace(params, n=1, logprobs=False)
         for round_ in range(self.max_rounds + 1):
             if not active:
                 break
-            texts = [self._text(conversations[i]) for i in active]
-            outs = self.inner.generate(texts, dataclasses.replace(one, seed=params.seed + round_))
+            texts = [self._text(conversations[i], tools[i]) for i in active]
+            budget = max(left[i] for i in active)
+            outs = self.inner.generate(texts, dataclasses.replace(params, n=1, logprobs=False, max_new_tokens=budget,
+                                                                  seed=params.seed + round_))  # fmt: skip
             still = []
             for i, text, out in zip(active, texts, outs, strict=True):
-                turn = self._parse(out[0], text)
+                turn = self._parse(self._cut(out[0], left[i]), text)
                 conversations[i].append(turn)
                 finals[i] = turn.get("content") or ""
                 if turn.get("tool_calls") and round_ < self.max_rounds:
-                    for call in turn["tool_calls"]:
-                        calls[i] += 1
-                        name, result = self._call(call)
-                        conversations[i].append({"role": "tool", "name": name, "content": str(result)})
+                    calls[i] += len(turn["tool_calls"])
+                    by_name = {tool.__name__: tool for tool in tools[i]}
+                    results = [self._call(call, by_name) for call in turn["tool_calls"]]
+                    conversations[i] += [{"role": "tool", "name": k, "content": str(v)} for k, v in results]
+                    used = len(self._tokens(self._text(conversations[i], tools[i]))) - base[i]
+                    if used >= params.max_new_tokens:  # TRL drops the results that overflow and ends the rollout
+                        del conversations[i][-len(results) :]
+                        continue
+                    left[i] = params.max_new_tokens - used
                     still.append(i)
             active = still
+        self.rows = None
         self.last_tool_calls = calls
         self.last_transcripts = [c[s:] for c, s in zip(conversations, start, strict=True)]
         samples = [Sample(text) for text in finals]
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _cut(self, generated: str, budget: int) -> str:
+        """A turn generated with the batch's largest budget, cut to this sample's (a sampled prefix is a sample)."""
+        ids = self._tokens(generated)
+        return generated if len(ids) <= budget else self.tokenizer.decode(ids[:budget])
 
     def generate(self, prompts: list[Any], params: SamplingParams) -> list[list[str]]:
         return [[s.text for s in group] for group in self.generate_samples(prompts, params)]

@@ -200,18 +200,18 @@ def eval_tool_refs(recipe: Any) -> tuple[str, list[str]]:
     return "rollout.tools", list(recipe.rollout.tools)
 
 
-def eval_tools(recipe: Any) -> tuple[list[Callable], int | None]:
-    """The held-out evaluation's tool loop: its tools (eval.tools, else rollout.tools, else the methods of a fresh,
-    reset instance of a single rollout.environment) and its round cap; ([], None) for a one-turn evaluation."""
+def eval_tools(recipe: Any) -> tuple[list[Callable], int | None, dict[str | None, type]]:
+    """The held-out evaluation's tool loop: its tools, its round cap and its environment classes. eval.tools replaces
+    the rollout's tools and environments; else rollout.tools and rollout.environment, of which the loop makes one
+    instance per sample (posttrain.rollout.tool_loop). ([], None, {}) for a one-turn evaluation."""
     key, refs = eval_tool_refs(recipe)
     funcs = [import_ref(ref, f"{key}[{i}]") for i, ref in enumerate(refs)]
-    env = environment_refs(recipe)
-    if not funcs and None in env:
-        instance = import_ref(env[None], "rollout.environment")()
-        instance.reset()
-        funcs = [getattr(instance, name) for name in environment_tools(type(instance))]
+    envs = {} if recipe.eval.tools else environment_refs(recipe)
+    classes = {
+        name: import_ref(ref, "rollout.environment" + (f".{name}" if name else "")) for name, ref in envs.items()
+    }
     rounds = recipe.eval.max_tool_calls or recipe.rollout.max_tool_calls
-    return funcs, rounds
+    return funcs, rounds, classes
 
 
 def problems(recipe: Any) -> list[RecipeError]:

@@ -34,11 +34,11 @@ def held_out_generator(model: Any, tokenizer: Any, batch_size: int, trainer: Any
         from posttrain.rollout.sharded import ShardedGenerator
 
         generator = ShardedGenerator(HFGenerator(model, tokenizer, batch_size))
-    tools, rounds = getattr(trainer, "eval_tools", None) or ([], None)  # set by trainers.base.run_training
-    if tools:  # a tool recipe (eval.tools / rollout.tools): evaluate with the tool loop (posttrain.rollout.tool_loop)
+    tools, rounds, environments = getattr(trainer, "eval_tools", None) or ([], None, {})  # trainers.base.run_training
+    if tools or environments:  # a tool recipe: evaluate with the tool loop (posttrain.rollout.tool_loop)
         from posttrain.rollout.tool_loop import ToolLoopGenerator
 
-        generator = ToolLoopGenerator(generator, tokenizer, tools, rounds)
+        generator = ToolLoopGenerator(generator, tokenizer, tools, rounds, environments)
     return generator
 
 

@@ -261,7 +261,7 @@ def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, be
     if benchmarks:
         from posttrain.rollout.tools import eval_tools
 
-        trainer.eval_tools = eval_tools(recipe)  # (tools, round cap): the held-out generator runs the tool loop
+        trainer.eval_tools = eval_tools(recipe)  # (tools, round cap, environments): the held-out tool loop
     every = recipe.eval.every_steps
     if evaluator is not None and every:
         trainer.add_callback(EvaluatorEval(evaluator, every, metrics))
