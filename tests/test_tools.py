@@ -571,6 +571,60 @@ def test_each_sample_gets_its_own_environment_reset_with_its_row():
     assert made[0].row == {}  # no rows bound (a bare generate): reset() without fields
 
 
+def write_tool_suite(tmp_path, generation: dict, prompt: dict | None = None, name: str = "suite.yaml"):
+    rows = [{"prompt": f"{a}*{b}=", "answer": str(a * b)} for a, b in ((123, 45), (200, 11), (101, 10))]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    suite = {"name": "tools", "version": "1", "benchmarks": [{
+        "name": "calc", "data": {"path": "rows.jsonl"}, "grader": "numeric_match",
+        "prompt": {"chat_template": True} if prompt is None else prompt,
+        "generation": {"max_new_tokens": 128, **generation}}]}  # fmt: skip
+    import yaml
+
+    (tmp_path / name).write_text(yaml.safe_dump(suite))
+    return tmp_path / name
+
+
+def test_a_suite_benchmark_answers_through_the_tool_loop(tmp_path):
+    """`posttrain eval --suite` with generation.tools: the model answers through the tool loop, tool use reaches the
+    store, and the tools enter the settings hash (a tool-less run of the same benchmark is another result)."""
+    from posttrain.evaluation.store import ResultsStore
+    from posttrain.evaluation.suite_runner import run_suite
+    from posttrain.models.tiny import build_tokenizer
+
+    tok = build_tokenizer("text", tools=True)
+    store = ResultsStore(tmp_path / "r.db")
+    path = write_tool_suite(tmp_path, {"tools": ["posttrain.data.tool_arithmetic:multiply"], "max_tool_calls": 1})
+    inner = ScriptedGenerator(direct={101})
+    [outcome] = run_suite("stand-in/model", path, store=store, samples_dir=tmp_path / "s", generator=inner, tokenizer=tok)
+    metrics = outcome.record.metrics
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["tool_use_rate"] == pytest.approx(2 / 3)
+    assert all(t.startswith("<|im_start|>system\ntools: multiply<|im_end|>") for t in inner.seen)
+    plain = write_tool_suite(tmp_path, {}, name="plain.yaml")  # the same rows and prompts, no tools
+    [other] = run_suite("stand-in/model", plain, store=store, samples_dir=tmp_path / "s",
+                        generator=ScriptedGenerator(direct={101, 123, 200}), tokenizer=tok)  # fmt: skip
+    assert other.record.settings_hash != outcome.record.settings_hash and "tool_use_rate" not in other.record.metrics
+
+
+@pytest.mark.parametrize(
+    ("generation", "prompt", "message"),
+    [
+        ({"tools": ["posttrain.data.tool_arithmetic:multiply"]}, {}, "generation.tools needs prompt.chat_template: true"),
+        ({"tools": ["pt_nosuchmodule:f"]}, None, "generation.tools\\[0\\]: cannot import module 'pt_nosuchmodule'"),
+        ({"max_tool_calls": 2}, None, "generation.max_tool_calls needs generation.tools"),
+        ({"tools": "posttrain.data.tool_arithmetic:multiply"}, None, "generation.tools must be a list"),
+        ({"tool": ["x:y"]}, None, "unknown key 'tool'"),
+    ],
+)  # fmt: skip
+def test_a_suites_tools_are_checked_before_any_model_loads(tmp_path, no_models, generation, prompt, message):
+    from posttrain.errors import PosttrainError
+    from posttrain.evaluation.store import ResultsStore
+    from posttrain.evaluation.suite_runner import run_suite
+
+    path = write_tool_suite(tmp_path, generation, prompt)
+    with pytest.raises(PosttrainError, match=message):
+        run_suite("stand-in/model", path, store=ResultsStore(tmp_path / "r.db"), samples_dir=tmp_path / "s")
+
+
 def test_tool_loop_caps_rounds_and_hands_errors_to_the_model():
     from posttrain.models.tiny import build_tokenizer
     from posttrain.rollout import SamplingParams

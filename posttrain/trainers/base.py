@@ -227,10 +227,11 @@ def _save_final(run: RunDir, trainer: Any, tokenizer: Any, is_main: bool) -> Non
 def _evaluate_policy(model: Any, tokenizer: Any, benchmarks: list, batch_size: int, trainer: Any = None) -> list:
     """Greedy held-out results of the policy (`held_out_generator`)."""
     from posttrain.evaluation import evaluate
+    from posttrain.evaluation.kinds.generate import with_benchmark_tools
     from posttrain.rollout.trainer_vllm import held_out_generator
 
     generator = held_out_generator(model, tokenizer, batch_size, trainer)
-    return [evaluate(generator, benchmark, tokenizer) for benchmark in benchmarks]
+    return [evaluate(with_benchmark_tools(generator, b, tokenizer), b, tokenizer) for b in benchmarks]
 
 
 def _add_callbacks(recipe: Recipe, trainer: Any, tokenizer: Any, run: RunDir, benchmarks: list, evaluator) -> None:

@@ -1,6 +1,7 @@
 """`kind: generate`: the model answers prompts (template, few-shot prefix or chat messages); a grader
 (posttrain.evaluation.graders) checks each completion against the row's `answer`; accuracy, avg@k / pass@k /
-maj@k when asked, per-slice accuracy. A text training run evaluates these on its policy.
+maj@k when asked, per-slice accuracy. A text training run evaluates these on its policy. With `generation.tools`
+(and `max_tool_calls`), the model answers through the tool loop training runs, and tool use is reported.
 
 Gold answers that are not text are written as text once, when the rows are built: a list (OlympiadBench's
 `final_answer`) joined with ", ", an integral float (a float answer column: 27.0) as the integer (27), which the
@@ -12,7 +13,13 @@ from typing import Any
 
 from posttrain.errors import DataError, RecipeError
 from posttrain.evaluation.benchmarks import Benchmark, load_rows, sampling_params
-from posttrain.evaluation.kinds import FEW_SHOT_FIELDS, BenchmarkKind, RunContext, register_kind
+from posttrain.evaluation.kinds import (
+    FEW_SHOT_FIELDS,
+    TEXT_GENERATION_KEYS,
+    BenchmarkKind,
+    RunContext,
+    register_kind,
+)
 from posttrain.evaluation.runner import EvalResult, evaluate
 from posttrain.evaluation.suite import BenchmarkSpec
 
@@ -22,6 +29,7 @@ def build(spec: BenchmarkSpec, limit: int | None = None) -> Benchmark:
     from posttrain.data import format_prompts, validate
 
     check_avg_metrics(spec)
+    tool_functions(spec)  # a tool that does not import or cannot be offered is named before any data or model
     rows, origin = load_rows(spec, limit)
     validate(rows, "prompt_answer", origin)
     rows = gold_answers_as_text(rows)
@@ -42,6 +50,42 @@ def build(spec: BenchmarkSpec, limit: int | None = None) -> Benchmark:
         slice_column=spec.slice_column,
         spec=spec,
     )
+
+
+def tool_functions(spec: BenchmarkSpec) -> list[Any]:
+    """`generation.tools` (package.module:function, as `rollout.tools`), imported and checked as offerable; the
+    prompts must be chat messages (`prompt.chat_template: true`), since the template renders the tools."""
+    from posttrain.rollout.tools import import_ref, tool_problem
+
+    refs = spec.generation.get("tools") or []
+    where = f"benchmark '{spec.name}': generation"
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        raise RecipeError(f"{where}.tools must be a list of 'package.module:function' names")
+    if spec.generation.get("max_tool_calls") is not None and not refs:
+        raise RecipeError(f"{where}.max_tool_calls needs generation.tools")
+    if refs and not spec.prompt.get("chat_template"):
+        raise RecipeError(f"{where}.tools needs prompt.chat_template: true (the template renders the tools)")
+    funcs = []
+    for i, ref in enumerate(refs):
+        func = import_ref(ref, f"{where}.tools[{i}]")
+        wrong = tool_problem(func)
+        if wrong:
+            raise RecipeError(f"{where}.tools[{i}] '{ref}' {wrong}")
+        funcs.append(func)
+    return funcs
+
+
+def with_benchmark_tools(generator: Any, bench: Benchmark, tokenizer: Any) -> Any:
+    """The generator a benchmark answers with: with `generation.tools`, the multi-turn loop training runs
+    (posttrain.rollout.tool_loop) over the plain generator underneath (a recipe's own tool loop is replaced by the
+    benchmark's); else `generator` itself. The suite runner and a training run's held-out evaluation both ask."""
+    tools = tool_functions(bench.spec) if bench.spec is not None else []
+    if not tools:
+        return generator
+    from posttrain.rollout.tool_loop import ToolLoopGenerator
+
+    plain = generator.inner if isinstance(generator, ToolLoopGenerator) else generator
+    return ToolLoopGenerator(plain, tokenizer, tools, bench.spec.generation.get("max_tool_calls"))
 
 
 def check_avg_metrics(spec: BenchmarkSpec) -> None:
@@ -103,7 +147,7 @@ def run(bench: Benchmark, ctx: RunContext) -> EvalResult:
     standard error when the benchmark asks for it."""
     from posttrain.evaluation.metrics import avg_at_k
 
-    generator = ctx.shared_generator()
+    generator = with_benchmark_tools(ctx.shared_generator(), bench, ctx.tokenizer)
     result = evaluate(generator, bench, ctx.tokenizer)
     correct = [s["correct"] if isinstance(s["correct"], list) else [s["correct"]] for s in result.samples]
     for metric in bench.extra_metrics():
@@ -119,6 +163,8 @@ KIND = register_kind(
         run=run,
         needs_grader=True,
         runs_in_training=True,
+        # a tool loop (tool_functions): in generation, so its settings enter the stored hash only when given
+        generation_keys=(*TEXT_GENERATION_KEYS, "tools", "max_tool_calls"),
         stand_in_fields=FEW_SHOT_FIELDS,  # prompt, answer, and the worked solution a few-shot template may use
         description="the model answers prompts; a grader checks each answer",
     )
