@@ -215,3 +215,19 @@ def test_a_rehearsal_leaves_out_a_tracker_that_is_not_installed_and_says_so(tmp_
     rehearsal = prepare_rehearsal(err.value.recipe, tmp_path / "reh")
     assert yaml.safe_load(rehearsal.recipe_path.read_text())["training"]["report_to"] == "none"
     assert any("logging to tensorboard" in line for line in rehearsal.not_rehearsed)
+
+
+@pytest.mark.slow  # two tiny runs, each starting wandb's offline client (~25 s on 2 cores)
+def test_two_recipes_in_one_process_get_two_wandb_runs(tmp_path, monkeypatch):
+    """transformers leaves a wandb run open at train end; run_training finishes it, so a second recipe trained in
+    the same process (the quickstart's stages) opens its own run instead of logging into the first."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for stage in ("one", "two"):
+        (tmp_path / stage).mkdir()
+        train(tmp_path / stage, "wandb", max_steps=10, save_steps=10, logging_steps=5, run_name=stage)
+        assert wandb.run is None  # finished, not left for the next recipe
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 2  # two runs, two run ids

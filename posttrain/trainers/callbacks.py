@@ -199,6 +199,18 @@ def tracker_callbacks(callbacks: list, args: Any) -> list:
     return [callback for callback in callbacks if isinstance(callback, kinds)]
 
 
+def finish_open_tracker_runs(callbacks: list) -> None:
+    """End the runs the report_to integrations leave open at train end. transformers' WandbCallback finishes
+    nothing (trackio and MLflow end theirs), so the next recipe trained in the same process (a quickstart's stages,
+    a script) would log into this run: wandb's run is finished here, after every callback's on_train_end."""
+    from transformers.integrations import WandbCallback
+
+    for callback in callbacks:
+        wandb = getattr(callback, "_wandb", None) if isinstance(callback, WandbCallback) else None
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+
+
 class HeldOutToTrackers(TrainerCallback):
     """posttrain's held-out metrics from before and after training, sent to the report_to integrations as one log
     each, at the step they were measured at (0 and the last). The Trainer's own logging never carries them: they are
