@@ -170,12 +170,7 @@ def run_training(
     close their runs).
     """
     from posttrain.evaluation import recipe_benchmarks
-    from posttrain.trainers.callbacks import (
-        AtTrainEnd,
-        HeldOutToTrackers,
-        NothingLeftToTrain,
-        finish_open_tracker_runs,
-    )
+    from posttrain.trainers.callbacks import AtTrainEnd, HeldOutToTrackers, NothingLeftToTrain, finish_tracker_runs
 
     benchmarks = recipe_benchmarks(recipe) if evaluator is None else []
     _add_callbacks(recipe, trainer, tokenizer, run, benchmarks, evaluator)
@@ -212,7 +207,7 @@ def run_training(
     except NothingLeftToTrain:  # resumed at max_steps (killed before final/): the checkpoint's weights are loaded
         pass
     end.run()  # a no-op when on_train_end ran it
-    finish_open_tracker_runs(trainer.callback_handler.callbacks)
+    finish_tracker_runs(trainer.callback_handler.callbacks)
     if is_main:
         finish(run, recipe, result)
     return result

@@ -199,7 +199,7 @@ def tracker_callbacks(callbacks: list, args: Any) -> list:
     return [callback for callback in callbacks if isinstance(callback, kinds)]
 
 
-def finish_open_tracker_runs(callbacks: list) -> None:
+def finish_tracker_runs(callbacks: list) -> None:
     """End the runs the report_to integrations leave open at train end. transformers' WandbCallback finishes
     nothing (trackio and MLflow end theirs), so the next recipe trained in the same process (a quickstart's stages,
     a script) would log into this run: wandb's run is finished here, after every callback's on_train_end."""
