@@ -11,7 +11,7 @@ from posttrain.errors import DataError, PosttrainError
 from posttrain.models.tiny import build_tokenizer
 from posttrain.registry import load_and_validate
 from posttrain.runs import RunDir
-from posttrain.trainers.base import load_policy_tokenizer_data
+from posttrain.trainers import base
 
 TEXT = build_tokenizer("text")
 CHAT = build_tokenizer("text", chat=True)
@@ -93,13 +93,14 @@ def write(tmp_path, body: dict, rows: list[dict]):
     return path
 
 
-def test_a_grpo_recipe_trains_on_the_filtered_prompts(tmp_path):
+def test_a_grpo_recipe_trains_on_the_filtered_prompts(tmp_path, monkeypatch):
     rows = [{"prompt": p, "answer": "1"} for p in ["1+0=", "12+34+56+78=", "2+3=", "99+99+99="]]
     body = {"trainer": "grpo", "model": {"tiny": {"hidden_size": 32, "intermediate_size": 64}},
             "data": {"max_prompt_length": 6, "overlong_prompts": "filter"}, "rewards": [{"name": "numeric_match"}]}  # fmt: skip
     recipe = load_and_validate(write(tmp_path, body, rows))
-    _, _, kept = load_policy_tokenizer_data(recipe, RunDir(tmp_path / "run"), schema="prompt")
-    assert kept["prompt"] == ["1+0=", "2+3="]
+    monkeypatch.setattr(base, "load_policy", lambda *args: "policy")  # the rows are the point, not the weights
+    policy, _, kept = base.load_policy_tokenizer_data(recipe, RunDir(tmp_path / "run"), schema="prompt")
+    assert kept["prompt"] == ["1+0=", "2+3="] and policy == "policy"
 
 
 @pytest.mark.parametrize(
