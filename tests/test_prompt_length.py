@@ -101,6 +101,8 @@ def test_a_grpo_recipe_trains_on_the_filtered_prompts(tmp_path, monkeypatch):
     monkeypatch.setattr(base, "load_policy", lambda *args: "policy")  # the rows are the point, not the weights
     policy, _, kept = base.load_policy_tokenizer_data(recipe, RunDir(tmp_path / "run"), schema="prompt")
     assert kept["prompt"] == ["1+0=", "2+3="] and policy == "policy"
+    plan = "\n".join(base.describe_text_data(recipe))  # what --dry-run says
+    assert "prompts: at most 6 tokens with the chat template (data.max_prompt_length); longer ones are dropped" in plan
 
 
 @pytest.mark.parametrize(

@@ -296,6 +296,13 @@ def describe_text_data(recipe: Recipe) -> list[str]:
             continue
         rows = load_source(spec, base_dir=base, origin=f"{recipe.where}: data.{split}")
         lines.append(f"data.{split}: {len(rows)} rows, columns {', '.join(rows.column_names)}")
+    limit = recipe.data.max_prompt_length
+    if limit is not None:
+        longer = {"error": "stop the run before training, the first one named",
+                  "filter": "are dropped before training (verl's filter_overlong_prompts)",
+                  "left": f"are cut to their last {limit} tokens (verl's truncation='left')"}  # fmt: skip
+        lines.append(f"prompts: at most {limit} tokens with the chat template (data.max_prompt_length); longer ones "
+                     f"{longer[recipe.data.overlong_prompts]}")  # fmt: skip
     return lines
 
 
