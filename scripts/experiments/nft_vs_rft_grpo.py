@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=None, help="only these arms (names as in ARMS/ABLATIONS)")
     parser.add_argument("--mu", type=int, nargs="+", default=None,
                         help="optimizer steps per generation, dynamic sampling on: the OFFPOLICY_ARMS at each mu")  # fmt: skip
+    parser.add_argument("--lrs", type=float, nargs="+", default=None,
+                        help="with --mu: every arm at each of these learning rates (default: each recipe's 5e-5); "
+                             "the summary then picks each arm's best lr by its mean over seeds")  # fmt: skip
     args = parser.parse_args()
     if args.mu:
         return offpolicy(args)
@@ -145,26 +148,86 @@ def offpolicy(args) -> None:
             sft_dir = out / setting / f"seed{seed}" / "sft"
             sft = run("sft/arithmetic.yaml", sft_dir, base)
             results.setdefault(setting, {}).setdefault("SFT", {})[seed] = {"final": final(sft), "curve": []}
-            for mu in args.mu:
+            for mu, lr in [(mu, lr) for mu in args.mu for lr in (args.lrs or [None])]:
                 arms = {**OFFPOLICY_ARMS, **(OFFPOLICY_ABLATIONS if args.ablations else {})}
                 for arm, (recipe, extra) in arms.items():
                     if args.arms and arm not in args.arms:
                         continue
                     name = f"{arm.lower().replace(' ', '_').replace('.', '').replace('=', '')}_mu{mu}"
-                    overrides = [*base, *extra, f"model.path={sft_dir / 'final'}", f"training.max_steps={args.steps}",
-                                 f"algorithm.steps_per_generation={mu}", "algorithm.dynamic_sampling=true",
-                                 "eval.every_steps=20", "training.save_steps=1000"]  # fmt: skip
+                    lr_extra = [] if lr is None else [f"training.learning_rate={lr}"]
+                    overrides = [*base, *extra, *lr_extra, f"model.path={sft_dir / 'final'}",
+                                 f"training.max_steps={args.steps}", f"algorithm.steps_per_generation={mu}",
+                                 "algorithm.dynamic_sampling=true", "eval.every_steps=20", "training.save_steps=1000"]  # fmt: skip
+                    label = f"{arm} mu={mu}" + ("" if lr is None else f" lr={lr:g}")
                     t0 = time.monotonic()
-                    records = run(recipe, out / setting / f"seed{seed}" / name, overrides)
+                    records = run(recipe, out / setting / f"seed{seed}" / (name + ("" if lr is None else f"_lr{lr:g}")),
+                                  overrides)  # fmt: skip
                     entry = {"final": final(records), "curve": curve(records), "stats": dynamic_stats(records),
                              "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
-                    results[setting].setdefault(f"{arm} mu={mu}", {})[seed] = entry
-                    print(f"[{time.monotonic() - start:.0f}s] {setting} seed {seed} {arm} mu={mu}: "
+                    results[setting].setdefault(label, {})[seed] = entry
+                    print(f"[{time.monotonic() - start:.0f}s] {setting} seed {seed} {label}: "
                           f"{entry['final'][KEYS[0]]:.3f}", flush=True)  # fmt: skip
                     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(summary(results, args))
     print(stats_table(results))
+    if args.lrs:
+        print(lr_sweep_tables(results))
     plot_offpolicy(results, args.mu, out / "nft_offpolicy_curves.png")
+
+
+def best_lrs(results: dict) -> dict[str, dict[str, str]]:
+    """Per setting, per arm (name and mu): the run label whose mean final held-out accuracy over seeds is highest."""
+    best: dict[str, dict[str, str]] = {}
+    for setting, arms in results.items():
+        for label, seeds in arms.items():
+            if " lr=" not in label:
+                continue
+            arm = label.split(" lr=")[0]
+            mean = statistics.mean(s["final"][KEYS[0]] for s in seeds.values())
+            held = best.setdefault(setting, {}).get(arm)
+            if held is None or mean > statistics.mean(s["final"][KEYS[0]] for s in arms[held].values()):
+                best[setting][arm] = label
+    return best
+
+
+def lr_sweep_tables(results: dict) -> str:
+    """The lr x arm grid of mean final accuracy, then each arm at its best lr and the paired per-seed differences."""
+    lines = []
+    best = best_lrs(results)
+    for setting, arms in results.items():
+        labels = [label for label in arms if " lr=" in label]
+        lrs = sorted({float(label.split(" lr=")[1]) for label in labels})
+        names = list(dict.fromkeys(label.split(" lr=")[0] for label in labels))
+        lines += [f"**{setting}**: mean held-out accuracy over seeds, per lr (best per arm in bold)", "",
+                  "| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]  # fmt: skip
+        for name in names:
+            cells = []
+            for lr in lrs:
+                seeds = arms.get(f"{name} lr={lr:g}", {})
+                cell = f"{statistics.mean(s['final'][KEYS[0]] for s in seeds.values()):.3f}" if seeds else "–"
+                cells.append(f"**{cell}**" if best[setting].get(name) == f"{name} lr={lr:g}" else cell)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "| arm at its best lr | all | carry | no carry |", "|---|---|---|---|"]
+        for name in names:
+            seeds = arms[best[setting][name]]
+            cells = []
+            for key in KEYS:
+                vals = [s["final"][key] for s in seeds.values()]
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f} [{', '.join(f'{v:.3f}' for v in vals)}]")
+            lines.append(f"| {best[setting][name]} | " + " | ".join(cells) + " |")
+        lines += ["", "| paired per-seed difference (each at its best lr) | mean ± sd | per seed | seeds ahead |",
+                  "|---|---|---|---|"]  # fmt: skip
+        nft = [n for n in names if n.startswith("NFT")]
+        for a in nft:
+            for b in [n for n in names if n not in nft]:
+                sa, sb = arms[best[setting][a]], arms[best[setting][b]]
+                diffs = [sa[k]["final"][KEYS[0]] - sb[k]["final"][KEYS[0]] for k in sa if k in sb]
+                sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                lines.append(f"| {a} − {b} | {statistics.mean(diffs):+.3f} ± {sd:.3f} | "
+                             f"{', '.join(f'{d:+.3f}' for d in diffs)} | {sum(d > 0 for d in diffs)} of {len(diffs)} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot_offpolicy(results: dict, mus: list[int], path: Path) -> None:
@@ -175,13 +238,15 @@ def plot_offpolicy(results: dict, mus: list[int], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(results), len(mus), figsize=(4.2 * len(mus), 3.4 * len(results)), squeeze=False)
+    best = best_lrs(results)
     for row, (setting, arms) in zip(axes, results.items()):
         for ax, mu in zip(row, mus):
             for arm in {**OFFPOLICY_ARMS, **OFFPOLICY_ABLATIONS}:
-                plot_mean_curve(ax, arms.get(f"{arm} mu={mu}", {}), arm)
+                label = best.get(setting, {}).get(f"{arm} mu={mu}", f"{arm} mu={mu}")  # an lr sweep: its best lr
+                plot_mean_curve(ax, arms.get(label, {}), label.replace(f" mu={mu}", ""))
             ax.set_title(f"{setting}, {mu} optimizer steps per generation", fontsize=9)
             ax.set_xlabel("optimizer step")
-            ax.set_ylim(0.4, 1.0)
+            ax.set_ylim(0.2, 1.0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
