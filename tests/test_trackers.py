@@ -225,9 +225,13 @@ def test_two_recipes_in_one_process_get_two_wandb_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    for stage in ("one", "two"):
-        (tmp_path / stage).mkdir()
-        train(tmp_path / stage, "wandb", max_steps=10, save_steps=10, logging_steps=5, run_name=stage)
-        assert wandb.run is None  # finished, not left for the next recipe
+    wandb.teardown()  # wandb reads WANDB_DIR once per process: an earlier test's setup would keep its own dir
+    try:
+        for stage in ("one", "two"):
+            (tmp_path / stage).mkdir()
+            train(tmp_path / stage, "wandb", max_steps=10, save_steps=10, logging_steps=5, run_name=stage)
+            assert wandb.run is None  # finished, not left for the next recipe
+    finally:
+        wandb.teardown()  # the next wandb user in this process reads its own settings
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 2  # two runs, two run ids
